@@ -1,0 +1,65 @@
+"""`kiln <stage> [overrides]`: the one entry point.
+
+It imports nothing heavy: `kiln --help` answers at once, and only the chosen stage's module (and
+with it torch and Lightning) is imported. The stage then runs as a Hydra app, so everything after
+the stage name is Hydra's: overrides, `--help`, `--cfg job`, `--info`, `-m`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from kiln import __version__
+
+# stage name -> (module, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "train": ("kiln.stages.train", "train with early stopping, then test the best checkpoint"),
+}
+
+USAGE = """\
+usage: kiln <stage> [overrides...] [hydra flags]
+
+stages:
+{stages}
+
+examples:
+  kiln train experiment=digits_cnn                 the demo: digits CNN on CPU, a few minutes
+  kiln train experiment=penguins_mlp trainer.max_epochs=50
+  kiln train data=table data.path=cars.csv data.target=Miles_per_Gallon
+  kiln train run_dir=runs/train/<run> resume=auto  continue a run from its last checkpoint
+  kiln train --cfg job                             print the composed config
+  kiln train --help                                config groups and their options
+
+kiln {version}. Every stage takes Hydra overrides (key=value, group=option, +new_key=value).
+"""
+
+
+def usage() -> str:
+    width = max(len(name) for name in STAGES)
+    stages = "\n".join(f"  {name.ljust(width)}  {description}" for name, (_, description) in STAGES.items())
+    return USAGE.format(stages=stages, version=__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"kiln {__version__}")
+        return 0
+    name = args[0]
+    if name not in STAGES:
+        print(f"kiln: error: unknown stage '{name}'; stages: {', '.join(STAGES)} (kiln --help)", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[name][0])
+    # Hydra reads sys.argv. argv[0] becomes the stage's own file, so that when Lightning re-launches
+    # ranks > 0 of a DDP run as `python <argv[0]> <argv[1:]>`, they run this same stage.
+    sys.argv = [module.__file__ or name, *args[1:]]
+    result: int = module.main()
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

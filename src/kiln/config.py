@@ -1,0 +1,235 @@
+"""Where kiln's configs live, how a stage runs under Hydra, and how a config is checked.
+
+A stage is a plain `main(cfg)` wrapped by `stage(config_name)`. The wrapper runs it under
+`hydra.main` (so `--help`, `--cfg job`, `--info`, `-m` and every override behave as Hydra users
+expect) and turns user mistakes into one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import EXIT_USER_ERROR, KilnError, describe_user_error
+
+# Arguments a stage passes at run time, so a config may (and usually does) leave them out.
+RUNTIME_ARGUMENTS = frozenset(
+    {"input_shape", "num_outputs", "net", "task", "class_names", "feature_names", "params",
+     "callbacks", "logger", "plugins", "optimizer"}
+)
+# Keys Hydra reads itself, never passed to the target.
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+
+
+def config_dir() -> Path:
+    """The configs: shipped inside the package when installed, conf/ at the top of a checkout."""
+    packaged = Path(__file__).parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if checkout.is_dir():
+        return checkout
+    raise KilnError(f"kiln's configs are missing: neither {packaged} nor {checkout} exists; reinstall kiln")
+
+
+_run_names: dict[str, str] = {}
+
+
+def new_run_name() -> str:
+    """A run directory name that stays unique when jobs start in the same second (microseconds + pid).
+
+    Drawn once per stage invocation: Hydra and Lightning read hydra.run.dir more than once.
+    """
+    if "name" not in _run_names:
+        _run_names["name"] = _draw_run_name()
+    return _run_names["name"]
+
+
+def run_dir(requested: str | None, base: str) -> str:
+    """`run_dir=...` continues an existing run; otherwise a new directory under `base`."""
+    return str(requested) if requested else f"{base}/{new_run_name()}"
+
+
+def _draw_run_name() -> str:
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job_id:  # a requeued SLURM job must find its own directory again
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job_id}" + (f"_{task}" if task else "")
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f") + f"_{os.getpid()}"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    _run_names.clear()
+    if not OmegaConf.has_resolver("kiln_run_dir"):
+        OmegaConf.register_new_resolver("kiln_run_dir", run_dir)
+
+
+def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int]]:
+    """Turn `main(cfg)` into a Hydra app over kiln's configs that reports user errors in one line."""
+
+    def wrap(task: Callable[[Any], Any]) -> Callable[[], int]:
+        failures: list[str] = []
+
+        @functools.wraps(task)
+        def guarded(cfg: Any) -> Any:
+            # A user error inside a job is reported here, in one line; Hydra then sees a finished
+            # job (no multi-line "Error executing job" report) and a sweep goes on to its next job.
+            try:
+                return task(cfg)
+            except Exception as exc:
+                line = describe_user_error(exc)
+                if line is None:
+                    raise
+                print(f"kiln {config_name}: error: {line}", file=sys.stderr, flush=True)
+                failures.append(line)
+                return None
+
+        def run() -> int:
+            import hydra
+
+            register_resolvers()
+            failures.clear()
+            # Hydra re-raises composition errors instead of printing its own multi-line report.
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(guarded)
+            try:
+                app()
+            except Exception as exc:
+                line = describe_user_error(exc)
+                if line is None:
+                    raise
+                print(f"kiln {config_name}: error: {line}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            return EXIT_USER_ERROR if failures else 0
+
+        return run
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking `_target_` nodes against their signatures, before anything is built
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_targets(node: Any, key: str = "") -> typing.Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every mapping with a `_target_` inside a (plain, resolved) config, with its dotted key."""
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            yield key, node
+        for child_key, child in node.items():
+            yield from iter_targets(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from iter_targets(child, f"{key}[{index}]")
+
+
+def check_target(key: str, node: Mapping[str, Any], allow_missing: frozenset[str] = RUNTIME_ARGUMENTS) -> None:
+    """Raise KilnError if `node`'s arguments do not bind to its `_target_`'s signature or types."""
+    from hydra.utils import get_object
+
+    target_name = node["_target_"]
+    try:
+        target = get_object(target_name)
+    except Exception as exc:
+        raise KilnError(
+            f"{key}._target_={target_name}: cannot import it ({type(exc).__name__}: {exc}); "
+            "check the module path and that its package is installed"
+        ) from exc
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: nothing to check
+    params = signature.parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    hints = _type_hints(target)
+    args = {k: v for k, v in node.items() if k not in HYDRA_KEYS}
+    short = target_name.rsplit(".", 1)[-1]
+    for name, value in args.items():
+        if name not in params:
+            if takes_kwargs:
+                continue
+            valid = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
+            raise KilnError(f"{key}.{name}: {short} has no argument '{name}'; its arguments are: {valid}")
+        hint = hints.get(name)
+        if hint is not None and not _fits(value, hint):
+            raise KilnError(
+                f"{key}.{name}={value!r}: expected {_describe(hint)} ({short}'s '{name}'); "
+                f"fix the value, e.g. {key}.{name}={_example(hint)}"
+            )
+    if node.get("_partial_"):
+        return
+    for name, param in params.items():
+        required = param.default is param.empty and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        if required and name not in args and name not in allow_missing and name != "self":
+            raise KilnError(f"{key}.{name}: {short} needs this argument; set {key}.{name}=VALUE")
+
+
+def _type_hints(target: Any) -> dict[str, Any]:
+    function = target.__init__ if inspect.isclass(target) else target
+    try:
+        return typing.get_type_hints(function)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: skip type checks, keep the rest
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Does a config value fit a type hint? Unknown hints fit anything (we only catch clear mistakes)."""
+    origin = typing.get_origin(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        return isinstance(value, list | tuple)
+    if origin in (dict, Mapping) or hint is dict:
+        return isinstance(value, Mapping)
+    if inspect.isclass(hint) and hint.__module__ == "pathlib":
+        return isinstance(value, str | os.PathLike)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in typing.get_args(hint)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(hint))
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _example(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _example(args[0]) if args else "null"
+    if origin is typing.Literal:
+        return str(typing.get_args(hint)[0])
+    return {int: "10", float: "0.5", bool: "true", str: "name"}.get(hint, "...")

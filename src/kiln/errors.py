@@ -1,0 +1,83 @@
+"""User mistakes become one clear line on stderr and a non-zero exit; bugs keep their traceback.
+
+Components raise `KilnError` (or `InvalidArgument` for a bad constructor argument) with a message
+that names what is wrong and how to fix it. The CLI turns those, and Hydra's own composition
+errors, into a single line. Anything else is a bug in kiln and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class KilnError(Exception):
+    """A problem the user can fix: a bad config value, a missing file, a diverging run."""
+
+
+class InvalidArgument(KilnError, ValueError):
+    """A component got an argument it cannot work with.
+
+    `argument` is the constructor parameter, so the stage can name the config key
+    (`data.batch_size`) without the component knowing about configs.
+    """
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+        self.argument = argument
+        self.message = message
+
+
+def require(condition: bool, argument: str, message: str) -> None:
+    """Raise InvalidArgument(argument, message) unless condition holds."""
+    if not condition:
+        raise InvalidArgument(argument, message)
+
+
+def one_line(text: str) -> str:
+    """Collapse a multi-line message into one line."""
+    parts = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " ".join(parts)
+
+
+def describe_user_error(exc: BaseException) -> str | None:
+    """One line for a mistake the user can fix, or None for a bug (which keeps its traceback)."""
+    from hydra.errors import (
+        ConfigCompositionException,
+        InstantiationException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, KilnError):
+        return one_line(str(exc))
+    if isinstance(exc, MissingConfigException):
+        missing = exc.missing_cfg_file or ""
+        if "/" in missing and exc.options:
+            group, _, choice = missing.rpartition("/")
+            group_key = group.replace("/", ".")
+            return (
+                f"{group_key}={choice}: no such option in config group '{group}'; "
+                f"available: {', '.join(sorted(exc.options))}"
+            )
+        return one_line(str(exc))
+    if isinstance(exc, ConfigCompositionException):
+        message = str(exc)
+        if message.startswith("Could not override '"):
+            key = message.split("'")[1]
+            return (
+                f"{key}: no such config key; check the spelling (`kiln <stage> --cfg job` prints every key), "
+                f"or add a new key with +{key}=VALUE"
+            )
+        cause = exc.__cause__
+        return one_line(f"{message} {cause}" if cause else message)
+    if isinstance(exc, OverrideParseException):
+        return one_line(f"could not parse the override: {exc}")
+    if isinstance(exc, InstantiationException):
+        cause = exc.__cause__
+        if isinstance(cause, KilnError):
+            return one_line(str(cause))
+        return one_line(str(exc))
+    if isinstance(exc, OmegaConfBaseException):
+        return one_line(str(exc))
+    return None

@@ -1,0 +1,235 @@
+"""`kiln train`: compose a config, train with early stopping, test the best checkpoint.
+
+    kiln train experiment=digits_cnn trainer.max_epochs=50
+
+Steps: start the run record -> build data, model, trainer -> fit (or resume) -> test the best
+checkpoint -> TensorBoard extras -> record and print the result. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kiln.config import stage
+from kiln.errors import KilnError
+from kiln.stages.build import build, plain
+
+
+@stage("train")
+def main(cfg: DictConfig) -> dict[str, float]:
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from kiln.runs import Run, resume_checkpoint
+
+    started = time.perf_counter()
+    quiet_lightning()
+    monitor = check_monitor_setting(cfg)
+    run = Run(Path(HydraConfig.get().runtime.output_dir), writer=rank_zero_only.rank == 0)
+    run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
+    with run.recording():
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = build("data", cfg.data)
+        datamodule.setup("fit")
+        run.update(data_fingerprint=datamodule.fingerprint)
+        module = build_module(cfg, datamodule)
+        check_monitor_logged(monitor["metric"], module)
+        checkpoint = resume_checkpoint(cfg.resume, bool(cfg.run_dir), run)
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, module)
+            run.update(resumed_from=str(checkpoint))
+        trainer = build_trainer(cfg, run, monitor)
+
+        fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+        run.update(throughput=throughput(trainer, datamodule, first_epoch, time.perf_counter() - fit_started))
+        if trainer.interrupted:
+            raise KilnError(f"training was interrupted; continue it with: kiln train run_dir={run.directory} resume=auto")
+        best = best_checkpoint(trainer, monitor)
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best["path"], weights_only=True, verbose=False)
+        test_metrics = {name: float(value) for name, value in sorted(tested[0].items())}
+
+        if trainer.is_global_zero:
+            log_final_tensorboard(trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]})
+            run.update(status="completed", finished=_now(), best_checkpoint=best, test_metrics=test_metrics)
+            print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
+    return test_metrics
+
+
+# -- steps -------------------------------------------------------------------------------------
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter (GPU available..., tips) and warnings that do not apply to
+    kiln's setup (epoch-level logging, in-memory batches). Its real warnings still show."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:
+    metric, mode = cfg.monitor.metric, cfg.monitor.mode
+    if mode not in ("min", "max"):
+        raise KilnError(f"monitor.mode={mode}: must be min or max")
+    if not isinstance(metric, str) or not metric:
+        raise KilnError("monitor.metric: name the metric to watch, e.g. monitor.metric=val/acc")
+    return {"metric": metric, "mode": mode}
+
+
+def build_module(cfg: DictConfig, datamodule: Any) -> Any:
+    net = build("model.net", cfg.model.net, input_shape=datamodule.input_shape, num_outputs=datamodule.num_outputs)
+    model_config = plain(cfg.model)  # resolved against the whole config (e.g. T_max: ${trainer.max_epochs})
+    model_config.pop("net")
+    return build(
+        "model",
+        model_config,
+        net=net,
+        task=datamodule.task,
+        input_shape=list(datamodule.input_shape),
+        class_names=list(datamodule.class_names),
+        seed=cfg.seed,
+    )
+
+
+def check_monitor_logged(metric: str, module: Any) -> None:
+    """The monitored key must be one the module logs at epoch level (checked again after epoch 1)."""
+    logged = getattr(module, "logged_metric_names", None)
+    if logged is None:
+        return  # a user's own LightningModule: MonitorCheck verifies after the first validation
+    candidates = [name for name in logged() if not name.startswith("test/")]
+    if metric not in candidates:
+        raise KilnError(
+            f"monitor.metric={metric}: the model never logs it at epoch level; it logs: {', '.join(candidates)}"
+        )
+
+
+def check_checkpoint(path: Path, module: Any) -> None:
+    from kiln.training.checkpoints import check_fits, load_checkpoint
+
+    check_fits(path, load_checkpoint(path), module)
+
+
+def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str]) -> Any:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from kiln.training.callbacks import EpochLines, MonitorCheck
+    from kiln.training.checkpoints import AtomicCheckpointIO
+    from kiln.training.hardware import resolve_precision
+
+    callbacks: list[Any] = [MonitorCheck(monitor["metric"])]
+    for name, node in (cfg.callbacks or {}).items():
+        if node is not None:
+            callbacks.append(build(f"callbacks.{name}", node))
+    show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
+    callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
+    logger = build("logger", cfg.logger) if cfg.logger is not None else False
+    trainer_config = plain(cfg.trainer)
+    trainer_config["precision"] = resolve_precision(trainer_config.get("precision", "auto"), trainer_config.get("accelerator", "auto"))
+    return build(
+        "trainer",
+        trainer_config,
+        callbacks=callbacks,
+        logger=logger,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=show_bar,
+        use_distributed_sampler=False,  # kiln's loaders shard by rank themselves, without padding
+    )
+
+
+def throughput(trainer: Any, datamodule: Any, first_epoch: int, seconds: float) -> dict[str, Any]:
+    """Training rows per second of trainer.fit as a whole (validation and checkpointing included)."""
+    epochs = trainer.current_epoch - first_epoch
+    rows = len(datamodule.splits.train) if getattr(datamodule, "splits", None) is not None else None
+    return {
+        "fit_seconds": round(seconds, 3),
+        "epochs": epochs,
+        "train_rows": rows,
+        "train_samples_per_second": round(rows * epochs / seconds, 1) if rows and seconds > 0 else None,
+    }
+
+
+def best_checkpoint(trainer: Any, monitor: dict[str, str]) -> dict[str, Any]:
+    """The best checkpoint by the monitor, or an error: testing the last weights instead would lie."""
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    if not path or not Path(path).exists():
+        raise KilnError(
+            f"no best checkpoint was saved for {monitor['metric']}: keep callbacks.model_checkpoint enabled "
+            "with monitor=${monitor.metric}, and let at least one validation epoch finish"
+        )
+    score = callback.best_model_score
+    return {
+        "path": str(path),
+        "score": float(score) if score is not None else None,
+        "epoch": _checkpoint_epoch(Path(path)),
+    }
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    epoch = checkpoint.get("epoch")
+    return int(epoch) + 1 if epoch is not None else None  # 1-based, as the progress lines count
+
+
+def log_final_tensorboard(trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """hparams with the real final metrics, and for classification a confusion matrix image."""
+    import torch
+
+    from kiln.training.tensorboard import flat_params, log_confusion_matrix, log_hparams
+
+    logger = trainer.logger
+    if logger is None or not hasattr(logger, "experiment"):
+        return
+    writer = logger.experiment
+    params = flat_params({key: plain(cfg[key]) for key in ("data", "model", "trainer") if key in cfg})
+    params["seed"] = cfg.seed
+    log_hparams(writer, params, metrics)
+    if datamodule.task == "classification" and hasattr(datamodule, "split_tensors"):
+        features, targets = datamodule.split_tensors("test")
+        module.eval()
+        with torch.no_grad():
+            predictions = module(features.to(module.device)).argmax(dim=-1).cpu()
+        log_confusion_matrix(writer, targets.numpy(), predictions.numpy(), datamodule.class_names, trainer.global_step)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def print_summary(
+    directory: Path, best: dict[str, Any], monitor: dict[str, str], metrics: dict[str, float], seconds: float
+) -> None:
+    tested = "  ".join(f"{name.removeprefix('test/')}={value:.4f}" for name, value in metrics.items())
+    print(
+        f"\nkiln train: done in {seconds:.1f} s\n"
+        f"  run dir      {directory}\n"
+        f"  best epoch   {best['epoch']}  {monitor['metric']}={best['score']:.4f}\n"
+        f"  test         {tested}",
+        flush=True,
+    )
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":  # how Lightning re-launches ranks > 0 of a DDP run
+    sys.exit(main())

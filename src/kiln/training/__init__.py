@@ -1,0 +1,1 @@
+"""What a Trainer needs around it: hardware choices, callbacks, checkpoint safety, TensorBoard extras."""

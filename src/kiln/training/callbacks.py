@@ -1,0 +1,48 @@
+"""kiln's own callbacks: progress as plain lines where there is no terminal, and the monitor check."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from kiln.errors import KilnError
+
+
+class EpochLines(Callback):
+    """One plain line per epoch (for job logs and pipes, where a redrawn bar is noise)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/loss", "val/"))}
+        metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
+        print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {metrics}  "
+            f"({time.perf_counter() - self._started:.1f} s)",
+            file=self.stream,
+            flush=True,
+        )
+
+
+class MonitorCheck(Callback):
+    """After the first validation epoch, the monitored key must have been logged (else: say which are)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor in trainer.callback_metrics:
+            return
+        logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+        raise KilnError(f"monitor.metric={self.monitor} is not logged at epoch level; logged keys: {logged}")
