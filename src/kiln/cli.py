@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = args[0]
     if name not in STAGES:
-        print(f"kiln: error: unknown stage '{name}'; stages: {', '.join(STAGES)} (kiln --help)", file=sys.stderr)
+        print(
+            f"kiln: error: unknown stage '{name}'; stages: {', '.join(STAGES)} (kiln --help)", file=sys.stderr
+        )
         return 2
     module = importlib.import_module(STAGES[name][0])
     # Hydra reads sys.argv. argv[0] becomes the stage's own file, so that when Lightning re-launches

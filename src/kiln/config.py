@@ -22,8 +22,19 @@ from kiln.errors import EXIT_USER_ERROR, KilnError, describe_user_error
 
 # Arguments a stage passes at run time, so a config may (and usually does) leave them out.
 RUNTIME_ARGUMENTS = frozenset(
-    {"input_shape", "num_outputs", "net", "task", "class_names", "feature_names", "params",
-     "callbacks", "logger", "plugins", "optimizer"}
+    {
+        "input_shape",
+        "num_outputs",
+        "net",
+        "task",
+        "class_names",
+        "feature_names",
+        "params",
+        "callbacks",
+        "logger",
+        "plugins",
+        "optimizer",
+    }
 )
 # Keys Hydra reads itself, never passed to the target.
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
@@ -101,7 +112,9 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
             failures.clear()
             # Hydra re-raises composition errors instead of printing its own multi-line report.
             os.environ["HYDRA_FULL_ERROR"] = "1"
-            app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(guarded)
+            app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
+                guarded
+            )
             try:
                 app()
             except Exception as exc:
@@ -134,7 +147,9 @@ def iter_targets(node: Any, key: str = "") -> typing.Iterator[tuple[str, Mapping
             yield from iter_targets(child, f"{key}[{index}]")
 
 
-def check_target(key: str, node: Mapping[str, Any], allow_missing: frozenset[str] = RUNTIME_ARGUMENTS) -> None:
+def check_target(
+    key: str, node: Mapping[str, Any], allow_missing: frozenset[str] = RUNTIME_ARGUMENTS
+) -> None:
     """Raise KilnError if `node`'s arguments do not bind to its `_target_`'s signature or types."""
     from hydra.utils import get_object
 
@@ -170,7 +185,10 @@ def check_target(key: str, node: Mapping[str, Any], allow_missing: frozenset[str
     if node.get("_partial_"):
         return
     for name, param in params.items():
-        required = param.default is param.empty and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        required = param.default is param.empty and param.kind in (
+            param.POSITIONAL_OR_KEYWORD,
+            param.KEYWORD_ONLY,
+        )
         if required and name not in args and name not in allow_missing and name != "self":
             raise KilnError(f"{key}.{name}: {short} needs this argument; set {key}.{name}=VALUE")
 
@@ -179,7 +197,7 @@ def _type_hints(target: Any) -> dict[str, Any]:
     function = target.__init__ if inspect.isclass(target) else target
     try:
         return typing.get_type_hints(function)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: skip type checks, keep the rest
+    except Exception:
         return {}
 
 

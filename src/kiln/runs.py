@@ -32,8 +32,18 @@ from kiln.errors import KilnError
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"
 TRACKED_PACKAGES = (
-    "kiln", "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "tensorboard",
-    "scikit-learn", "numpy", "pandas", "onnx", "onnxruntime",
+    "kiln",
+    "torch",
+    "lightning",
+    "torchmetrics",
+    "hydra-core",
+    "omegaconf",
+    "tensorboard",
+    "scikit-learn",
+    "numpy",
+    "pandas",
+    "onnx",
+    "onnxruntime",
 )
 
 
@@ -142,7 +152,9 @@ class Run:
 
     def save(self) -> None:
         if self.writer:
-            write_atomically(self.directory / RUN_RECORD, json.dumps(self.record, indent=2, default=str) + "\n")
+            write_atomically(
+                self.directory / RUN_RECORD, json.dumps(self.record, indent=2, default=str) + "\n"
+            )
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -184,7 +196,9 @@ def resume_checkpoint(resume: str | None, run_dir_given: bool, run: Run) -> Path
         return None
     path = Path(resume)
     if not path.is_file():
-        raise KilnError(f"resume={resume}: no such checkpoint file; give a .ckpt file or resume=auto with run_dir=...")
+        raise KilnError(
+            f"resume={resume}: no such checkpoint file; give a .ckpt file or resume=auto with run_dir=..."
+        )
     print(f"kiln: resuming from {path}", file=sys.stderr)
     return path
 

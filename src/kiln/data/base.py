@@ -49,7 +49,9 @@ class InMemoryDataModule(L.LightningDataModule):
         eval_batch_size: int = 1024,
     ) -> None:
         super().__init__()
-        require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
+        require(
+            isinstance(batch_size, int) and batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}"
+        )
         require(eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {eval_batch_size}")
         require(batches_per_chunk >= 1, "batches_per_chunk", f"must be >= 1, got {batches_per_chunk}")
         check_split_settings(val_fraction, test_fraction, num_folds, fold)
@@ -75,7 +77,9 @@ class InMemoryDataModule(L.LightningDataModule):
     def load(self) -> LoadedData:
         raise NotImplementedError
 
-    def fit_preprocessing(self, features: Any, train_rows: np.ndarray, train_targets: np.ndarray) -> np.ndarray:
+    def fit_preprocessing(
+        self, features: Any, train_rows: np.ndarray, train_targets: np.ndarray
+    ) -> np.ndarray:
         """Fit on the training rows only, return all rows transformed to a float32 array."""
         return np.asarray(features, dtype=np.float32)
 
@@ -159,7 +163,9 @@ class InMemoryDataModule(L.LightningDataModule):
         """Data set up from the config again must match the checkpoint's (same classes, same task)."""
         from kiln.errors import KilnError
 
-        if self.features is not None and (state.get("class_names") != self.class_names or state.get("task") != self.task):
+        if self.features is not None and (
+            state.get("class_names") != self.class_names or state.get("task") != self.task
+        ):
             raise KilnError(
                 f"the checkpoint was trained on other data (task {state.get('task')}, classes "
                 f"{state.get('class_names')}); this run has task {self.task}, classes {self.class_names}; "

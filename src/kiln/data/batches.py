@@ -59,7 +59,11 @@ class ChunkSampler(Sampler[Tensor]):
     def __len__(self) -> int:
         n = len(self.rows)
         if self.world_size > 1:
-            n = n // self.world_size if self.shuffle else len(self.rows.tensor_split(self.world_size)[self.rank])
+            n = (
+                n // self.world_size
+                if self.shuffle
+                else len(self.rows.tensor_split(self.world_size)[self.rank])
+            )
         return -(-n // self.chunk_rows)
 
 
@@ -74,7 +78,7 @@ class ChunkDataset(Dataset[list[Batch]]):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, rows: Tensor) -> list[Batch]:  # type: ignore[override]
+    def __getitem__(self, rows: Tensor) -> list[Batch]:
         x, y = self.features[rows], self.targets[rows]
         return list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
 

@@ -46,7 +46,11 @@ class TablePreprocessor:
             "categorical_imputation",
             f"must be most_frequent or constant, got {categorical_imputation!r}",
         )
-        require(scaling in ("standard", "minmax", "none"), "scaling", f"must be standard, minmax or none, got {scaling!r}")
+        require(
+            scaling in ("standard", "minmax", "none"),
+            "scaling",
+            f"must be standard, minmax or none, got {scaling!r}",
+        )
         require(
             feature_selection in ("none", "k_best", "variance"),
             "feature_selection",
@@ -78,7 +82,9 @@ class TablePreprocessor:
 
         if self.numeric_columns:
             numbers = numeric_values(frame, self.numeric_columns)
-            imputer = SimpleImputer(strategy=self.numeric_imputation, fill_value=self.fill_value, keep_empty_features=True)
+            imputer = SimpleImputer(
+                strategy=self.numeric_imputation, fill_value=self.fill_value, keep_empty_features=True
+            )
             filled = imputer.fit_transform(numbers)
             self.numeric_fill = imputer.statistics_.astype(float).tolist()
             if self.scaling == "standard":
@@ -118,7 +124,9 @@ class TablePreprocessor:
             selector: Any = VarianceThreshold(self.variance_threshold)
         else:
             score = mutual_info_classif if task == "classification" else mutual_info_regression
-            selector = SelectKBest(lambda x, y: score(x, y, random_state=0), k=min(self.k_best, encoded.shape[1]))
+            selector = SelectKBest(
+                lambda x, y: score(x, y, random_state=0), k=min(self.k_best, encoded.shape[1])
+            )
         try:
             selector.fit(encoded, targets)
         except ValueError as exc:  # e.g. no feature passes the variance threshold
@@ -139,7 +147,9 @@ class TablePreprocessor:
                 column = labels[:, index]
                 column = np.where(pd.isna(column), self.categorical_fill[index], column)
                 # a category never seen in training encodes as all zeros
-                blocks.append((column[:, None] == np.asarray(categories, dtype=object)[None, :]).astype(np.float64))
+                blocks.append(
+                    (column[:, None] == np.asarray(categories, dtype=object)[None, :]).astype(np.float64)
+                )
         encoded = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0))
         if select and self.kept and not all(self.kept):
             encoded = encoded[:, np.asarray(self.kept)]

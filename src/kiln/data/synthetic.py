@@ -37,7 +37,11 @@ class SyntheticDataModule(InMemoryDataModule):
         )
         require(num_samples >= 10, "num_samples", f"must be >= 10, got {num_samples}")
         require(num_features >= 1, "num_features", f"must be >= 1, got {num_features}")
-        require(task in ("classification", "regression"), "task", f"must be classification or regression, got {task}")
+        require(
+            task in ("classification", "regression"),
+            "task",
+            f"must be classification or regression, got {task}",
+        )
         require(task == "regression" or num_classes >= 2, "num_classes", f"must be >= 2, got {num_classes}")
         require(noise >= 0, "noise", f"must be >= 0, got {noise}")
         self.num_samples = num_samples

@@ -49,7 +49,11 @@ class TableDataModule(InMemoryDataModule):
         super().__init__(
             batch_size, val_fraction, test_fraction, num_folds, fold, seed, batches_per_chunk, eval_batch_size
         )
-        require(task in ("auto", "classification", "regression"), "task", f"must be auto, classification or regression, got {task!r}")
+        require(
+            task in ("auto", "classification", "regression"),
+            "task",
+            f"must be auto, classification or regression, got {task!r}",
+        )
         self.name, self.path, self.target = name, path, target
         self.declared_task = task
         self.numeric_columns, self.categorical_columns = numeric_columns, categorical_columns
@@ -80,7 +84,9 @@ class TableDataModule(InMemoryDataModule):
         if task == "classification":
             labels = frame[target].astype(str).to_numpy()
             class_names, indices = np.unique(labels, return_inverse=True)
-            return LoadedData(frame[self.raw_columns], indices.astype(np.int64), "classification", class_names.tolist())
+            return LoadedData(
+                frame[self.raw_columns], indices.astype(np.int64), "classification", class_names.tolist()
+            )
         values = pd.to_numeric(frame[target], errors="coerce")
         if values.isna().any():
             bad = frame[target][values.isna()].iloc[0]
@@ -90,7 +96,9 @@ class TableDataModule(InMemoryDataModule):
             )
         return LoadedData(frame[self.raw_columns], values.to_numpy(np.float32), "regression")
 
-    def fit_preprocessing(self, features: Any, train_rows: np.ndarray, train_targets: np.ndarray) -> np.ndarray:
+    def fit_preprocessing(
+        self, features: Any, train_rows: np.ndarray, train_targets: np.ndarray
+    ) -> np.ndarray:
         try:
             self.preprocessor.fit(features.iloc[train_rows], train_targets, self.task)
         except ValueError as exc:

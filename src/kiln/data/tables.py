@@ -58,7 +58,9 @@ def read_table(name: str | None, path: str | None, target: str | None) -> tuple[
     else:
         raise KilnError("data: give a built-in table with data.name=... or a file with data.path=FILE.csv")
     if not target:
-        raise KilnError(f"{source}: say which column to predict with data.target=COLUMN; columns: {_list(frame)}")
+        raise KilnError(
+            f"{source}: say which column to predict with data.target=COLUMN; columns: {_list(frame)}"
+        )
     if target not in frame.columns:
         raise KilnError(f"data.target={target}: no such column in {source}; columns: {_list(frame)}")
     if len(frame) == 0:
@@ -75,7 +77,9 @@ def read_table(name: str | None, path: str | None, target: str | None) -> tuple[
 
 def read_file(path: Path) -> pd.DataFrame:
     if not path.exists():
-        raise KilnError(f"data.path={path}: file not found (looked at {path.resolve()}); give a CSV or Parquet file")
+        raise KilnError(
+            f"data.path={path}: file not found (looked at {path.resolve()}); give a CSV or Parquet file"
+        )
     if path.is_dir():
         raise KilnError(f"data.path={path}: is a directory; give a CSV or Parquet file")
     suffix = path.suffix.lower()
@@ -85,7 +89,9 @@ def read_file(path: Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
     except pd.errors.EmptyDataError as exc:
-        raise KilnError(f"data.path={path}: the file is empty; give a table with a header row and data rows") from exc
+        raise KilnError(
+            f"data.path={path}: the file is empty; give a table with a header row and data rows"
+        ) from exc
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KilnError(f"data.path={path}: cannot read it as a {suffix[1:]} table ({reason})") from exc
@@ -100,7 +106,11 @@ def column_types(
     drop: list[str],
 ) -> tuple[list[str], list[str]]:
     """Numeric and categorical feature columns: declared ones as given, the rest detected."""
-    for declared, key in ((numeric, "numeric_columns"), (categorical, "categorical_columns"), (drop, "drop_columns")):
+    for declared, key in (
+        (numeric, "numeric_columns"),
+        (categorical, "categorical_columns"),
+        (drop, "drop_columns"),
+    ):
         absent = [c for c in declared or [] if c not in frame.columns]
         if absent:
             raise KilnError(
@@ -109,7 +119,9 @@ def column_types(
             )
     both = set(numeric or []) & set(categorical or [])
     if both:
-        raise KilnError(f"data.numeric_columns and data.categorical_columns both name {sorted(both)}; pick one")
+        raise KilnError(
+            f"data.numeric_columns and data.categorical_columns both name {sorted(both)}; pick one"
+        )
     declared_numeric, declared_categorical = list(numeric or []), list(categorical or [])
     for column in declared_numeric:
         _check_numeric(frame, column, declared=True)

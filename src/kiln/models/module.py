@@ -37,10 +37,26 @@ class KilnModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        require(task in ("classification", "regression"), "task", f"must be classification or regression, got {task!r}")
-        require(task == "regression" or len(class_names) >= 2, "class_names", "classification needs 2 or more classes")
-        require(scheduler_interval in ("epoch", "step"), "scheduler_interval", f"must be epoch or step, got {scheduler_interval!r}")
-        require(gradient_clip_val is None or gradient_clip_val > 0, "gradient_clip_val", f"must be > 0, got {gradient_clip_val}")
+        require(
+            task in ("classification", "regression"),
+            "task",
+            f"must be classification or regression, got {task!r}",
+        )
+        require(
+            task == "regression" or len(class_names) >= 2,
+            "class_names",
+            "classification needs 2 or more classes",
+        )
+        require(
+            scheduler_interval in ("epoch", "step"),
+            "scheduler_interval",
+            f"must be epoch or step, got {scheduler_interval!r}",
+        )
+        require(
+            gradient_clip_val is None or gradient_clip_val > 0,
+            "gradient_clip_val",
+            f"must be > 0, got {gradient_clip_val}",
+        )
         # plain values only: checkpoints load with weights_only=True, nothing is unpickled
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
@@ -92,6 +108,7 @@ class KilnModule(L.LightningModule):
 
     def training_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> None:
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list), "KilnModule uses one optimizer"
         scheduler = self._scheduler() if self.scheduler_interval == "step" else None
         batches = chunk if isinstance(chunk, list) else [chunk]
         losses, outputs, targets = [], [], []
@@ -101,7 +118,11 @@ class KilnModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.gradient_clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    optimizer.optimizer,
+                    gradient_clip_val=self.gradient_clip_val,
+                    gradient_clip_algorithm="norm",
+                )
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -137,7 +158,14 @@ class KilnModule(L.LightningModule):
         for x, y in chunk if isinstance(chunk, list) else [chunk]:
             out = self(x)
             metrics.update(self._scores(out), y)
-            self.log(f"{stage}/loss", self.loss_fn(out, y), on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+            self.log(
+                f"{stage}/loss",
+                self.loss_fn(out, y),
+                on_step=False,
+                on_epoch=True,
+                batch_size=len(y),
+                sync_dist=True,
+            )
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute())  # compute() syncs across ranks itself

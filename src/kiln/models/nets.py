@@ -21,7 +21,11 @@ def mlp(
     dropout: float = 0.0,
 ) -> nn.Sequential:
     """Flatten, then Linear-ReLU(-Dropout) blocks and a linear head."""
-    require(all(size >= 1 for size in hidden_sizes), "hidden_sizes", f"sizes must be >= 1, got {list(hidden_sizes)}")
+    require(
+        all(size >= 1 for size in hidden_sizes),
+        "hidden_sizes",
+        f"sizes must be >= 1, got {list(hidden_sizes)}",
+    )
     require(0 <= dropout < 1, "dropout", f"must be in [0, 1), got {dropout}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
@@ -42,8 +46,16 @@ def cnn(
     dropout: float = 0.25,
 ) -> nn.Sequential:
     """3x3 conv-ReLU blocks, one 2x2 max-pool, then a small MLP head. Input: (channels, height, width)."""
-    require(len(input_shape) == 3, "input_shape", f"a CNN needs images (channels, height, width), got {tuple(input_shape)}")
-    require(len(channels) >= 1 and all(c >= 1 for c in channels), "channels", f"must be positive, got {list(channels)}")
+    require(
+        len(input_shape) == 3,
+        "input_shape",
+        f"a CNN needs images (channels, height, width), got {tuple(input_shape)}",
+    )
+    require(
+        len(channels) >= 1 and all(c >= 1 for c in channels),
+        "channels",
+        f"must be positive, got {list(channels)}",
+    )
     require(0 <= dropout < 1, "dropout", f"must be in [0, 1), got {dropout}")
     in_channels, height, width = input_shape
     layers: list[nn.Module] = []
@@ -52,5 +64,10 @@ def cnn(
         in_channels = out_channels
     layers += [nn.MaxPool2d(2), nn.Flatten()]
     flat = in_channels * (height // 2) * (width // 2)
-    layers += [nn.Linear(flat, hidden_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_size, num_outputs)]
+    layers += [
+        nn.Linear(flat, hidden_size),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_size, num_outputs),
+    ]
     return nn.Sequential(*layers)

@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     quiet_lightning()
     monitor = check_monitor_setting(cfg)
-    run = Run(Path(HydraConfig.get().runtime.output_dir), writer=rank_zero_only.rank == 0)
+    run = Run(Path(HydraConfig.get().runtime.output_dir), writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
     run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
     with run.recording():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -51,13 +51,19 @@ def main(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
         run.update(throughput=throughput(trainer, datamodule, first_epoch, time.perf_counter() - fit_started))
         if trainer.interrupted:
-            raise KilnError(f"training was interrupted; continue it with: kiln train run_dir={run.directory} resume=auto")
+            raise KilnError(
+                f"training was interrupted; continue it with: kiln train run_dir={run.directory} resume=auto"
+            )
         best = best_checkpoint(trainer, monitor)
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best["path"], weights_only=True, verbose=False)
+        tested = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best["path"], weights_only=True, verbose=False
+        )
         test_metrics = {name: float(value) for name, value in sorted(tested[0].items())}
 
         if trainer.is_global_zero:
-            log_final_tensorboard(trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]})
+            log_final_tensorboard(
+                trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]}
+            )
             run.update(status="completed", finished=_now(), best_checkpoint=best, test_metrics=test_metrics)
             print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
     return test_metrics
@@ -90,7 +96,9 @@ def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:
 
 
 def build_module(cfg: DictConfig, datamodule: Any) -> Any:
-    net = build("model.net", cfg.model.net, input_shape=datamodule.input_shape, num_outputs=datamodule.num_outputs)
+    net = build(
+        "model.net", cfg.model.net, input_shape=datamodule.input_shape, num_outputs=datamodule.num_outputs
+    )
     model_config = plain(cfg.model)  # resolved against the whole config (e.g. T_max: ${trainer.max_epochs})
     model_config.pop("net")
     return build(
@@ -137,7 +145,9 @@ def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str]) -> Any:
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
     logger = build("logger", cfg.logger) if cfg.logger is not None else False
     trainer_config = plain(cfg.trainer)
-    trainer_config["precision"] = resolve_precision(trainer_config.get("precision", "auto"), trainer_config.get("accelerator", "auto"))
+    trainer_config["precision"] = resolve_precision(
+        trainer_config.get("precision", "auto"), trainer_config.get("accelerator", "auto")
+    )
     return build(
         "trainer",
         trainer_config,
@@ -186,7 +196,9 @@ def _checkpoint_epoch(path: Path) -> int | None:
     return int(epoch) + 1 if epoch is not None else None  # 1-based, as the progress lines count
 
 
-def log_final_tensorboard(trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]) -> None:
+def log_final_tensorboard(
+    trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]
+) -> None:
     """hparams with the real final metrics, and for classification a confusion matrix image."""
     import torch
 
@@ -204,7 +216,9 @@ def log_final_tensorboard(trainer: Any, module: Any, datamodule: Any, cfg: DictC
         module.eval()
         with torch.no_grad():
             predictions = module(features.to(module.device)).argmax(dim=-1).cpu()
-        log_confusion_matrix(writer, targets.numpy(), predictions.numpy(), datamodule.class_names, trainer.global_step)
+        log_confusion_matrix(
+            writer, targets.numpy(), predictions.numpy(), datamodule.class_names, trainer.global_step
+        )
 
 
 def config_hash(cfg: DictConfig) -> str:

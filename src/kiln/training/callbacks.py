@@ -25,7 +25,9 @@ class EpochLines(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/loss", "val/"))}
+        shown = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/loss", "val/"))
+        }
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
         print(
             f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {metrics}  "

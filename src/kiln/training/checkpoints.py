@@ -27,14 +27,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, loaded with weights_only=True (no arbitrary objects are unpickled)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, garbled, not a checkpoint at all
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise KilnError(
             f"checkpoint {path} cannot be read ({reason}); it may be truncated or not a checkpoint: "
             "use another one (e.g. checkpoints/best.ckpt) or start fresh"
         ) from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise KilnError(f"checkpoint {path} has no model weights (no 'state_dict'); it is not a Lightning checkpoint")
+        raise KilnError(
+            f"checkpoint {path} has no model weights (no 'state_dict'); it is not a Lightning checkpoint"
+        )
     return checkpoint
 
 

@@ -52,7 +52,9 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str]) -> A
     axes.set_ylabel("true")
     threshold = matrix.max() / 2 if matrix.size else 0
     for (row, column), count in np.ndenumerate(matrix):
-        axes.text(column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+        axes.text(
+            column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black"
+        )
     axes.set_title("test split: confusion matrix")
     figure.tight_layout()
     return figure
