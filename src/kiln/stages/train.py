@@ -135,7 +135,7 @@ def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str]) -> Any:
 
     from kiln.training.callbacks import EpochLines, MonitorCheck
     from kiln.training.checkpoints import AtomicCheckpointIO
-    from kiln.training.hardware import resolve_precision
+    from kiln.training.hardware import with_resolved_precision
 
     callbacks: list[Any] = [MonitorCheck(monitor["metric"])]
     for name, node in (cfg.callbacks or {}).items():
@@ -144,10 +144,7 @@ def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str]) -> Any:
     show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
     logger = build("logger", cfg.logger) if cfg.logger is not None else False
-    trainer_config = plain(cfg.trainer)
-    trainer_config["precision"] = resolve_precision(
-        trainer_config.get("precision", "auto"), trainer_config.get("accelerator", "auto")
-    )
+    trainer_config = with_resolved_precision(plain(cfg.trainer))
     return build(
         "trainer",
         trainer_config,

@@ -13,3 +13,12 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
+
+
+def with_resolved_precision(trainer_config: dict) -> dict:
+    """The trainer config with `precision: auto` replaced by the choice for this hardware."""
+    accelerator = str(trainer_config.get("accelerator", "auto"))
+    return {
+        **trainer_config,
+        "precision": resolve_precision(trainer_config.get("precision", "auto"), accelerator),
+    }
