@@ -14,7 +14,9 @@ from kiln.training.hardware import with_resolved_precision
 
 CONF = config_dir()
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
-GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF and "hydra" not in p.relative_to(CONF).parts)
+GROUP_FILES = sorted(
+    p for p in CONF.rglob("*.yaml") if p.parent != CONF and "hydra" not in p.relative_to(CONF).parts
+)
 
 
 def overrides_for(path: Path) -> list[str]:

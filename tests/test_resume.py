@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, kiln_command, read_run, run_kiln
+
+from kilntest import NO_COMPRESSION, assert_ok, kiln_command, read_run, run_kiln
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,7 @@ SETTINGS = [
     "trainer.deterministic=true",
     "callbacks.early_stopping=null",
     "progress=lines",
+    *NO_COMPRESSION,
 ]
 
 
@@ -89,7 +91,9 @@ def test_resume_auto_needs_the_run_to_continue(kiln):
 
 def test_resume_auto_in_a_directory_without_checkpoints_says_it_starts_fresh(kiln, tmp_path: Path):
     run_dir = tmp_path / "fresh"
-    result = kiln("train", f"run_dir={run_dir}", "resume=auto", "model=mlp", "trainer.max_epochs=1", "progress=lines")
+    result = kiln(
+        "train", f"run_dir={run_dir}", "resume=auto", "model=mlp", "trainer.max_epochs=1", "progress=lines"
+    )
     assert_ok(result)
     assert f"no checkpoint in {run_dir / 'checkpoints'}, starting fresh" in result.stderr
     assert read_run(run_dir)["status"] == "completed"

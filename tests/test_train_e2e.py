@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, read_run, run_dirs, run_kiln
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from kiln.data import DigitsDataModule
 from kiln.models.nets import mlp
+from kilntest import NO_COMPRESSION, assert_ok, read_run, run_dirs, run_kiln
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +25,7 @@ TINY = [
     "monitor.metric=val/acc",
     "monitor.mode=max",
     "progress=lines",
+    *NO_COMPRESSION,
 ]
 
 
@@ -58,7 +59,9 @@ def test_run_json_records_provenance_and_results(digits_run):
     assert record["versions"]["torch"].startswith("2.") and record["versions"]["lightning"]
     assert set(record["git"]) == {"commit", "dirty", "repository"}
     assert len(record["data_fingerprint"]) == 32
-    assert set(record["test_metrics"]) == {f"test/{m}" for m in ("loss", "acc", "precision", "recall", "f1", "auroc")}
+    assert set(record["test_metrics"]) == {
+        f"test/{m}" for m in ("loss", "acc", "precision", "recall", "f1", "auroc")
+    }
     assert all(isinstance(v, float) and math.isfinite(v) for v in record["test_metrics"].values())
     best = record["best_checkpoint"]
     assert Path(best["path"]) == run_dir / "checkpoints" / "best.ckpt"
@@ -81,7 +84,9 @@ def test_the_recorded_test_accuracy_is_the_best_checkpoints_own(digits_run):
     run_dir, _ = digits_run
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     net = mlp((1, 8, 8), 10, hidden_sizes=[32])
-    net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
+    net.load_state_dict(
+        {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    )
     data = DigitsDataModule(seed=42)
     data.setup()
     features, targets = data.split_tensors("test")
@@ -92,10 +97,21 @@ def test_the_recorded_test_accuracy_is_the_best_checkpoints_own(digits_run):
 
 def test_tensorboard_has_epoch_scalars_lr_hparams_graph_and_confusion_matrix(digits_run):
     run_dir, _ = digits_run
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events = EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0}
+    )
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "val/auroc", "test/acc", "lr-AdamW"):
+    for tag in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/f1",
+        "val/auroc",
+        "test/acc",
+        "lr-AdamW",
+    ):
         assert tag in tags["scalars"], f"{tag} missing from {tags['scalars']}"
     assert len(events.Scalars("val/acc")) == 3, "one point per epoch, never per step"
     assert "test/confusion_matrix" in tags["images"]
@@ -104,7 +120,9 @@ def test_tensorboard_has_epoch_scalars_lr_hparams_graph_and_confusion_matrix(dig
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     metric_tags = {info.name.tag for info in experiment.metric_infos}
     assert {"test/acc", "test/f1", "best/score"} <= metric_tags and "hp_metric" not in metric_tags
-    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    session = plugin_data_pb2.HParamsPluginData.FromString(
+        hparams["_hparams_/session_start_info"]
+    ).session_start_info
     assert session.hparams["data.batch_size"].number_value == 64
     assert session.hparams["model.net._target_"].string_value == "kiln.models.nets.mlp"
 
@@ -119,8 +137,15 @@ def test_two_deterministic_runs_with_one_seed_give_identical_test_metrics(digits
 
 def test_a_regression_run_logs_regression_metrics(kiln, tmp_path: Path):
     result = kiln(
-        "train", "data=table", "data.name=diabetes", "model=mlp", "model.net.hidden_sizes=[16]",
-        "trainer.max_epochs=2", "monitor.metric=val/r2", "monitor.mode=max", "progress=lines",
+        "train",
+        "data=table",
+        "data.name=diabetes",
+        "model=mlp",
+        "model.net.hidden_sizes=[16]",
+        "trainer.max_epochs=2",
+        "monitor.metric=val/r2",
+        "monitor.mode=max",
+        "progress=lines",
     )
     assert_ok(result)
     (run_dir,) = run_dirs(tmp_path / "runs")
@@ -143,8 +168,15 @@ def test_a_users_csv_trains_with_detected_columns(kiln, tmp_path: Path):
     frame.loc[::23, "Origin"] = None
     frame.to_csv(tmp_path / "cars.csv", index=False)
     result = kiln(
-        "train", "data=table", "data.path=cars.csv", "data.target=Miles_per_Gallon", "model=mlp",
-        "model.net.hidden_sizes=[16]", "trainer.max_epochs=2", "monitor.metric=val/mae", "monitor.mode=min",
+        "train",
+        "data=table",
+        "data.path=cars.csv",
+        "data.target=Miles_per_Gallon",
+        "model=mlp",
+        "model.net.hidden_sizes=[16]",
+        "trainer.max_epochs=2",
+        "monitor.metric=val/mae",
+        "monitor.mode=min",
     )
     assert_ok(result)
     (run_dir,) = run_dirs(tmp_path / "runs")

@@ -15,6 +15,12 @@ from kiln import __version__
 # stage name -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("kiln.stages.train", "train with early stopping, then test the best checkpoint"),
+    "compress": ("kiln.stages.compress", "prune / quantize a run's best checkpoint, then export (run=<dir>)"),
+    "export": ("kiln.stages.export", "verified, measured ONNX of each variant; ships model.onnx (run=<dir>)"),
+    "predict": (
+        "kiln.stages.predict",
+        "onnxruntime only: model=<file.onnx> input=<csv|parquet|npy> output=<csv>",
+    ),
 }
 
 USAGE = """\
@@ -56,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     module = importlib.import_module(STAGES[name][0])
-    # Hydra reads sys.argv. argv[0] becomes the stage's own file, so that when Lightning re-launches
-    # ranks > 0 of a DDP run as `python <argv[0]> <argv[1:]>`, they run this same stage.
+    # Hydra reads sys.argv, without the stage name. Lightning re-launches ranks > 0 of a DDP run as
+    # `python -m <__main__'s module> <argv[1:]>` (or `python <argv[0]> ...` when __main__ has no
+    # module): both must name the stage's own module, whether kiln started as `kiln` or `python -m kiln`.
     sys.argv = [module.__file__ or name, *args[1:]]
+    main_module = sys.modules["__main__"]
+    if getattr(main_module, "__spec__", None) is not None:
+        main_module.__spec__ = module.__spec__
     result: int = module.main()
     return result
 

@@ -96,6 +96,7 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
             # A user error inside a job is reported here, in one line; Hydra then sees a finished
             # job (no multi-line "Error executing job" report) and a sweep goes on to its next job.
             try:
+                check_config(cfg)
                 return task(cfg)
             except Exception as exc:
                 line = describe_user_error(exc)
@@ -133,6 +134,25 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
 # ---------------------------------------------------------------------------------------------
 # Checking `_target_` nodes against their signatures, before anything is built
 # ---------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: Any) -> None:
+    """Check every `_target_` node of a composed config against its signature, before anything runs.
+
+    A typo in `trainer.max_epochs=abc` then fails in a second, not after the data is loaded and the
+    model is built. Each component is checked again, with its run-time arguments, when it is built.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(config, dict) and isinstance(config.get("trainer"), dict):
+        from kiln.training.hardware import with_resolved_precision
+
+        config["trainer"] = with_resolved_precision(config["trainer"])  # `auto` is kiln's, not Lightning's
+    for key, node in iter_targets(config):
+        check_target(key, node)
 
 
 def iter_targets(node: Any, key: str = "") -> typing.Iterator[tuple[str, Mapping[str, Any]]]:

@@ -7,6 +7,8 @@ errors, into a single line. Anything else is a bug in kiln and keeps its full tr
 
 from __future__ import annotations
 
+import sys
+
 EXIT_USER_ERROR = 2
 
 
@@ -79,5 +81,29 @@ def describe_user_error(exc: BaseException) -> str | None:
             return one_line(str(cause))
         return one_line(str(exc))
     if isinstance(exc, OmegaConfBaseException):
-        return one_line(str(exc))
+        return _describe_omegaconf_error(exc)
+    if isinstance(exc, ValueError) and str(exc).startswith(
+        "Config group override must be a string or a list"
+    ):
+        # Hydra's words for `logger=null` on the command line: a group is removed with ~group
+        groups = [arg.split("=", 1)[0] for arg in sys.argv[1:] if arg.endswith("=null") and "." not in arg]
+        group = groups[0] if groups else "GROUP"
+        return (
+            f"{group}=null: a config group cannot be set to null on the command line; "
+            f"remove it with ~{group}, or pick one of its options with {group}=OPTION"
+        )
     return None
+
+
+def _describe_omegaconf_error(exc: BaseException) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
+
+    key = getattr(exc, "full_key", None)
+    if isinstance(exc, MissingMandatoryValue) and key:
+        return f"{key}: needs a value (it is ??? in the config); set it with {key}=VALUE"
+    if isinstance(exc, ConfigAttributeError | ConfigKeyError) and key:
+        return (
+            f"{key}: not in the composed config, and this stage needs it; if an override removed it "
+            f"(~{key}), set it instead (`kiln <stage> --cfg job` prints the composed config)"
+        )
+    return one_line(str(exc))

@@ -14,13 +14,14 @@ run.json is written when the run starts (status "running") and rewritten when it
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -147,6 +148,8 @@ class Run:
         self.save()
 
     def update(self, **fields: Any) -> None:
+        if fields.get("status") == "completed":
+            check_finite_results(fields, self.record.get("monitor") or {}, self.directory)
         self.record.update(fields)
         self.save()
 
@@ -177,30 +180,71 @@ class Run:
         return record
 
 
-def resume_checkpoint(resume: str | None, run_dir_given: bool, run: Run) -> Path | None:
-    """The checkpoint to resume from, said out loud; None starts fresh.
+def resume_checkpoint(
+    resume: str | None,
+    run_dir_given: bool,
+    run: Run,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> Path | None:
+    """The checkpoint to resume from, said out loud once it is known to be usable; None starts fresh.
 
     `resume=auto` continues the run in `run_dir=...` from its last checkpoint and starts fresh only
-    when that directory truly has none. `resume=<file>` resumes from that file.
+    when that directory truly has none. `resume=<file>` resumes from that file. The file must be a
+    readable checkpoint, and `check(path, checkpoint)` (e.g. `check_fits` with the model) may
+    raise if it does not fit: nothing is announced before those pass.
     """
     if resume is None:
         return None
     if str(resume) == "auto":
         if not run_dir_given:
             raise KilnError("resume=auto continues an existing run: add run_dir=<that run's directory>")
-        last = run.checkpoints / "last.ckpt"
-        if last.exists():
-            print(f"kiln: resuming from {last}", file=sys.stderr)
-            return last
-        print(f"kiln: resume=auto: no checkpoint in {run.checkpoints}, starting fresh", file=sys.stderr)
-        return None
-    path = Path(resume)
-    if not path.is_file():
-        raise KilnError(
-            f"resume={resume}: no such checkpoint file; give a .ckpt file or resume=auto with run_dir=..."
-        )
+        path = run.checkpoints / "last.ckpt"
+        if not path.exists():
+            print(f"kiln: resume=auto: no checkpoint in {run.checkpoints}, starting fresh", file=sys.stderr)
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise KilnError(
+                f"resume={resume}: no such checkpoint file; give a .ckpt file or resume=auto with run_dir=..."
+            )
+    from kiln.training.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(path, key="resume")
+    if check is not None:
+        check(path, checkpoint)
     print(f"kiln: resuming from {path}", file=sys.stderr)
     return path
+
+
+def check_finite_results(fields: dict[str, Any], monitor: dict[str, Any], directory: Path) -> None:
+    """A run whose best score or test metrics are NaN or infinite diverged: it did not complete.
+
+    Early stopping ends a run quietly when the monitored metric stops being finite, and the best
+    checkpoint is then one of NaN weights; this is where that becomes an error, not "completed".
+    """
+    best = fields.get("best_checkpoint") or {}
+    score = best.get("score")
+    tests = fields.get("test_metrics") or {}
+    bad_tests = {name: value for name, value in tests.items() if not _finite(value)}
+    if _finite(score) and not bad_tests:
+        return
+    metric = monitor.get("metric", "the monitored metric")
+    if not _finite(score):
+        epoch = best.get("epoch")
+        what = f"{metric} was NaN or infinite from epoch {epoch if epoch is not None else '?'} on"
+    else:
+        name, value = next(iter(bad_tests.items()))
+        what = f"the best checkpoint (epoch {best.get('epoch', '?')}) gives {name}={value}"
+    raise KilnError(
+        f"the run diverged: {what}; likely causes: a learning rate too high (model.optimizer.lr), "
+        "unscaled inputs, or overflow in low precision; lower the learning rate or set "
+        f"model.gradient_clip_val=1.0. Checkpoints saved so far are kept in {directory / CHECKPOINTS}"
+    )
+
+
+def _finite(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and math.isfinite(value))
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from kiln.data.batches import Batch, chunk_loader
 from kiln.data.splits import Splits, check_split_settings, split_indices
-from kiln.errors import require
+from kiln.errors import KilnError, require
 
 Task = Literal["classification", "regression"]
 
@@ -34,6 +34,7 @@ class LoadedData:
     task: Task
     class_names: list[str] = field(default_factory=list)
     feature_names: list[str] = field(default_factory=list)
+    source: str = ""  # where the rows came from, for messages: "data.path=cars.csv"
 
 
 class InMemoryDataModule(L.LightningDataModule):
@@ -90,15 +91,19 @@ class InMemoryDataModule(L.LightningDataModule):
             return  # set up once: fit, validate and test all see the same splits and preprocessing
         data = self.load()
         self.task, self.class_names, self.feature_names = data.task, data.class_names, data.feature_names
-        self.splits = split_indices(
-            data.targets,
-            stratify=data.task == "classification",
-            val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction,
-            seed=self.seed,
-            num_folds=self.num_folds,
-            fold=self.fold,
-        )
+        try:
+            self.splits = split_indices(
+                data.targets,
+                stratify=data.task == "classification",
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+                seed=self.seed,
+                num_folds=self.num_folds,
+                fold=self.fold,
+                class_names=data.class_names,
+            )
+        except KilnError as exc:
+            raise KilnError(f"{data.source}: {exc}" if data.source else str(exc)) from exc
         self.fingerprint = _fingerprint(data.features, data.targets)
         features = self.fit_preprocessing(data.features, self.splits.train, data.targets[self.splits.train])
         self.features = torch.as_tensor(features, dtype=torch.float32)
@@ -161,8 +166,6 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Data set up from the config again must match the checkpoint's (same classes, same task)."""
-        from kiln.errors import KilnError
-
         if self.features is not None and (
             state.get("class_names") != self.class_names or state.get("task") != self.task
         ):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from kiln.data.base import InMemoryDataModule, LoadedData
 
@@ -12,6 +11,8 @@ class DigitsDataModule(InMemoryDataModule):
     """Pixels scaled from 0..16 to 0..1; shape (N, 1, 8, 8) for a CNN (an MLP flattens it)."""
 
     def load(self) -> LoadedData:
+        from sklearn.datasets import load_digits  # here: importing sklearn.datasets takes seconds
+
         digits = load_digits()
         images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
         return LoadedData(

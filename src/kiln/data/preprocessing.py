@@ -178,6 +178,11 @@ def numeric_values(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
 
 
 def category_values(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Category labels as strings, with None where missing (numbers-as-categories become '1', '2')."""
-    labels = frame[columns].astype(object)
-    return labels.where(labels.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy(dtype=object)
+    """Category labels as strings, with None where missing (numbers-as-categories become '1', '2').
+
+    Built with numpy: pandas turns a None put into an object column back into NaN.
+    """
+    values = frame[columns].to_numpy(dtype=object)
+    labels = values.astype(str).astype(object)
+    labels[pd.isna(values)] = None
+    return labels

@@ -76,7 +76,7 @@ class TableDataModule(InMemoryDataModule):
     def load(self) -> LoadedData:
         frame, target, source = read_table(self.name, self.path, self.target)
         numeric, categorical = column_types(
-            frame, target, self.numeric_columns, self.categorical_columns, self.drop_columns
+            frame, target, self.numeric_columns, self.categorical_columns, self.drop_columns, source
         )
         self.preprocessor.numeric_columns, self.preprocessor.categorical_columns = numeric, categorical
         self.raw_columns, self.target_column = numeric + categorical, target
@@ -85,7 +85,11 @@ class TableDataModule(InMemoryDataModule):
             labels = frame[target].astype(str).to_numpy()
             class_names, indices = np.unique(labels, return_inverse=True)
             return LoadedData(
-                frame[self.raw_columns], indices.astype(np.int64), "classification", class_names.tolist()
+                frame[self.raw_columns],
+                indices.astype(np.int64),
+                "classification",
+                class_names.tolist(),
+                source=source,
             )
         values = pd.to_numeric(frame[target], errors="coerce")
         if values.isna().any():
@@ -94,7 +98,15 @@ class TableDataModule(InMemoryDataModule):
                 f"data.target={target}: regression needs numbers, but {source} holds {bad!r}; "
                 "declare data.task=classification if it is a label"
             )
-        return LoadedData(frame[self.raw_columns], values.to_numpy(np.float32), "regression")
+        numbers = values.to_numpy(np.float64)
+        out_of_range = ~np.isfinite(numbers) | (np.abs(numbers) > np.finfo(np.float32).max)
+        if out_of_range.any():
+            bad = numbers[out_of_range][0]
+            raise KilnError(
+                f"data.target={target}: {source} holds {bad} as a target value; regression needs finite "
+                "numbers within float32's range: drop or fix those rows"
+            )
+        return LoadedData(frame[self.raw_columns], numbers.astype(np.float32), "regression", source=source)
 
     def fit_preprocessing(
         self, features: Any, train_rows: np.ndarray, train_targets: np.ndarray

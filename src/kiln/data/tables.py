@@ -104,8 +104,12 @@ def column_types(
     numeric: list[str] | None,
     categorical: list[str] | None,
     drop: list[str],
+    source: str = "the table",
 ) -> tuple[list[str], list[str]]:
-    """Numeric and categorical feature columns: declared ones as given, the rest detected."""
+    """Numeric and categorical feature columns: declared ones as given, the rest detected.
+
+    `source` says where the table came from (`data.path=cars.csv`), for messages.
+    """
     for declared, key in (
         (numeric, "numeric_columns"),
         (categorical, "categorical_columns"),
@@ -114,8 +118,14 @@ def column_types(
         absent = [c for c in declared or [] if c not in frame.columns]
         if absent:
             raise KilnError(
-                f"data.{key}: column{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in the "
-                f"table; columns: {_list(frame)}"
+                f"data.{key}: column{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in "
+                f"{source}; fix the name{'s' if len(absent) > 1 else ''} or remove "
+                f"{'them' if len(absent) > 1 else 'it'} from data.{key}; columns: {_list(frame)}"
+            )
+        if key != "drop_columns" and target in (declared or []):
+            raise KilnError(
+                f"data.{key}: names the target column '{target}', which is what the model predicts, "
+                f"not a feature; remove it from data.{key}"
             )
     both = set(numeric or []) & set(categorical or [])
     if both:
@@ -124,7 +134,7 @@ def column_types(
         )
     declared_numeric, declared_categorical = list(numeric or []), list(categorical or [])
     for column in declared_numeric:
-        _check_numeric(frame, column, declared=True)
+        _check_numeric(frame, column, declared=True, source=source)
     features = [c for c in frame.columns if c != target and c not in drop]
     detected_numeric, detected_categorical = [], []
     for column in features:
@@ -134,16 +144,20 @@ def column_types(
         if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
             detected_numeric.append(column)
         else:
-            _check_numeric(frame, column, declared=False)
+            _check_numeric(frame, column, declared=False, source=source)
             detected_categorical.append(column)
     numeric_columns = [c for c in features if c in declared_numeric or c in detected_numeric]
     categorical_columns = [c for c in features if c in declared_categorical or c in detected_categorical]
     if not numeric_columns and not categorical_columns:
-        raise KilnError(f"the table has no feature columns besides the target '{target}'")
+        raise KilnError(
+            f"{source}: no feature columns besides the target '{target}'"
+            + (" once data.drop_columns are dropped" if drop else "")
+            + f"; give a table with feature columns, or check data.target and data.drop_columns; columns: {_list(frame)}"
+        )
     return numeric_columns, categorical_columns
 
 
-def _check_numeric(frame: pd.DataFrame, column: str, *, declared: bool) -> None:
+def _check_numeric(frame: pd.DataFrame, column: str, *, declared: bool, source: str = "the table") -> None:
     """A numeric column with stray strings ('?', 'n/a') is an error, not silently a category."""
     values = frame[column]
     present = values.dropna()
@@ -155,11 +169,17 @@ def _check_numeric(frame: pd.DataFrame, column: str, *, declared: bool) -> None:
         return
     mostly_numbers = parsed.notna().mean() >= 0.5
     if declared or mostly_numbers:
-        example_row = bad.index[0]
+        position = int(frame.index.get_loc(bad.index[0])) + 1
+        distinct = list(dict.fromkeys(bad.astype(str)))
+        examples = ", ".join(repr(v[:20]) for v in distinct[:3]) + (", ..." if len(distinct) > 3 else "")
         raise KilnError(
-            f"column '{column}' is numeric but holds text ({bad.iloc[0]!r} in row {example_row}, "
-            f"{len(bad)} such values); clean the file (empty cells count as missing)"
-            + ("" if declared else f", or declare it with data.categorical_columns=[{column}]")
+            f"column '{column}' of {source} is numeric but holds text in {len(bad)} rows ({examples}; "
+            f"first in data row {position}); clean the file, leaving missing values as empty cells"
+            + (
+                " (data.numeric_columns declares it numeric)"
+                if declared
+                else f", or declare it with data.categorical_columns=[{column}]"
+            )
         )
 
 

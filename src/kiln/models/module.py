@@ -98,8 +98,6 @@ class KilnModule(L.LightningModule):
     # -- training ---------------------------------------------------------------------------
 
     def on_train_epoch_start(self) -> None:
-        # Dropout's randomness depends on (seed, epoch) only, so a resumed run matches an unbroken one.
-        torch.manual_seed(self.seed * 100_003 + self.current_epoch)
         scheduler = self._scheduler()
         if scheduler is not None and self.scheduler_interval == "epoch":
             # stepped at epoch *start*: a checkpoint taken at an epoch's end resumes with the right rate
@@ -109,6 +107,10 @@ class KilnModule(L.LightningModule):
     def training_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> None:
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list), "KilnModule uses one optimizer"
+        # Randomness in a step (dropout) depends on (seed, step) only, not on what else drew from the
+        # global generator before (data loader set-up does, differently on resume): a resumed run
+        # replays an unbroken one exactly.
+        torch.manual_seed(self.seed * 1_000_003 + self.global_step)
         scheduler = self._scheduler() if self.scheduler_interval == "step" else None
         batches = chunk if isinstance(chunk, list) else [chunk]
         losses, outputs, targets = [], [], []
@@ -133,7 +135,7 @@ class KilnModule(L.LightningModule):
         mean_loss = torch.stack(losses).sum() / rows
         if not torch.isfinite(mean_loss):
             raise KilnError(
-                f"the training loss became {mean_loss.item()} at epoch {self.current_epoch} (step "
+                f"the training loss became {mean_loss.item()} at epoch {self.current_epoch + 1} (step "
                 f"{self.global_step}): the run diverged; likely causes: a learning rate too high "
                 f"(model.optimizer.lr), unscaled inputs, or overflow in low precision; lower the learning rate "
                 "or set model.gradient_clip_val=1.0. Checkpoints saved so far are kept"

@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from kiln.runs import Run, resume_checkpoint
+    from kiln.training.checkpoints import check_fits
 
     started = time.perf_counter()
     quiet_lightning()
@@ -41,9 +42,10 @@ def main(cfg: DictConfig) -> dict[str, float]:
         run.update(data_fingerprint=datamodule.fingerprint)
         module = build_module(cfg, datamodule)
         check_monitor_logged(monitor["metric"], module)
-        checkpoint = resume_checkpoint(cfg.resume, bool(cfg.run_dir), run)
+        checkpoint = resume_checkpoint(
+            cfg.resume, bool(cfg.run_dir), run, check=lambda path, saved: check_fits(path, saved, module)
+        )
         if checkpoint is not None:
-            check_checkpoint(checkpoint, module)
             run.update(resumed_from=str(checkpoint))
         trainer = build_trainer(cfg, run, monitor)
 
@@ -66,6 +68,12 @@ def main(cfg: DictConfig) -> dict[str, float]:
             )
             run.update(status="completed", finished=_now(), best_checkpoint=best, test_metrics=test_metrics)
             print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        # The tested checkpoint is recorded and safe; compression and export follow as their own
+        # stage, so a failing gate there never touches the run's training results.
+        from kiln.stages.export import after_training
+
+        after_training(cfg, run.directory)
     return test_metrics
 
 
@@ -122,12 +130,6 @@ def check_monitor_logged(metric: str, module: Any) -> None:
         raise KilnError(
             f"monitor.metric={metric}: the model never logs it at epoch level; it logs: {', '.join(candidates)}"
         )
-
-
-def check_checkpoint(path: Path, module: Any) -> None:
-    from kiln.training.checkpoints import check_fits, load_checkpoint
-
-    check_fits(path, load_checkpoint(path), module)
 
 
 def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str]) -> Any:

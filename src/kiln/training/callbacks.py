@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
@@ -44,7 +45,21 @@ class MonitorCheck(Callback):
         self.monitor = monitor
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor in trainer.callback_metrics:
+        if trainer.sanity_checking:
             return
-        logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
-        raise KilnError(f"monitor.metric={self.monitor} is not logged at epoch level; logged keys: {logged}")
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            logged = ", ".join(sorted(metrics)) or "none"
+            raise KilnError(
+                f"monitor.metric={self.monitor} is not logged at epoch level; logged keys: {logged}"
+            )
+        # A NaN score would be "never better" to EarlyStopping and silently end the run; stop instead.
+        for name in dict.fromkeys(["val/loss", self.monitor]):
+            value = metrics.get(name)
+            if value is not None and not math.isfinite(float(value)):
+                raise KilnError(
+                    f"{name} became {float(value)} at epoch {trainer.current_epoch + 1}: the run diverged; "
+                    "likely causes: a learning rate too high (model.optimizer.lr), unscaled inputs, or overflow "
+                    "in low precision; lower the learning rate or set model.gradient_clip_val=1.0. "
+                    "Checkpoints saved so far are kept"
+                )

@@ -1,0 +1,188 @@
+"""Inference speed of the shipped model against torch eager and onnxruntime fp32, in one process.
+
+    .venv/bin/python scripts/benchmark_inference.py                 train, compress=auto, measure
+    .venv/bin/python scripts/benchmark_inference.py --digits-run runs/train/<run> --penguins-run runs/train/<run>
+
+For each experiment (penguins_mlp, then digits_cnn): train it (unless a run is given), make sure it
+was compressed with `compress=auto` and exported (kiln compress), then measure at batch 256, warm,
+the three models in turn, in blocks of repeated calls over several passes (the median of each):
+
+  vs_torch     torch eager fp32 of checkpoints/best.ckpt / the shipped model.onnx in onnxruntime
+  vs_ort_fp32  onnxruntime fp32 of the uncompressed model (export/fp32.onnx) / the shipped model
+  size         the shipped file's size / the fp32 ONNX file's size
+  drop         test accuracy of torch fp32 minus the shipped model's, in points (negative: a gain)
+
+A table model's ONNX takes raw rows and does its preprocessing inside the graph; torch eager is
+timed on already preprocessed features, so its ratio understates what the ONNX file saves.
+The last line printed is digits_cnn's: `vs_torch=R1 vs_ort_fp32=R2 size=R3 drop=D`.
+Targets on digits_cnn: vs_torch >= 5, vs_ort_fp32 >= 2, size <= 0.3, drop <= 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+KILN = [sys.executable, "-m", "kiln"]
+BATCH = 256
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--digits-run", type=Path, help="an existing digits_cnn run (skips training)")
+    parser.add_argument("--penguins-run", type=Path, help="an existing penguins_mlp run (skips training)")
+    parser.add_argument("--rounds", type=int, default=200, help="timed rounds per model (median)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads for torch and onnxruntime (0: their defaults)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where new runs go (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    output = args.output_dir or Path(tempfile.mkdtemp(prefix="kiln-benchmark-"))
+    lines = []
+    for experiment, given in (("penguins_mlp", args.penguins_run), ("digits_cnn", args.digits_run)):
+        run = given or train(experiment, output)
+        ensure_compressed(run)
+        figures = measure(run, args.rounds, args.threads)
+        print(f"{experiment}: run {run}", flush=True)
+        print(
+            f"  shipped {figures['shipped']}; batch {BATCH} median: torch eager {figures['torch_us']:.0f} us, "
+            f"onnxruntime fp32 {figures['ort_fp32_us']:.0f} us, shipped {figures['shipped_us']:.0f} us; "
+            f"files: fp32 {figures['fp32_bytes'] / 1024:.1f} KB, shipped {figures['shipped_bytes'] / 1024:.1f} KB; "
+            f"test acc torch {figures['torch_acc']:.4f}, shipped {figures['shipped_acc']:.4f}",
+            flush=True,
+        )
+        lines.append(
+            f"vs_torch={figures['vs_torch']:.2f} vs_ort_fp32={figures['vs_ort_fp32']:.2f} "
+            f"size={figures['size']:.3f} drop={figures['drop']:.2f}"
+        )
+        print(f"{experiment}: {lines[-1]}", flush=True)
+    print(lines[-1])
+    return 0
+
+
+def train(experiment: str, output: Path) -> Path:
+    base = output / experiment
+    print(f"training {experiment} (runs in {base}) ...", flush=True)
+    started = time.perf_counter()
+    subprocess.run(
+        [*KILN, "train", f"experiment={experiment}", "progress=lines", f"paths.output_dir={base}"],
+        cwd=output,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    (run,) = [p for p in (base / "train").iterdir() if p.is_dir()]
+    print(f"  trained in {time.perf_counter() - started:.0f} s", flush=True)
+    return run
+
+
+def ensure_compressed(run: Path) -> None:
+    """kiln train compresses and exports at its end once train.py calls kiln.stages.export.after_training;
+    until then (or for a run trained with another recipe) this runs kiln compress compress=auto."""
+    report = run / "report.json"
+    if (
+        report.is_file()
+        and json.loads(report.read_text()).get("recipe") == "auto"
+        and (run / "model.onnx").is_file()
+    ):
+        return
+    print(f"compressing {run.name} with compress=auto ...", flush=True)
+    started = time.perf_counter()
+    subprocess.run(
+        [*KILN, "compress", f"run={run}", "compress=auto"],
+        cwd=run.parent,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    print(f"  compressed and exported in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def measure(run: Path, rounds: int, threads: int) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    from kiln.export.feeds import array_feeds, specs_of, table_feeds, tile_rows
+    from kiln.export.from_run import load_trained, open_run, raw_split, table_state
+    from kiln.export.measure import scores
+
+    if threads:
+        torch.set_num_threads(threads)
+    report = json.loads((run / "report.json").read_text())
+    datamodule, module = load_trained(open_run(run))
+    features, targets = datamodule.split_tensors("test")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    sessions = {
+        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in (("fp32", run / "export" / "fp32.onnx"), ("shipped", run / "model.onnx"))
+    }
+    specs = specs_of(sessions["shipped"].get_inputs())
+    if table_state(datamodule) is not None:
+        feeds = table_feeds(raw_split(datamodule, "test"), specs)
+    else:
+        feeds = array_feeds(features.numpy(), specs[0])
+    batch_feeds = tile_rows(feeds, BATCH)
+    reps = -(-BATCH // len(features))
+    torch_batch = features.repeat(reps, *([1] * (features.dim() - 1)))[:BATCH].contiguous()
+
+    calls = {
+        "torch": lambda: module(torch_batch),
+        "fp32": lambda: sessions["fp32"].run(None, batch_feeds),
+        "shipped": lambda: sessions["shipped"].run(None, batch_feeds),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    passes = 5
+    with torch.inference_mode():
+        # blocks, not call-by-call interleaving: onnxruntime's threads spin for a while after each
+        # run and would steal the cores from torch's next call. Several passes spread any drift.
+        for _ in range(passes):
+            for name, call in calls.items():
+                for _ in range(3):
+                    call()
+                for _ in range(max(1, rounds // passes)):
+                    start = time.perf_counter()
+                    call()
+                    samples[name].append(time.perf_counter() - start)
+        torch_logits = module(features).numpy()
+    medians = {name: float(np.median(values)) * 1e6 for name, values in samples.items()}
+
+    (shipped_logits,) = sessions["shipped"].run(["logits"], feeds)
+    test = "test/acc"
+    torch_acc = scores(datamodule.task, datamodule.class_names, torch_logits, targets.numpy(), "test")[test]
+    shipped_acc = scores(datamodule.task, datamodule.class_names, shipped_logits, targets.numpy(), "test")[
+        test
+    ]
+    fp32_bytes = (run / "export" / "fp32.onnx").stat().st_size
+    shipped_bytes = (run / "model.onnx").stat().st_size
+    return {
+        "shipped": report["shipped"],
+        "torch_us": medians["torch"],
+        "ort_fp32_us": medians["fp32"],
+        "shipped_us": medians["shipped"],
+        "vs_torch": medians["torch"] / medians["shipped"],
+        "vs_ort_fp32": medians["fp32"] / medians["shipped"],
+        "fp32_bytes": fp32_bytes,
+        "shipped_bytes": shipped_bytes,
+        "size": shipped_bytes / fp32_bytes,
+        "torch_acc": torch_acc,
+        "shipped_acc": shipped_acc,
+        "drop": (torch_acc - shipped_acc) * 100,
+    }
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Training throughput of `kiln train` against a hand-written PyTorch loop and Lightning defaults.
+
+    .venv/bin/python scripts/benchmark_training.py            # the targets below; about 3-4 min on 2 CPU cores
+    .venv/bin/python scripts/benchmark_training.py --quick    # smoke run, under a minute
+
+All three train the same model (kiln's `model=mlp` net, 64-256-256-10 by default) on the same
+rows (kiln's `data=synthetic` train/validation split, generated in-process with the same config
+and seed), with the same optimizer (AdamW and its settings, read from conf/model/mlp.yaml), batch
+size (256), number of epochs and thread count (torch.set_num_threads here, OMP_NUM_THREADS and
+MKL_NUM_THREADS for the subprocesses):
+
+(a) hand:    the idiomatic loop over in-memory tensors: each epoch a fresh permutation, index
+             slicing, zero_grad, forward, loss, backward, step; then a no_grad validation pass
+             over the same validation split (loss and accuracy, at kiln's eval batch size),
+             because kiln's measured fit includes validation too. Nothing else: no logging.
+(b) kiln:    the real CLI in a subprocess, as users run it (default callbacks, TensorBoard
+             logging, the progress bar forced on with progress=bar; early stopping off so every
+             run trains the same epochs). Its samples/s is read from run.json "throughput"
+             (train rows x epochs / seconds of trainer.fit, validation and checkpointing included).
+(c) lightning_defaults: what a Lightning user writes first, in a subprocess: a DataLoader over a
+             TensorDataset with the default collate (batch_size=256, shuffle=True), a plain
+             LightningModule with automatic optimization and per-step logging (self.log
+             on_step=True), RichProgressBar, Trainer defaults for checkpointing, TensorBoardLogger;
+             timed around trainer.fit like (b).
+
+Noise: the machine is shared, so measurements are interleaved in rounds: hand, kiln, lightning,
+..., and one more hand at the end, so every kiln/lightning run has a hand run right before and
+right after it. A round's R1 is kiln / mean(hand before, hand after); its R2 is kiln / the
+lightning run of the same round. The printed samples/s are medians over rounds and the ratios
+are the medians of the per-round ratios (--rounds sets how many).
+
+Memory: one more `kiln train` subprocess on --rss-rows x --rss-features rows (1M x 50, 1 epoch)
+reports the child's peak RSS (ru_maxrss from wait4 on that one child), against a limit of
+3 x the raw float32 data size + 1 GiB.
+
+The last line printed is exactly `kiln/hand=R1 kiln/lightning_defaults=R2`.
+Targets (MLP 64-256-256-10, 200k x 64 rows, batch 256, CPU): R1 >= 0.85, R2 >= 1.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+R1_TARGET = 0.85
+R2_TARGET = 1.8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows (all splits)")
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--hidden", default="256,256", help="hidden layer sizes, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for all three")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of measurements")
+    parser.add_argument("--rss-rows", type=int, default=1_000_000, help="rows of the memory run (0: skip)")
+    parser.add_argument("--rss-features", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small data, 1 epoch, 1 round")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir with runs and logs")
+    parser.add_argument("--worker", choices=["lightning"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.epochs, args.rounds = 20_000, 1, 1
+        args.rss_rows = min(args.rss_rows, 100_000)
+    return args
+
+
+def hidden_sizes(args: argparse.Namespace) -> list[int]:
+    return [int(size) for size in args.hidden.split(",") if size]
+
+
+def kiln_overrides(args: argparse.Namespace) -> list[str]:
+    """The data and model overrides every measurement shares (the same composed config)."""
+    return [
+        "data=synthetic",
+        "model=mlp",
+        f"data.num_samples={args.rows}",
+        f"data.num_features={args.features}",
+        f"data.num_classes={args.classes}",
+        f"data.batch_size={args.batch_size}",
+        f"model.net.hidden_sizes=[{','.join(map(str, hidden_sizes(args)))}]",
+    ]
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+# -- the shared setup: kiln's own config, data and net ----------------------------------------
+
+
+def load_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Compose kiln's train config with the same overrides as (b); build its data, net and optimizer."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from kiln.config import config_dir, register_resolvers
+    from kiln.stages.build import build
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=kiln_overrides(args))
+    data = build("data", cfg.data)
+    data.setup("fit")
+    x_train, y_train = data.split_tensors("train")
+    x_val, y_val = data.split_tensors("val")
+
+    def make_net_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(cfg.seed)
+        net = build("model.net", cfg.model.net, input_shape=data.input_shape, num_outputs=data.num_outputs)
+        optimizer = build("model.optimizer", cfg.model.optimizer)(net.parameters())
+        return net, optimizer
+
+    return {
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_val": x_val,
+        "y_val": y_val,
+        "eval_batch_size": int(cfg.data.eval_batch_size),
+        "make": make_net_and_optimizer,
+        "optimizer_name": cfg.model.optimizer._target_,
+        "optimizer_settings": {k: v for k, v in cfg.model.optimizer.items() if not k.startswith("_")},
+    }
+
+
+# -- (a) the hand-written loop ------------------------------------------------------------------
+
+
+def run_hand(setup: dict[str, Any], args: argparse.Namespace) -> float:
+    import torch
+    from torch import nn
+
+    net, optimizer = setup["make"]()
+    loss_fn = nn.CrossEntropyLoss()
+    x_train, y_train, x_val, y_val = (setup[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    eval_batch = setup["eval_batch_size"]
+    started = time.perf_counter()
+    for _ in range(args.epochs):
+        net.train()
+        for rows in torch.randperm(len(y_train)).split(args.batch_size):
+            x, y = x_train[rows], y_train[rows]
+            optimizer.zero_grad()
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            val_loss, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+            for x, y in zip(x_val.split(eval_batch), y_val.split(eval_batch), strict=True):
+                out = net(x)
+                val_loss += loss_fn(out, y) * len(y)
+                correct += (out.argmax(dim=1) == y).sum()
+    seconds = time.perf_counter() - started
+    print(
+        f"    hand: val loss {float(val_loss) / len(y_val):.4f}, acc {int(correct) / len(y_val):.4f}",
+        flush=True,
+    )
+    return len(y_train) * args.epochs / seconds
+
+
+# -- (b) kiln, the real CLI ---------------------------------------------------------------------
+
+
+def kiln_command() -> list[str]:
+    script = Path(sys.executable).with_name("kiln")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kiln"]
+
+
+def run_kiln(
+    args: argparse.Namespace, work: Path, name: str, overrides: list[str], epochs: int
+) -> tuple[dict[str, Any], int]:
+    """`kiln train ...` in a subprocess; returns its run.json throughput and its peak RSS in bytes."""
+    output_dir = work / name
+    command = [
+        *kiln_command(),
+        "train",
+        *overrides,
+        "progress=bar",
+        "callbacks.early_stopping=null",
+        "compress=none",  # training alone is measured: compression and export are kiln's next stage
+        "export.after_training=false",
+        f"trainer.max_epochs={epochs}",
+        f"paths.output_dir={output_dir}",
+    ]
+    log = work / f"{name}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=thread_env(args.threads)
+        )
+        # wait4 gives this one child's rusage (RUSAGE_CHILDREN would be the max over all children)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"kiln train failed (exit {process.returncode}): {' '.join(command)}\n{tail}")
+    (run_json,) = output_dir.glob("train/*/run.json")
+    throughput: dict[str, Any] = json.loads(run_json.read_text())["throughput"]
+    return throughput, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+# -- (c) Lightning defaults ---------------------------------------------------------------------
+
+
+def run_lightning_worker(args: argparse.Namespace) -> None:
+    """Runs in a subprocess (its Rich bar and logs go to a file); writes samples/s to --result."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(args.threads)
+    setup = load_setup(args)
+    net, optimizer = setup["make"]()
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, batch_index: int) -> Any:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch: Any, batch_index: int) -> None:
+            x, y = batch
+            out = self.net(x)
+            self.log("val_loss", F.cross_entropy(out, y), prog_bar=True)
+            self.log("val_acc", (out.argmax(dim=1) == y).float().mean())
+
+        def configure_optimizers(self) -> Any:
+            return optimizer
+
+    train = DataLoader(
+        TensorDataset(setup["x_train"], setup["y_train"]), batch_size=args.batch_size, shuffle=True
+    )
+    val = DataLoader(TensorDataset(setup["x_val"], setup["y_val"]), batch_size=args.batch_size)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[RichProgressBar()],
+        logger=TensorBoardLogger(args.work_dir, name="lightning"),
+        default_root_dir=args.work_dir,
+    )
+    started = time.perf_counter()
+    trainer.fit(Plain(), train, val)
+    seconds = time.perf_counter() - started
+    args.result.write_text(json.dumps({"samples_per_second": len(setup["y_train"]) * args.epochs / seconds}))
+
+
+def run_lightning(args: argparse.Namespace, work: Path, name: str) -> float:
+    result = work / f"{name}.json"
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker=lightning",
+        f"--result={result}",
+        f"--work-dir={work / name}",
+        f"--rows={args.rows}",
+        f"--features={args.features}",
+        f"--classes={args.classes}",
+        f"--hidden={args.hidden}",
+        f"--batch-size={args.batch_size}",
+        f"--epochs={args.epochs}",
+        f"--threads={args.threads}",
+    ]
+    log = work / f"{name}.log"
+    with log.open("w") as out:
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=thread_env(args.threads))
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"the Lightning-defaults run failed (exit {code})\n{tail}")
+    return float(json.loads(result.read_text())["samples_per_second"])
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker == "lightning":
+        run_lightning_worker(args)
+        return 0
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = [args.features, *hidden_sizes(args), args.classes]
+    print(
+        f"benchmark: MLP {'-'.join(map(str, sizes))}, {args.rows} x {args.features} synthetic rows, "
+        f"batch {args.batch_size}, {args.epochs} epochs, {args.threads} threads, {args.rounds} rounds",
+        flush=True,
+    )
+    setup = load_setup(args)
+    print(
+        f"  train rows {len(setup['y_train'])}, validation rows {len(setup['y_val'])}, "
+        f"optimizer {setup['optimizer_name']} {setup['optimizer_settings']}",
+        flush=True,
+    )
+
+    work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-"))
+    hand: list[float] = []
+    kiln: list[float] = []
+    lightning: list[float] = []
+
+    def measure_hand() -> None:
+        hand.append(run_hand(setup, args))
+        print(f"  (a) hand                {hand[-1]:>10,.0f} samples/s", flush=True)
+
+    measure_hand()
+    for round_index in range(args.rounds):
+        throughput, _ = run_kiln(args, work, f"kiln{round_index}", kiln_overrides(args), args.epochs)
+        kiln.append(float(throughput["train_samples_per_second"]))
+        print(
+            f"  (b) kiln                {kiln[-1]:>10,.0f} samples/s  (fit {throughput['fit_seconds']} s)",
+            flush=True,
+        )
+        lightning.append(run_lightning(args, work, f"lightning{round_index}"))
+        print(f"  (c) lightning_defaults  {lightning[-1]:>10,.0f} samples/s", flush=True)
+        measure_hand()
+
+    r1_rounds = [k / ((hand[i] + hand[i + 1]) / 2) for i, k in enumerate(kiln)]
+    r2_rounds = [k / light for k, light in zip(kiln, lightning, strict=True)]
+    r1, r2 = statistics.median(r1_rounds), statistics.median(r2_rounds)
+    print("samples/s (median over rounds):")
+    print(f"  (a) hand                {statistics.median(hand):>10,.0f}")
+    print(f"  (b) kiln                {statistics.median(kiln):>10,.0f}")
+    print(f"  (c) lightning_defaults  {statistics.median(lightning):>10,.0f}")
+    print(
+        f"  per-round kiln/hand {', '.join(f'{r:.3f}' for r in r1_rounds)}; "
+        f"kiln/lightning_defaults {', '.join(f'{r:.3f}' for r in r2_rounds)}"
+    )
+    print(
+        f"  targets: kiln/hand >= {R1_TARGET} {'met' if r1 >= R1_TARGET else 'NOT MET'}; "
+        f"kiln/lightning_defaults >= {R2_TARGET} {'met' if r2 >= R2_TARGET else 'NOT MET'}"
+    )
+
+    if args.rss_rows > 0:
+        overrides = [
+            "data=synthetic",
+            "model=mlp",
+            f"data.num_samples={args.rss_rows}",
+            f"data.num_features={args.rss_features}",
+        ]
+        _, peak = run_kiln(args, work, "kiln_rss", overrides, epochs=1)
+        raw = args.rss_rows * args.rss_features * 4
+        limit = 3 * raw + 2**30
+        print(
+            f"peak RSS of kiln train on {args.rss_rows} x {args.rss_features} rows (1 epoch): "
+            f"{peak / 2**20:,.0f} MiB; limit 3 x {raw / 2**20:,.0f} MiB raw float32 + 1 GiB = "
+            f"{limit / 2**20:,.0f} MiB: {'under the limit' if peak < limit else 'OVER THE LIMIT'}"
+        )
+
+    if args.keep:
+        print(f"runs and logs kept in {work}")
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"kiln/hand={r1:.3f} kiln/lightning_defaults={r2:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

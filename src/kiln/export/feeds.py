@@ -1,0 +1,198 @@
+"""Raw rows -> onnxruntime inputs, the same way for the export checks and for `kiln predict`.
+
+Torch-free and pandas-free on purpose (numpy only): `kiln predict` imports this module and must
+answer fast.
+
+A table model takes one input per raw column, shaped (rows, 1): numbers as float64 with NaN where a
+value is missing, categories as strings with "" where one is missing (onnxruntime would turn a
+None or NaN inside a string tensor into the text 'None' or 'nan', silently: DESIGN.md). An image
+or array model takes one float32 input shaped (rows, *input_shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+NUMERIC = "tensor(double)"
+STRING = "tensor(string)"
+FLOAT = "tensor(float)"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An ONNX model's input: its name, onnxruntime type string and shape (None for dynamic)."""
+
+    name: str
+    type: str
+    shape: tuple[int | None, ...]
+
+
+def specs_of(session_inputs: Sequence[object]) -> list[InputSpec]:
+    """InputSpecs from `onnxruntime.InferenceSession.get_inputs()`."""
+    specs = []
+    for node in session_inputs:
+        shape = tuple(d if isinstance(d, int) else None for d in getattr(node, "shape", []))
+        specs.append(InputSpec(str(getattr(node, "name", "")), str(getattr(node, "type", "")), shape))
+    return specs
+
+
+def is_table(specs: Sequence[InputSpec]) -> bool:
+    """A raw-row table model: one (rows, 1) input per column, numbers or strings."""
+    return all(spec.type in (NUMERIC, STRING) and len(spec.shape) == 2 for spec in specs)
+
+
+# How pandas' read_csv spells a missing value (its default na_values): a CSV read here without
+# pandas must see the same cells as missing as the training data did.
+MISSING_TEXT = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
+
+
+def is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float | np.floating):
+        return bool(np.isnan(value))
+    return type(value).__name__ in ("NAType", "NaTType")
+
+
+def table_feeds(
+    columns: Mapping[str, Any], specs: Sequence[InputSpec], source: str = "input", from_text: bool = False
+) -> dict[str, np.ndarray]:
+    """One (rows, 1) array per model input, from the columns of the same names (a DataFrame or a
+    mapping of column name -> values)."""
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        values = np.asarray(columns[spec.name], dtype=object)
+        if spec.type == NUMERIC:
+            feeds[spec.name] = numeric_column(values, spec.name, source)[:, None]
+        else:
+            feeds[spec.name] = category_column(values, from_text)[:, None]
+    return feeds
+
+
+def numeric_column(values: np.ndarray, name: str, source: str) -> np.ndarray:
+    """float64 with NaN for missing values; text in a numeric column is an error naming the column."""
+    out = np.empty(len(values), dtype=np.float64)
+    for row, value in enumerate(values):
+        if is_missing(value) or (isinstance(value, str) and value.strip() in MISSING_TEXT):
+            out[row] = np.nan
+            continue
+        try:
+            out[row] = float(value)
+        except (TypeError, ValueError):
+            bad = sum(
+                1
+                for v in values
+                if isinstance(v, str) and not _is_number(v) and v.strip() not in MISSING_TEXT
+            )
+            raise KilnError(
+                f"{source}: column '{name}' must hold numbers, but row {row} holds {value!r} ({bad} such values); "
+                "fix those cells (leave a cell empty for a missing value)"
+            ) from None
+    return out
+
+
+def category_column(values: np.ndarray, from_text: bool = False) -> np.ndarray:
+    """Strings as kiln's preprocessing sees them (str of each value), "" where missing.
+    `from_text`: cells read as text (a CSV without pandas), where "NA", "nan"... mean missing."""
+    out = np.empty(len(values), dtype=object)
+    for row, value in enumerate(values):
+        missing = is_missing(value) or (from_text and isinstance(value, str) and value in MISSING_TEXT)
+        out[row] = "" if missing else str(value)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_columns(
+    present: Sequence[str], expected: Sequence[str], source: str, ignored: Sequence[str] = ()
+) -> None:
+    """The rows must have exactly the model's columns (any order; `ignored` ones, e.g. the target, are dropped)."""
+    present = [str(c) for c in present]
+    missing = [c for c in expected if c not in present]
+    if missing:
+        raise KilnError(
+            f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+            f"the model takes: {', '.join(expected)}"
+        )
+    extra = [c for c in present if c not in expected and c not in ignored]
+    if extra:
+        raise KilnError(
+            f"{source}: column{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} not taken by the "
+            f"model; drop {'them' if len(extra) > 1 else 'it'} (the model takes: {', '.join(expected)})"
+        )
+    duplicated = sorted({c for c in present if present.count(c) > 1})
+    if duplicated:
+        raise KilnError(f"{source}: column {duplicated[0]!r} appears more than once")
+
+
+def array_feeds(values: np.ndarray, spec: InputSpec, source: str = "input") -> dict[str, np.ndarray]:
+    """An array model's one input; rows of flat features are reshaped to the model's input shape."""
+    if values.dtype.kind not in "fiub":
+        raise KilnError(f"{source}: the model takes numbers, got an array of {values.dtype}")
+    shape = tuple(d for d in spec.shape[1:])
+    if any(d is None for d in shape):
+        raise KilnError(
+            f"input {spec.name} has a dynamic non-batch dimension {spec.shape}; kiln cannot feed it"
+        )
+    size = int(np.prod([int(d) for d in shape if d is not None]))
+    if values.ndim < 1 or len(values) == 0:
+        raise KilnError(f"{source}: no rows")
+    flat = values.reshape(len(values), -1)
+    if flat.shape[1] != size:
+        raise KilnError(
+            f"{source}: each row has {flat.shape[1]} values but the model takes {size} (shape {list(shape)})"
+        )
+    return {
+        spec.name: flat.astype(np.float32).reshape(len(values), *[int(d) for d in shape if d is not None])
+    }
+
+
+def tile_rows(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Exactly `rows` rows, repeating the given ones (for latency at a fixed batch size)."""
+    out = {}
+    for name, value in feeds.items():
+        reps = -(-rows // len(value))
+        out[name] = np.concatenate([value] * reps, axis=0)[:rows]
+    return out
+
+
+def take_rows(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {name: value[start:stop] for name, value in feeds.items()}
+
+
+def num_rows(feeds: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feeds.values())))

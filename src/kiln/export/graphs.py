@@ -1,0 +1,191 @@
+"""The deployable graph around an exported net: raw-row preprocessing in front, a head behind.
+
+    table:  raw columns --[impute, scale, one-hot, select]--> features --net--> logits --head-->
+    array:                                              input --net--> logits --head-->
+
+The head of a classifier gives `label` (the class name), `probabilities` and `logits`; a
+regressor gives `prediction`. The preprocessing is built with onnx.helper from the plain values a
+fitted `TablePreprocessor` keeps (fill values, offsets, scales, categories, kept columns), so the
+graph applies exactly what training applied and deployment needs no Python preprocessing code:
+
+    numbers  (rows, 1) float64 each -> Concat -> Where(IsNaN, fill) -> Sub offset -> Div scale -> float
+    category (rows, 1) string each  -> Where(== "", fill) -> Equal(categories) -> float one-hot
+                                       (a category never seen in training encodes as all zeros)
+
+Everything is named with a `kiln_` prefix, so nothing clashes with the net's own names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LABEL, PROBABILITIES, LOGITS, PREDICTION = "label", "probabilities", "logits", "prediction"
+BATCH = "batch"
+
+
+def assemble(
+    net: onnx.ModelProto,
+    *,
+    task: str,
+    class_names: Sequence[str],
+    table: Mapping[str, Any] | None = None,
+) -> onnx.ModelProto:
+    """A copy of `net` (one input, one output) with the preprocessing (tables) and the head added."""
+    model = onnx.ModelProto()
+    model.CopyFrom(net)
+    graph = model.graph
+    (net_input,) = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    (net_output,) = list(graph.output)
+    if table is not None:
+        _add_table_preprocessing(graph, net_input.name, table)
+        graph.input.remove(net_input)
+    else:
+        net_input.type.tensor_type.shape.dim[0].dim_param = BATCH
+    graph.output.remove(net_output)
+    if task == "classification":
+        _add_classifier_head(graph, net_output.name, class_names)
+    else:
+        graph.node.append(
+            helper.make_node("Identity", [net_output.name], [PREDICTION], name="kiln_prediction")
+        )
+        graph.output.append(helper.make_tensor_value_info(PREDICTION, TensorProto.FLOAT, [BATCH]))
+    return model
+
+
+def set_metadata(model: onnx.ModelProto, props: Mapping[str, Any]) -> None:
+    """metadata_props: strings as they are, everything else as JSON; existing keys are replaced."""
+    merged = metadata(model)
+    merged.update(
+        {key: value if isinstance(value, str) else json.dumps(value) for key, value in props.items()}
+    )
+    del model.metadata_props[:]
+    for key, value in merged.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _add_table_preprocessing(graph: onnx.GraphProto, features: str, state: Mapping[str, Any]) -> None:
+    numeric: list[str] = list(state["numeric_columns"])
+    categorical: list[str] = list(state["categorical_columns"])
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    blocks: list[str] = []
+
+    def const(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    for column in numeric:
+        graph.input.append(helper.make_tensor_value_info(column, TensorProto.DOUBLE, [BATCH, 1]))
+    for column in categorical:
+        graph.input.append(helper.make_tensor_value_info(column, TensorProto.STRING, [BATCH, 1]))
+
+    if numeric:
+        row = (1, len(numeric))
+        fill = const("kiln_numeric_fill", np.asarray(state["numeric_fill"], dtype=np.float64).reshape(row))
+        offset = const("kiln_numeric_offset", np.asarray(state["offset"], dtype=np.float64).reshape(row))
+        scale = const("kiln_numeric_scale", np.asarray(state["scale"], dtype=np.float64).reshape(row))
+        nodes += [
+            helper.make_node("Concat", numeric, ["kiln_numbers"], axis=1, name="kiln_numbers"),
+            helper.make_node(
+                "IsNaN", ["kiln_numbers"], ["kiln_numbers_missing"], name="kiln_numbers_missing"
+            ),
+            helper.make_node(
+                "Where",
+                ["kiln_numbers_missing", fill, "kiln_numbers"],
+                ["kiln_numbers_filled"],
+                name="kiln_impute",
+            ),
+            helper.make_node(
+                "Sub", ["kiln_numbers_filled", offset], ["kiln_numbers_centered"], name="kiln_center"
+            ),
+            helper.make_node(
+                "Div", ["kiln_numbers_centered", scale], ["kiln_numbers_scaled"], name="kiln_scale"
+            ),
+            helper.make_node(
+                "Cast",
+                ["kiln_numbers_scaled"],
+                ["kiln_numbers_float"],
+                to=TensorProto.FLOAT,
+                name="kiln_to_float",
+            ),
+        ]
+        blocks.append("kiln_numbers_float")
+    if categorical:
+        empty = const("kiln_empty_string", np.array([""], dtype=object))
+        for index, (column, categories) in enumerate(zip(categorical, state["categories"], strict=True)):
+            prefix = f"kiln_cat{index}"
+            fill = const(f"{prefix}_fill", np.array([str(state["categorical_fill"][index])], dtype=object))
+            known = const(
+                f"{prefix}_categories", np.array([str(c) for c in categories], dtype=object).reshape(1, -1)
+            )
+            nodes += [
+                helper.make_node("Equal", [column, empty], [f"{prefix}_missing"], name=f"{prefix}_missing"),
+                helper.make_node(
+                    "Where",
+                    [f"{prefix}_missing", fill, column],
+                    [f"{prefix}_filled"],
+                    name=f"{prefix}_impute",
+                ),
+                helper.make_node(
+                    "Equal", [f"{prefix}_filled", known], [f"{prefix}_hot"], name=f"{prefix}_one_hot"
+                ),
+                helper.make_node(
+                    "Cast",
+                    [f"{prefix}_hot"],
+                    [f"{prefix}_float"],
+                    to=TensorProto.FLOAT,
+                    name=f"{prefix}_to_float",
+                ),
+            ]
+            blocks.append(f"{prefix}_float")
+    kept = [bool(k) for k in state.get("kept") or []]
+    encoded = "kiln_encoded" if kept and not all(kept) else features
+    nodes.append(helper.make_node("Concat", blocks, [encoded], axis=1, name="kiln_encode"))
+    if encoded != features:
+        columns = const("kiln_kept_columns", np.flatnonzero(kept).astype(np.int64))
+        nodes.append(helper.make_node("Gather", [encoded, columns], [features], axis=1, name="kiln_select"))
+    for position, node in enumerate(nodes):
+        graph.node.insert(position, node)
+    graph.initializer.extend(inits)
+
+
+# -- heads -------------------------------------------------------------------------------------
+
+
+def _add_classifier_head(graph: onnx.GraphProto, output: str, class_names: Sequence[str]) -> None:
+    names = numpy_helper.from_array(np.array([str(c) for c in class_names], dtype=object), "kiln_class_names")
+    graph.initializer.append(names)
+    graph.node.extend(
+        [
+            helper.make_node("Identity", [output], [LOGITS], name="kiln_logits"),
+            helper.make_node("Softmax", [output], [PROBABILITIES], axis=-1, name="kiln_softmax"),
+            helper.make_node(
+                "ArgMax", [output], ["kiln_class_index"], axis=1, keepdims=0, name="kiln_argmax"
+            ),
+            helper.make_node(
+                "Gather", ["kiln_class_names", "kiln_class_index"], [LABEL], axis=0, name="kiln_label"
+            ),
+        ]
+    )
+    count = len(class_names)
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(LABEL, TensorProto.STRING, [BATCH]),
+            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [BATCH, count]),
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [BATCH, count]),
+        ]
+    )

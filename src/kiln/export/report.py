@@ -1,0 +1,138 @@
+"""report.json, report.md, report.png (metric against latency and size) and the same numbers in
+TensorBoard (`export/<variant>/...` scalars, the table as text, the plot as an image).
+
+Every file is written to a temp name and renamed: a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kiln.runs import write_atomically
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+
+
+def write_report(directory: Path, report: dict[str, Any]) -> None:
+    write_atomically(directory / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomically(directory / REPORT_MD, markdown(report))
+    figure = plot(report)
+    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{REPORT_PNG}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temp, dpi=110)
+        os.replace(temp, directory / REPORT_PNG)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    metric = report["monitor"]["metric"]
+    test_metric = "test/" + metric.split("/", 1)[-1]
+    base = report["baseline"]
+    lines = [
+        f"# Compression and export report: {Path(report['run']).name}",
+        "",
+        f"Recipe `{report['recipe']}`, budget {report['max_metric_drop']:g} points of `{metric}` "
+        f"(mode {report['monitor']['mode']}). Shipped: **{report['shipped'] or 'nothing'}**"
+        + (f" as `{report['model']}`" if report["shipped"] else "")
+        + f". {report['reason']}",
+        "",
+        f"| variant | precision | {test_metric} | {metric} | drop (points) | size (KB) | parameters | "
+        "latency b1 (us) | latency b256 (us) | check |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {base['name']} (baseline) | fp32 | {base['test_metrics'].get(test_metric, float('nan')):.4f} | "
+        f"{base['val_metrics'].get(metric, float('nan')):.4f} | 0.00 | {base['size_bytes'] / 1024:.1f} | "
+        f"{base['params']} | {base['latency_us']['1']:.0f} | {base['latency_us']['256']:.0f} | - |",
+    ]
+    for v in report["variants"]:
+        lines.append(
+            f"| {v['name']}{' (shipped)' if v['name'] == report['shipped'] else ''} | {v['precision']} | "
+            f"{v['test_metrics'].get(test_metric, float('nan')):.4f} | {v['val_metrics'].get(metric, float('nan')):.4f} | "
+            f"{v['val_drop']:.2f} | {v['size_bytes'] / 1024:.1f} | {v['params']} | {v['latency_us']['1']:.0f} | "
+            f"{v['latency_us']['256']:.0f} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
+        )
+    lines += ["", "Checks and notes:", ""]
+    for v in report["variants"]:
+        for note in [v["check"], *v["notes"]]:
+            lines.append(f"- {v['name']}: {note}")
+    lines += [
+        "",
+        f"Baseline: {base['note']}. Latency: onnxruntime (torch eager for the baseline), warm, median of "
+        f"{report['latency_repeats']} runs per batch size. Size: the .onnx file.",
+        "",
+        "![trade-off](report.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    metric = report["monitor"]["metric"]
+    test_metric = "test/" + metric.split("/", 1)[-1]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    points = [(report["baseline"], "torch fp32 (baseline)")] + [(v, v["name"]) for v in report["variants"]]
+    colors = plt.get_cmap("tab10")
+    for index, (entry, label) in enumerate(points):
+        color = colors(index % 10)
+        value = entry["test_metrics"].get(test_metric)
+        if value is None:
+            continue
+        marker = "*" if label == report["shipped"] else "o"
+        size = 160 if label == report["shipped"] else 50
+        left.scatter(entry["latency_us"]["256"], value, marker=marker, s=size, color=color)
+        left.annotate(
+            label, (entry["latency_us"]["256"], value), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
+        if entry is not report["baseline"]:
+            right.scatter(entry["size_bytes"] / 1024, value, marker=marker, s=size, color=color)
+            right.annotate(
+                label,
+                (entry["size_bytes"] / 1024, value),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    left.set_xscale("log")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.set_xlabel("latency at batch 256 (us, log scale)")
+    right.set_xlabel("ONNX file size (KB)")
+    for axes in (left, right):
+        axes.set_ylabel(test_metric)
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"variants: {test_metric} against speed and size (star: shipped)")
+    figure.tight_layout()
+    return figure
+
+
+def log_tensorboard(directory: Path, report: dict[str, Any]) -> None:
+    """The report's numbers as scalars, its table as text and its plot as an image, in <run>/tensorboard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
+    try:
+        entries = [("baseline_torch_fp32", report["baseline"])] + [(v["name"], v) for v in report["variants"]]
+        for name, entry in entries:
+            for key, value in {**entry["test_metrics"], **entry["val_metrics"]}.items():
+                writer.add_scalar(f"export/{name}/{key}", value, 0)
+            writer.add_scalar(f"export/{name}/size_kb", entry["size_bytes"] / 1024, 0)
+            writer.add_scalar(f"export/{name}/parameters", entry["params"], 0)
+            for batch, micros in entry["latency_us"].items():
+                writer.add_scalar(f"export/{name}/latency_us_batch_{batch}", micros, 0)
+        writer.add_text("export/report", markdown(report).replace("![trade-off](report.png)", ""), 0)
+        writer.add_figure("export/trade_off", plot(report), 0)
+    finally:
+        writer.close()

@@ -1,0 +1,225 @@
+"""`kiln predict`: serve an exported model with onnxruntime alone (no torch, no Lightning).
+
+    kiln predict model=runs/train/<run>/model.onnx input=penguins.csv output=predictions.csv
+    kiln predict model=runs/train/<run>/model.onnx input=digits.npy output=predictions.csv
+
+Steps: open the model (a damaged file is one clear error) -> read the rows (CSV, Parquet, or .npy
+for array models) and check them against the model's inputs (missing or extra columns, text in a
+numeric column, an empty file) -> run in batches -> write the predicted class (or value) and each
+class's probability to a temp file, then rename it to `output`.
+
+Only numpy, pandas and onnxruntime are imported (and kiln modules that import nothing else):
+a table model carries its preprocessing inside the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import EXIT_USER_ERROR, KilnError
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+USAGE = """usage: kiln predict model=<file.onnx> input=<rows.csv|.parquet|.npy> output=<predictions.csv> [batch_size=1024]
+
+Serves a model written by kiln export with onnxruntime alone. The defaults are in conf/predict.yaml;
+`kiln predict --cfg job` prints them with your overrides applied."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`key=value` arguments over conf/predict.yaml's defaults, then `predict(settings)`.
+
+    Not a Hydra app on purpose: `model=...` would select Hydra's `model` config group, and
+    predict answers faster without Hydra (its start-up is half a second)."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    try:
+        show = args[:2] == ["--cfg", "job"]
+        settings = read_settings(args[2:] if show else args)
+        if show:
+            print("\n".join(f"{key}: {value}" for key, value in settings.items()))
+            return 0
+        run(settings)
+    except KilnError as exc:
+        from kiln.errors import one_line
+
+        print(f"kiln predict: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def read_settings(args: list[str]) -> dict[str, Any]:
+    import yaml
+
+    from kiln.config import config_dir
+
+    defaults = yaml.safe_load((config_dir() / "predict.yaml").read_text()) or {}
+    settings = {key: value for key, value in defaults.items() if key not in ("defaults", "hydra")}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not sep or not key:
+            raise KilnError(f"{arg}: expected key=value; {USAGE.splitlines()[0]}")
+        if key not in settings:
+            raise KilnError(f"{key}: no such predict setting; settings: {', '.join(settings)}")
+        settings[key] = yaml.safe_load(value) if key == "batch_size" else value
+    return settings
+
+
+def run(settings: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    model, source, output = paths(settings["model"], settings["input"], settings["output"])
+    batch_size = settings["batch_size"]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise KilnError(f"batch_size={batch_size}: must be an integer >= 1, e.g. batch_size=1024")
+    session, meta = load_model(model)
+    feeds = read_feeds(source, session, meta)
+    results = predict(session, feeds, batch_size)
+    rows = write_predictions(output, results, meta)
+    print(
+        f"kiln predict: {rows} rows -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
+        f"model {meta.get('kiln.variant', model.name)})",
+        flush=True,
+    )
+    return {"rows": rows, "output": str(output)}
+
+
+def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:
+    if not model:
+        raise KilnError("model: give the .onnx file to serve, e.g. model=runs/train/<run>/model.onnx")
+    if not source:
+        raise KilnError("input: give the rows to predict, e.g. input=rows.csv (CSV, Parquet, or .npy)")
+    if not output:
+        raise KilnError("output: give the CSV file to write, e.g. output=predictions.csv")
+    model_path, source_path, output_path = Path(str(model)), Path(str(source)), Path(str(output))
+    if not model_path.is_file():
+        raise KilnError(f"model={model}: no such file; give an .onnx file written by kiln export")
+    if not source_path.is_file():
+        raise KilnError(f"input={source}: no such file")
+    if not output_path.parent.is_dir():
+        raise KilnError(f"output={output}: the directory {output_path.parent} does not exist")
+    return model_path, source_path, output_path
+
+
+def load_model(path: Path) -> tuple[Any, dict[str, str]]:
+    from kiln.export.checks import open_session
+
+    session = open_session(path)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    return session, meta
+
+
+def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, Any]:
+    import numpy as np
+
+    from kiln.export.feeds import array_feeds, check_columns, is_table, numeric_column, specs_of, table_feeds
+
+    specs = specs_of(session.get_inputs())
+    key = f"input={source}"
+    suffix = source.suffix.lower()
+    if suffix == ".npy":
+        if is_table(specs):
+            raise KilnError(f"{key}: this model takes table columns; give a CSV or Parquet file with them")
+        try:
+            values = np.load(source, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise KilnError(f"{key}: cannot read it as a .npy array ({exc})") from exc
+        if values.size == 0:
+            raise KilnError(f"{key}: the array is empty; give at least one row")
+        return array_feeds(values, specs[0], key)
+    if suffix not in TABLE_SUFFIXES:
+        raise KilnError(f"{key}: unknown file type '{suffix}'; use .csv, .parquet or .npy")
+    header, columns, from_text = read_columns(source, key)
+    if is_table(specs):
+        ignored = [meta["kiln.target"]] if meta.get("kiln.target") else []
+        check_columns(header, [s.name for s in specs], key, ignored)
+        return table_feeds(columns, specs, key, from_text=from_text)
+    names = json.loads(meta.get("kiln.feature_names", "[]"))
+    if not names:
+        raise KilnError(f"{key}: the model does not record its feature names; give a .npy array instead")
+    check_columns(header, names, key)
+    values = np.stack([numeric_column(np.asarray(columns[n], dtype=object), n, key) for n in names], axis=1)
+    return array_feeds(values, specs[0], key)
+
+
+def read_columns(source: Path, key: str) -> tuple[list[str], dict[str, Any], bool]:
+    """(header, column name -> values, whether the values are raw text). CSV without pandas (its
+    import costs more than the whole prediction); Parquet through pandas."""
+    if source.suffix.lower() in (".parquet", ".pq"):
+        import pandas as pd
+
+        try:
+            frame = pd.read_parquet(source)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KilnError(f"{key}: cannot read it as a Parquet table ({first[:160]})") from exc
+        if len(frame) == 0:
+            raise KilnError(f"{key}: the table has no rows")
+        header = [str(c) for c in frame.columns]
+        return header, {str(c): frame[c].to_numpy(dtype=object) for c in frame.columns}, False
+    import csv
+
+    try:
+        with source.open(newline="", encoding="utf-8-sig") as stream:
+            rows = list(csv.reader(stream, delimiter="\t" if source.suffix.lower() == ".tsv" else ","))
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
+        raise KilnError(f"{key}: cannot read it as a CSV table ({exc})") from exc
+    rows = [row for row in rows if row]  # blank lines
+    if not rows:
+        raise KilnError(f"{key}: the file is empty; give a header row and at least one data row")
+    header, body = rows[0], rows[1:]
+    if not body:
+        raise KilnError(f"{key}: the file has a header but no rows")
+    ragged = next((i for i, row in enumerate(body) if len(row) != len(header)), None)
+    if ragged is not None:
+        raise KilnError(
+            f"{key}: row {ragged + 1} has {len(body[ragged])} cells but the header has {len(header)} columns"
+        )
+    columns = {name: [row[index] for row in body] for index, name in enumerate(header)}
+    return header, columns, True
+
+
+def predict(session: Any, feeds: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    from kiln.export.checks import run_batched
+
+    return run_batched(session, feeds, batch_size)
+
+
+def write_predictions(output: Path, results: dict[str, Any], meta: dict[str, str]) -> int:
+    import csv
+
+    if "label" in results:
+        classes = json.loads(meta.get("kiln.class_names", "[]")) or [
+            str(i) for i in range(results["probabilities"].shape[1])
+        ]
+        header = ["prediction", *(f"probability_{name}" for name in classes)]
+        rows: Any = (
+            [str(label), *(f"{p:.6g}" for p in probabilities)]
+            for label, probabilities in zip(results["label"], results["probabilities"], strict=True)
+        )
+        count = len(results["label"])
+    else:
+        values = results["prediction"] if "prediction" in results else next(iter(results.values()))
+        values = values.reshape(len(values), -1)[:, 0]
+        header, rows, count = ["prediction"], ([f"{v:.7g}"] for v in values), len(values)
+    handle, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(temp, output)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    return count
+
+
+if __name__ == "__main__":
+    sys.exit(main())
