@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"; .venv/bin/ruff check src tests scripts && .venv/bin/ruff format --check src tests scripts
 echo "== mypy"; .venv/bin/mypy src
+echo "== browser"; bash scripts/install_browser.sh  # headless Chromium for tests/test_tensorboard_server.py
 echo "== pytest"; .venv/bin/python -m pytest "$@"

@@ -11,7 +11,7 @@ import pytest
 
 from kilntest import NO_COMPRESSION, ROOT, TINY_DIGITS, assert_ok, read_run, run_kiln
 
-STAGES = ("train", "compress", "export", "predict")
+STAGES = ("train", "compress", "export", "predict", "tensorboard")
 
 
 def test_help_lists_the_stages_without_importing_torch(tmp_path):
@@ -29,7 +29,7 @@ def test_an_unknown_stage_is_one_line_and_exit_2(tmp_path):
     result = run_kiln(["trian"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "kiln: error: unknown stage 'trian'; stages: train, compress, export, predict (kiln --help)"
+        "kiln: error: unknown stage 'trian'; stages: train, compress, export, predict, tensorboard (kiln --help)"
     )
 
 
@@ -102,15 +102,15 @@ class TinyNet(nn.Sequential):
 '''
 
 USER_MODEL_CONFIG = """
-# the user's model: kiln's MLP settings (optimizer, scheduler) with their own net
-defaults:
-  - mlp
-  - _self_
-
+# the user's model: kiln's LightningModule around their own net
+_target_: kiln.models.KilnModule
 net:
   _target_: user_nets.TinyNet
-  _partial_: false
   width: 6
+optimizer:
+  _target_: torch.optim.AdamW
+  _partial_: true
+  lr: 0.003
 """
 
 
@@ -129,7 +129,7 @@ def test_a_users_config_dir_and_module_train_without_forking_kiln(tmp_path):
             str(configs),
             "model=my_net",
             f"paths.output_dir={tmp_path / 'runs'}",
-            *TINY_DIGITS,
+            *[setting for setting in TINY_DIGITS if not setting.startswith("model")],
         ],
         tmp_path,
         env={"PYTHONPATH": str(code)},

@@ -21,6 +21,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "kiln.stages.predict",
         "onnxruntime only: model=<file.onnx> input=<csv|parquet|npy> output=<csv>",
     ),
+    "tensorboard": (
+        "kiln.stages.tensorboard",
+        "serve the TensorBoard logs of the runs under dir=<run or sweep dir>",
+    ),
 }
 
 USAGE = """\

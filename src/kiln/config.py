@@ -77,12 +77,24 @@ def _draw_run_name() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f") + f"_{os.getpid()}"
 
 
+def is_rank_zero() -> bool:
+    """Rank 0 of a distributed run, however it was launched (Lightning, torchrun, SLURM), or no ranks."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def log_file(path: str) -> str:
+    """The run's log file for rank 0; the other ranks of a DDP run write no files of their own."""
+    return path if is_rank_zero() else os.devnull
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     _run_names.clear()
     if not OmegaConf.has_resolver("kiln_run_dir"):
         OmegaConf.register_new_resolver("kiln_run_dir", run_dir)
+    if not OmegaConf.has_resolver("kiln_log_file"):
+        OmegaConf.register_new_resolver("kiln_log_file", log_file)
 
 
 def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int]]:

@@ -29,13 +29,15 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
     from kiln.runs import Run, resume_checkpoint
     from kiln.training.checkpoints import check_fits
+    from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
 
     started = time.perf_counter()
     quiet_lightning()
+    relaunch_ranks_as_this_job()
     monitor = check_monitor_setting(cfg)
     run = Run(Path(HydraConfig.get().runtime.output_dir), writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
     run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
-    with run.recording():
+    with one_distributed_job(), run.recording():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build("data", cfg.data)
         datamodule.setup("fit")
@@ -92,6 +94,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # kiln logs torchmetrics results, which each metric has already reduced over all ranks itself.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:

@@ -24,11 +24,13 @@ class EpochLines(Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank reads the metrics: reading them reduces values logged with sync_dist across ranks,
+        # a collective that would wait forever if only rank 0 took part. Rank 0 alone prints.
         shown = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/loss", "val/"))
         }
+        if not trainer.is_global_zero:
+            return
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
         print(
             f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {metrics}  "

@@ -1,0 +1,386 @@
+"""kiln's stages from Python (a notebook, a script), with the run directory read back as data.
+
+    from kiln import api
+
+    run = api.train(["experiment=penguins_mlp", "trainer.max_epochs=5"])
+    run.test_metrics, run.best_checkpoint, run.model_path, run.report
+    again = api.load(run.directory)                      # any run directory, later
+    api.compress(run.directory, ["compress=quantize_static"])
+    api.predict(run.model_path, "rows.csv", "predictions.csv")
+
+How a stage runs: as `python -m kiln <stage> <overrides>` in a child process, exactly the command
+a user would type, after which the run directory it wrote is read back. This is on purpose, not
+Hydra's compose API in this process: a stage changes process-wide state (Hydra's global
+singletons and logging set-up, `HYDRA_FULL_ERROR`, torch's seeds and threads, Lightning's rank
+and DDP re-launch of `sys.argv[0]`, which in a notebook would be the kernel). A child process
+behaves like the CLI, can be called any number of times from one notebook, and a crash, a NaN
+or a kill in it cannot take the caller down. The price is the child's start-up (importing torch
+and Lightning: a few seconds).
+
+`train` picks the run directory itself (`run_dir=<fresh path>` under `paths.output_dir`, default
+`runs/`, relative to the current directory) unless the overrides name one, so it always knows
+where the run went. Sweeps (`-m`) are for the CLI: one call, one run.
+
+A failing stage raises `StageError` (a `KilnError`) whose message is the stage's one-line error
+(the last `kiln <stage>: error: ...` line of its stderr); the whole stderr is kept on the
+exception. `predict` runs in this process: it is onnxruntime and numpy only, no Hydra, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from kiln.errors import KilnError
+
+RUN_RECORD = "run.json"
+SAVED_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
+MODEL = "model.onnx"
+REPORT = "report.json"
+# Lines of a child's stderr kept for the error (a long run's progress lines are not all needed).
+STDERR_LINES_KEPT = 400
+
+
+class StageError(KilnError):
+    """A stage run through the API failed: the message is its one-line error.
+
+    `stage` is the stage's name, `returncode` its exit code (2 for a user's mistake, 1 for a bug),
+    `stderr` the last lines of its stderr (a bug's traceback is there)."""
+
+    def __init__(self, stage: str, returncode: int, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run directory holds, read once: a view, not a writer (that is `kiln.runs.Run`).
+
+    `record` is run.json as written; `test_metrics` its flat `name -> value` test results;
+    `best_checkpoint` the tested checkpoint (None until training finished); `model_path` the
+    shipped model.onnx and `report` the parsed report.json (None unless export ran); `config` the
+    run's saved `.hydra/config.yaml`, resolved (`${hydra:runtime.output_dir}` is the directory).
+    """
+
+    directory: Path
+    record: dict[str, Any] = field(repr=False)
+    config: Any = field(repr=False)  # omegaconf.DictConfig
+    test_metrics: dict[str, float]
+    best_checkpoint: Path | None
+    model_path: Path | None
+    report: dict[str, Any] | None = field(repr=False)
+
+    @property
+    def status(self) -> str | None:
+        """run.json's status: completed, running or failed."""
+        status = self.record.get("status")
+        return str(status) if status is not None else None
+
+
+# -- running stages ----------------------------------------------------------------------------
+
+
+def train(
+    overrides: Sequence[str] | None = None,
+    *,
+    config_dir: str | os.PathLike[str] | None = None,
+    echo: bool = True,
+) -> RunResult:
+    """`kiln train <overrides>`; returns the completed run. `config_dir` is the CLI's `--config-dir`
+    (your own configs next to kiln's). `echo=False` keeps the stage's output quiet."""
+    args = list(overrides or [])
+    _refuse_sweeps(args)
+    directory = _requested_run_dir(args)
+    if directory is None:
+        directory = _fresh_run_dir(_output_dir(args))
+        args.append(f"run_dir={directory}")
+    if config_dir is not None:
+        config_path = Path(config_dir).expanduser().resolve()
+        if not config_path.is_dir():
+            raise KilnError(f"config_dir={config_dir}: no such directory")
+        args = ["--config-dir", str(config_path), *args]
+    run_stage("train", args, echo=echo)
+    result = load(directory)
+    if result.status != "completed":  # the stage said it finished: the record must agree
+        raise KilnError(f"{directory}: kiln train exited cleanly but run.json's status is {result.status!r}")
+    return result
+
+
+def compress(
+    run_dir: str | os.PathLike[str], overrides: Sequence[str] | None = None, *, echo: bool = True
+) -> RunResult:
+    """`kiln compress run=<run_dir> <overrides>` (then export, unless export_after=false)."""
+    return _run_on("compress", run_dir, overrides, echo)
+
+
+def export(
+    run_dir: str | os.PathLike[str], overrides: Sequence[str] | None = None, *, echo: bool = True
+) -> RunResult:
+    """`kiln export run=<run_dir> <overrides>`: re-export the last compress (or fp32), ship model.onnx."""
+    return _run_on("export", run_dir, overrides, echo)
+
+
+def predict(
+    model: str | os.PathLike[str],
+    rows: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    batch_size: int | None = None,
+) -> Path:
+    """`kiln predict model=... input=... output=...` in this process; returns the predictions CSV."""
+    from kiln.stages import predict as predict_stage
+
+    settings = predict_stage.read_settings([])
+    settings.update(model=str(model), input=str(rows), output=str(output))
+    if batch_size is not None:
+        settings["batch_size"] = batch_size
+    predict_stage.run(settings)
+    return Path(output)
+
+
+def _run_on(
+    stage: str, run_dir: str | os.PathLike[str], overrides: Sequence[str] | None, echo: bool
+) -> RunResult:
+    directory = load(run_dir).directory  # a clear error before a child process starts
+    args = list(overrides or [])
+    _refuse_sweeps(args)
+    if any(arg.split("=", 1)[0].lstrip("+") == "run" for arg in args):
+        raise KilnError(
+            f"run=...: give the run directory as api.{stage}'s first argument, not as an override"
+        )
+    run_stage(stage, [f"run={directory}", *args], echo=echo)
+    return load(directory)
+
+
+def run_stage(stage: str, args: Sequence[str], *, echo: bool = True) -> None:
+    """`python -m kiln <stage> <args>` in a child process, its output passed through as it comes
+    (`echo`); raises StageError with the stage's one-line error if it fails."""
+    command = [sys.executable, "-m", "kiln", stage, *args]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        bufsize=1,
+        env=_child_environment(),
+    )
+    stderr_lines: deque[str] = deque(maxlen=STDERR_LINES_KEPT)
+    # Two readers, so that neither pipe fills up and blocks the child while the other is read.
+    readers = [
+        threading.Thread(
+            target=_pump, args=(process.stdout, sys.stdout if echo else None, None), daemon=True
+        ),
+        threading.Thread(
+            target=_pump, args=(process.stderr, sys.stderr if echo else None, stderr_lines), daemon=True
+        ),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        returncode = process.wait()
+    except BaseException:  # Ctrl-C or a notebook's interrupt: stop the child as Ctrl-C would
+        _stop(process)
+        raise
+    finally:
+        for reader in readers:
+            reader.join(timeout=10)
+    if returncode != 0:
+        raise StageError(
+            stage, returncode, error_line(stage, stderr_lines, returncode), "".join(stderr_lines)
+        )
+
+
+def error_line(stage: str, stderr_lines: Iterable[str], returncode: int) -> str:
+    """The stage's own one-line error, else stderr's last line (a bug's exception line)."""
+    lines = [line.strip() for line in stderr_lines if line.strip()]
+    marker = f"kiln {stage}: error:"
+    errors = [line for line in lines if line.startswith(marker)]
+    if errors:
+        return errors[-1]
+    if lines:
+        return f"kiln {stage} failed (exit code {returncode}): {lines[-1]}"
+    return f"kiln {stage} failed with exit code {returncode} and no message"
+
+
+def _pump(stream: IO[str] | None, echo_to: IO[str] | None, keep: deque[str] | None) -> None:
+    if stream is None:
+        return
+    for line in stream:
+        if keep is not None:
+            keep.append(line)
+        if echo_to is not None:
+            echo_to.write(line)
+            echo_to.flush()
+    stream.close()
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Stop the child the way Ctrl-C does, so that its run records itself as failed and keeps its
+    checkpoints: from a terminal the child got the Ctrl-C too; a notebook's interrupt reaches only
+    the kernel, so the child then gets a SIGINT of its own; kill is the last resort."""
+    try:
+        process.wait(timeout=5)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    except (subprocess.TimeoutExpired, OSError):
+        process.kill()
+        process.wait()
+
+
+def _child_environment() -> dict[str, str]:
+    """The caller's environment, with the kiln it imported first on the path (a checkout put on
+    sys.path by hand must be the one the child runs), and unbuffered UTF-8 output."""
+    environment = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[1])
+    existing = environment.get("PYTHONPATH")
+    environment["PYTHONPATH"] = package_root + (os.pathsep + existing if existing else "")
+    environment["PYTHONUNBUFFERED"] = "1"  # progress shows as it happens, not when a pipe buffer fills
+    environment.setdefault("PYTHONIOENCODING", "utf-8")  # decoded as UTF-8 here
+    return environment
+
+
+def _refuse_sweeps(args: Sequence[str]) -> None:
+    if any(arg in ("-m", "--multirun") for arg in args):
+        raise KilnError("-m/--multirun: the API runs one job per call; run sweeps with `kiln train -m ...`")
+
+
+def _override_value(args: Sequence[str], key: str) -> str | None:
+    values = [arg.split("=", 1)[1] for arg in args if "=" in arg and arg.split("=", 1)[0].lstrip("+") == key]
+    return values[-1] if values else None  # Hydra: the last override of a key wins
+
+
+def _requested_run_dir(args: Sequence[str]) -> Path | None:
+    value = _override_value(args, "run_dir")
+    if value in (None, "", "null", "None"):
+        return None
+    return Path(str(value)).expanduser().resolve()
+
+
+def _output_dir(args: Sequence[str]) -> Path:
+    value = _override_value(args, "paths.output_dir")
+    return Path(value if value not in (None, "", "null") else "runs").expanduser().resolve()
+
+
+def _fresh_run_dir(output_dir: Path) -> Path:
+    """Named like kiln's own runs (local time to the microsecond, then the pid), and never an
+    existing directory: `run_dir=` of an existing one would continue that run."""
+    while True:
+        name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f") + f"_{os.getpid()}"
+        candidate = output_dir / "train" / name
+        if not candidate.exists():
+            return candidate
+
+
+# -- reading a run directory -------------------------------------------------------------------
+
+
+def load(run_dir: str | os.PathLike[str]) -> RunResult:
+    """An existing run directory as a RunResult; KilnError naming what is missing if it is not one."""
+    directory = Path(run_dir).expanduser().resolve()
+    if not directory.is_dir():
+        raise KilnError(f"{run_dir}: no such directory; give a run directory written by kiln train")
+    missing = [str(name) for name in (Path(RUN_RECORD), SAVED_CONFIG) if not (directory / name).is_file()]
+    if missing:
+        raise KilnError(
+            f"{directory}: not a kiln run directory ({' and '.join(missing)} missing); "
+            "give a directory written by kiln train (runs/train/<run>)"
+        )
+    record = _read_json(directory / RUN_RECORD)
+    report_path = directory / REPORT
+    model_path = directory / MODEL
+    return RunResult(
+        directory=directory,
+        record=record,
+        config=_saved_config(directory),
+        test_metrics={str(name): value for name, value in (record.get("test_metrics") or {}).items()},
+        best_checkpoint=_best_checkpoint(directory, record),
+        model_path=model_path if model_path.is_file() else None,
+        report=_read_json(report_path) if report_path.is_file() else None,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KilnError(f"{path}: unreadable ({exc}); the file is damaged") from exc
+    if not isinstance(value, dict):
+        raise KilnError(f"{path}: expected a JSON object, found {type(value).__name__}; the file is damaged")
+    return value
+
+
+def _best_checkpoint(directory: Path, record: dict[str, Any]) -> Path | None:
+    """run.json's best checkpoint, found inside the directory first (a run may have been moved)."""
+    best = record.get("best_checkpoint")
+    if not isinstance(best, dict) or not best.get("path"):
+        return None
+    recorded = Path(str(best["path"]))
+    if not recorded.is_absolute():
+        recorded = Path(str(record.get("cwd", "."))) / recorded
+    for candidate in (directory / "checkpoints" / recorded.name, recorded):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_HYDRA_INTERPOLATION = re.compile(r"\$\{hydra:([A-Za-z0-9_.]+)\}")
+
+
+def _saved_config(directory: Path) -> Any:
+    """`.hydra/config.yaml`, resolved. Outside Hydra `${hydra:...}` has no resolver, so those are
+    filled in first: runtime.output_dir is the run directory, anything else comes from
+    `.hydra/hydra.yaml`. A config that still does not resolve is returned as saved."""
+    from omegaconf import OmegaConf
+
+    path = directory / SAVED_CONFIG
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as exc:
+        raise KilnError(f"{path}: unreadable ({exc}); the run's saved config is damaged") from exc
+    hydra_cfg = OmegaConf.load(directory / HYDRA_CONFIG) if (directory / HYDRA_CONFIG).is_file() else None
+
+    def hydra_value(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key == "runtime.output_dir":
+            return str(directory)
+        try:
+            value = OmegaConf.select(hydra_cfg, f"hydra.{key}") if hydra_cfg is not None else None
+        except Exception:  # itself an interpolation of a resolver registered only inside kiln's stages
+            value = None
+        return str(value) if isinstance(value, str | int | float) else match.group(0)
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, str):
+            return _HYDRA_INTERPOLATION.sub(hydra_value, node)
+        if isinstance(node, dict):
+            return {key: fill(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [fill(value) for value in node]
+        return node
+
+    filled = OmegaConf.create(fill(OmegaConf.to_container(saved, resolve=False)))
+    try:
+        OmegaConf.resolve(filled)
+    except Exception:
+        return saved  # an interpolation only the run's own resolvers knew: keep it as written
+    return filled
