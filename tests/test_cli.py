@@ -211,3 +211,14 @@ def test_an_installed_wheel_ships_its_configs_and_trains(tmp_path):
 
 def test_no_compression_settings_are_valid(tmp_path):
     assert_ok(run_kiln(["train", "--cfg", "job", *NO_COMPRESSION], tmp_path))
+
+
+def test_a_bad_value_is_reported_under_the_key_the_user_wrote(tmp_path):
+    # digits_cnn's scheduler copies trainer.max_epochs (T_max: ${trainer.max_epochs}): the error must
+    # still name trainer.max_epochs, not the copy.
+    result = run_kiln(["train", "experiment=digits_cnn", "trainer.max_epochs=abc"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "kiln train: error: trainer.max_epochs='abc': expected an integer or null (Trainer's 'max_epochs'); "
+        "fix the value, e.g. trainer.max_epochs=10"
+    ]

@@ -82,7 +82,7 @@ def test_an_unimportable_target_is_named():
 
 def test_the_demo_experiment_overrides_only_what_differs():
     config = resolved(compose_train(["experiment=digits_cnn"]))
-    assert config["monitor"] == {"metric": "val/acc", "mode": "max"}
+    assert config["monitor"] == {"metric": "val/loss", "mode": "min"}
     assert config["data"]["_target_"] == "kiln.data.DigitsDataModule"
-    assert config["callbacks"]["early_stopping"]["monitor"] == "val/acc"
-    assert config["callbacks"]["model_checkpoint"]["mode"] == "max"
+    assert config["callbacks"]["early_stopping"]["monitor"] == "val/loss"
+    assert config["callbacks"]["model_checkpoint"]["mode"] == "min"

@@ -186,3 +186,21 @@ def test_a_users_csv_trains_with_detected_columns(kiln, tmp_path: Path):
     assert preprocessor["numeric_columns"] == ["Weight"] and preprocessor["categorical_columns"] == ["Origin"]
     assert sorted(preprocessor["categories"][0]) == ["europe", "japan", "usa"]
     assert data_state["task"] == "regression"
+
+
+@pytest.mark.parametrize("experiment", ["digits_cnn", "penguins_mlp"])
+def test_the_demo_experiments_reach_their_test_accuracy_targets(experiment: str, tmp_path: Path):
+    """The README's promise: the demo's CNN and the penguins MLP reach >= 0.97 test accuracy."""
+    result = run_kiln(
+        [
+            "train",
+            f"paths.output_dir={tmp_path / 'runs'}",
+            f"experiment={experiment}",
+            "progress=lines",
+            *NO_COMPRESSION,
+        ],
+        tmp_path,
+    )
+    assert_ok(result)
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    assert read_run(run_dir)["test_metrics"]["test/acc"] >= 0.97

@@ -163,7 +163,9 @@ def check_config(cfg: Any) -> None:
         from kiln.training.hardware import with_resolved_precision
 
         config["trainer"] = with_resolved_precision(config["trainer"])  # `auto` is kiln's, not Lightning's
-    for key, node in iter_targets(config):
+    # The trainer first: other nodes copy its values (a scheduler's T_max: ${trainer.max_epochs}), and
+    # a bad value must be reported under the key the user wrote, not under a copy of it.
+    for key, node in sorted(iter_targets(config), key=lambda item: not item[0].startswith("trainer")):
         check_target(key, node)
 
 

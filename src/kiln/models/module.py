@@ -70,7 +70,7 @@ class KilnModule(L.LightningModule):
         self.automatic_optimization = False
         self.loss_fn: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
         num_classes = len(self.class_names)
-        self.train_metrics = metric_collection(task, num_classes, "train/")
+        self.train_metrics = metric_collection(task, num_classes, "train/", training=True)
         self.val_metrics = metric_collection(task, num_classes, "val/")
         self.test_metrics = metric_collection(task, num_classes, "test/")
         self.example_input_array = torch.zeros(2, *input_shape)  # for the TensorBoard graph

@@ -3,7 +3,8 @@
     kiln train experiment=digits_cnn trainer.max_epochs=50
 
 Steps: start the run record -> build data, model, trainer -> fit (or resume) -> test the best
-checkpoint -> TensorBoard extras -> record and print the result. Only rank 0 writes files.
+checkpoint -> TensorBoard extras and feature importance (tables) -> record and print the result.
+Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     quiet_lightning()
     relaunch_ranks_as_this_job()
     monitor = check_monitor_setting(cfg)
+    check_report_setting(cfg)
     run = Run(Path(HydraConfig.get().runtime.output_dir), writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
     run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
     with one_distributed_job(), run.recording():
@@ -68,7 +70,14 @@ def main(cfg: DictConfig) -> dict[str, float]:
             log_final_tensorboard(
                 trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]}
             )
-            run.update(status="completed", finished=_now(), best_checkpoint=best, test_metrics=test_metrics)
+            importance = feature_importance(trainer, module, datamodule, cfg, monitor)  # {} unless a table
+            run.update(
+                status="completed",
+                finished=_now(),
+                best_checkpoint=best,
+                test_metrics=test_metrics,
+                **importance,
+            )
             print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         # The tested checkpoint is recorded and safe; compression and export follow as their own
@@ -202,26 +211,77 @@ def _checkpoint_epoch(path: Path) -> int | None:
 def log_final_tensorboard(
     trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]
 ) -> None:
-    """hparams with the real final metrics, and for classification a confusion matrix image."""
+    """hparams with the real final metrics; on the test split, for classification a confusion
+    matrix, PR curves and ROC curves, for regression a residual plot."""
     import torch
 
-    from kiln.training.tensorboard import flat_params, log_confusion_matrix, log_hparams
+    from kiln.training.tensorboard import (
+        flat_params,
+        log_classification_curves,
+        log_confusion_matrix,
+        log_hparams,
+        log_residuals,
+    )
 
-    logger = trainer.logger
-    if logger is None or not hasattr(logger, "experiment"):
+    writer = _tensorboard_writer(trainer)
+    if writer is None:
         return
-    writer = logger.experiment
     params = flat_params({key: plain(cfg[key]) for key in ("data", "model", "trainer") if key in cfg})
     params["seed"] = cfg.seed
     log_hparams(writer, params, metrics)
-    if datamodule.task == "classification" and hasattr(datamodule, "split_tensors"):
-        features, targets = datamodule.split_tensors("test")
-        module.eval()
-        with torch.no_grad():
-            predictions = module(features.to(module.device)).argmax(dim=-1).cpu()
-        log_confusion_matrix(
-            writer, targets.numpy(), predictions.numpy(), datamodule.class_names, trainer.global_step
-        )
+    if not hasattr(datamodule, "split_tensors"):
+        return  # a user's own DataModule: kiln does not know how to get its test rows
+    features, targets = datamodule.split_tensors("test")
+    module.eval()
+    with torch.no_grad():
+        outputs = module(features.to(module.device)).float().cpu()
+    step = trainer.global_step
+    if datamodule.task == "classification":
+        predictions = outputs.argmax(dim=-1)
+        log_confusion_matrix(writer, targets.numpy(), predictions.numpy(), datamodule.class_names, step)
+        probabilities = outputs.softmax(dim=-1).numpy()
+        log_classification_curves(writer, targets.numpy(), probabilities, datamodule.class_names, step)
+    else:
+        log_residuals(writer, targets.numpy(), outputs.numpy(), step)
+
+
+def _tensorboard_writer(trainer: Any) -> Any:
+    logger = trainer.logger
+    return logger.experiment if logger is not None and hasattr(logger, "experiment") else None
+
+
+def check_report_setting(cfg: DictConfig) -> None:
+    """Checked at start-up: a bad setting must not surface only after the whole fit."""
+    repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise KilnError(f"report.importance_repeats={repeats}: must be an integer >= 1, e.g. 5")
+
+
+def feature_importance(
+    trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, monitor: dict[str, str]
+) -> dict[str, Any]:
+    """Permutation importance of each raw column on the validation split, for tables only (digits'
+    pixels or synthetic features are no columns a user would ask about): fields for run.json,
+    and a text table and a bar chart in TensorBoard."""
+    from kiln.data.table import TableDataModule
+    from kiln.training.importance import table_feature_importance
+    from kiln.training.tensorboard import log_feature_importance
+
+    if not OmegaConf.select(cfg, "report.feature_importance", default=True):
+        return {}
+    if not isinstance(datamodule, TableDataModule):
+        return {}
+    repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
+    result = table_feature_importance(
+        module, datamodule, monitor["metric"], monitor["mode"], repeats, cfg.seed
+    )
+    if result is None:
+        return {}
+    measure, importance = result
+    writer = _tensorboard_writer(trainer)
+    if writer is not None:
+        log_feature_importance(writer, importance, measure, trainer.global_step)
+    return {"feature_importance": importance, "feature_importance_measure": measure}
 
 
 def config_hash(cfg: DictConfig) -> str:
