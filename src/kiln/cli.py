@@ -21,6 +21,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "kiln.stages.predict",
         "onnxruntime only: model=<file.onnx> input=<csv|parquet|npy> output=<csv>",
     ),
+    "report": (
+        "kiln.stages.report",
+        "one table of the runs under dir=<sweep or cv dir>, best first; writes runs.md, runs.csv",
+    ),
     "tensorboard": (
         "kiln.stages.tensorboard",
         "serve the TensorBoard logs of the runs under dir=<run or sweep dir>",

@@ -165,7 +165,7 @@ def _check_enough_rows(
             else n_rest
         )
         if num_folds > smallest_left or n_rest // num_folds < needed:
-            what = "the smallest class has" if stratify else "the data has"
+            what = f"the smallest class ({label(rarest)}) has" if stratify else "the data has"
             raise KilnError(
                 f"data.num_folds={num_folds}: {what} only {smallest_left} rows outside the test split, "
                 f"too few for {num_folds} folds with {per_split} each; add rows or use data.num_folds="

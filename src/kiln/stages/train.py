@@ -4,7 +4,8 @@
 
 Steps: start the run record -> build data, model, trainer -> fit (or resume) -> test the best
 checkpoint -> TensorBoard extras and feature importance (tables) -> record and print the result.
-Only rank 0 writes files.
+Only rank 0 writes files. With `cv.folds=K` the run is K folds instead (stages/cross_validate.py),
+each one `train_once` in its own sub-directory.
 """
 
 from __future__ import annotations
@@ -23,9 +24,28 @@ from kiln.stages.build import build, plain
 
 
 @stage("train")
-def main(cfg: DictConfig) -> dict[str, float]:
-    import lightning as L
+def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if OmegaConf.select(cfg, "cv.folds") is not None:  # k-fold: one sub-run per fold, no export
+        from kiln.stages.cross_validate import cross_validate
+
+        return cross_validate(cfg, run_dir)
+    test_metrics = train_once(cfg, run_dir)
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        # The tested checkpoint is recorded and safe; compression and export follow as their own
+        # stage, so a failing gate there never touches the run's training results.
+        from kiln.stages.export import after_training
+
+        after_training(cfg, run_dir)
+    return test_metrics
+
+
+def train_once(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """One run in `run_dir`: fit, test the best checkpoint, record it in run.json; its test metrics."""
+    import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
     from kiln.runs import Run, resume_checkpoint
@@ -37,7 +57,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     relaunch_ranks_as_this_job()
     monitor = check_monitor_setting(cfg)
     check_report_setting(cfg)
-    run = Run(Path(HydraConfig.get().runtime.output_dir), writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
+    run = Run(run_dir, writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
     run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
     with one_distributed_job(), run.recording():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -79,12 +99,6 @@ def main(cfg: DictConfig) -> dict[str, float]:
                 **importance,
             )
             print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
-    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        # The tested checkpoint is recorded and safe; compression and export follow as their own
-        # stage, so a failing gate there never touches the run's training results.
-        from kiln.stages.export import after_training
-
-        after_training(cfg, run.directory)
     return test_metrics
 
 

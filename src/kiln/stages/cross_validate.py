@@ -1,0 +1,212 @@
+"""`kiln train cv.folds=K`: k-fold cross-validation, one fold after another in this process.
+
+    kiln train data=table data.name=wine cv.folds=5
+
+Steps: check the setting and that the data can be cut into K folds -> for each fold, a full
+`train_once` (fit, test the best checkpoint) with `data.num_folds=K data.fold=i` in its own run
+directory `<run>/fold_i/` -> cv.json in `<run>/` with each fold's test metrics and best score, and
+the mean and std of each -> print them.
+
+The test split is held out before the folds are cut (kiln.data.splits), so every fold is scored on
+the same test rows and the spread across folds is the spread of the model, not of the test set.
+Each fold is a complete run directory (run.json, .hydra/, checkpoints/, tensorboard/), so
+`kiln report`, `kiln tensorboard` and `kiln compress run=<run>/fold_i` work on it as on any run.
+Compression and export are skipped: cross-validation estimates how well the recipe generalizes; the
+model to ship is trained afterwards with the chosen settings, without cv.folds.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from kiln.errors import KilnError
+
+CV_RECORD = "cv.json"
+
+
+def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and test every fold, write cv.json in `run_dir`; returns the mean of every metric."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from kiln.runs import write_atomically
+    from kiln.stages.train import check_monitor_setting, train_once
+
+    folds = check_folds_setting(cfg)
+    monitor = check_monitor_setting(cfg)
+    check_data_supports_folds(cfg, folds)
+    writer = rank_zero_only.rank == 0  # type: ignore[attr-defined]
+    record: dict[str, Any] = {
+        "status": "running",
+        "folds": folds,
+        "monitor": monitor,
+        "runs": [],
+        "mean": {},
+        "std": {},
+        "std_ddof": 0,  # numpy's default: the spread of these K folds, not an estimate beyond them
+        "error": None,
+    }
+
+    def save() -> None:
+        if writer:
+            write_atomically(run_dir / CV_RECORD, json.dumps(record, indent=2) + "\n")
+
+    save()
+    started = time.perf_counter()
+    try:
+        for fold in range(folds):
+            fold_dir = run_dir / f"fold_{fold}"
+            fold_cfg = fold_config(cfg, folds, fold)
+            if writer:
+                save_fold_hydra_files(fold_cfg, folds, fold, fold_dir)
+            print(f"\nkiln train: cross-validation fold {fold + 1}/{folds} in {fold_dir}", flush=True)
+            with hydra_output_dir(fold_dir):  # ${hydra:runtime.output_dir} (checkpoints, TensorBoard)
+                test_metrics = train_once(fold_cfg, fold_dir)
+            record["runs"].append(fold_result(fold, fold_dir, monitor, test_metrics))
+            save()
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        save()
+        raise
+    record.update(status="completed", **summarize(record["runs"], monitor))
+    save()
+    print_cv_summary(run_dir, record, time.perf_counter() - started)
+    return dict(record["mean"])
+
+
+def check_folds_setting(cfg: DictConfig) -> int:
+    """cv.folds must be an integer >= 2, and cross-validation starts fresh runs (no resume)."""
+    folds = cfg.cv.folds
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+        raise KilnError(
+            f"cv.folds={folds}: cross-validation needs an integer of at least 2 folds, e.g. cv.folds=5 "
+            "(cv.folds=null trains one run)"
+        )
+    if cfg.resume is not None:
+        raise KilnError(
+            f"resume={cfg.resume}: cross-validation cannot resume a run; start it again without resume "
+            "(or resume one fold on its own: kiln train run_dir=<run>/fold_<i> resume=auto)"
+        )
+    return folds
+
+
+def check_data_supports_folds(cfg: DictConfig, folds: int) -> None:
+    """The data module must take num_folds and fold, and the data must have enough rows of every class
+    for `folds` folds: checked on the real data before any fold trains, so a bad cv.folds leaves no
+    half-made fold directories behind."""
+    from hydra.utils import get_object
+
+    from kiln.stages.build import build
+
+    target = get_object(cfg.data._target_)
+    parameters = inspect.signature(target).parameters
+    if "num_folds" not in parameters or "fold" not in parameters:
+        raise KilnError(
+            f"cv.folds={folds}: data._target_={cfg.data._target_} takes no num_folds and fold arguments; "
+            "use one of kiln's data modules (data=digits, table, synthetic), or add those arguments"
+        )
+    try:
+        build("data", fold_config(cfg, folds, 0).data).setup("fit")
+    except KilnError as exc:
+        # splits.py names the data module's own key; the user set cv.folds
+        raise KilnError(str(exc).replace("data.num_folds", "cv.folds")) from exc
+
+
+def fold_config(cfg: DictConfig, folds: int, fold: int) -> DictConfig:
+    """The config of one fold: the run's own, with data.num_folds and data.fold set, cv.folds off."""
+    fold_cfg = copy.deepcopy(cfg)
+    with open_dict(fold_cfg):
+        fold_cfg.data.num_folds = folds
+        fold_cfg.data.fold = fold
+        fold_cfg.cv.folds = None
+    return fold_cfg
+
+
+def save_fold_hydra_files(fold_cfg: DictConfig, folds: int, fold: int, fold_dir: Path) -> None:
+    """`.hydra/config.yaml` and `overrides.yaml` as Hydra writes them for a run, so a fold is a run
+    directory like any other (compress, export, report, api.load read these). The overrides are
+    the command line that trains this fold alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from kiln.runs import write_atomically
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("cv.")]
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("data.num_folds=", "data.fold="))]
+    overrides += [f"data.num_folds={folds}", f"data.fold={fold}"]
+    hydra_dir = fold_dir / ".hydra"
+    write_atomically(hydra_dir / "config.yaml", OmegaConf.to_yaml(fold_cfg))
+    write_atomically(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
+
+
+@contextmanager
+def hydra_output_dir(directory: Path) -> Iterator[None]:
+    """Point `${hydra:runtime.output_dir}` at a fold's directory while it trains.
+
+    The checkpoint callback and the TensorBoard logger find their directories through that
+    interpolation; changing it for the fold (and back after) keeps every config that uses it,
+    the user's own included, writing inside the fold's directory.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    previous = hydra.runtime.output_dir
+    with read_write(hydra):  # type: ignore[arg-type]  # HydraConf is a DictConfig at run time
+        hydra.runtime.output_dir = str(directory)
+    try:
+        yield
+    finally:
+        with read_write(hydra):  # type: ignore[arg-type]
+            hydra.runtime.output_dir = previous
+
+
+def fold_result(
+    fold: int, fold_dir: Path, monitor: dict[str, str], test_metrics: dict[str, float]
+) -> dict[str, Any]:
+    from kiln.runs import Run
+
+    record = Run.read_record(fold_dir) if (fold_dir / "run.json").exists() else {}
+    best = record.get("best_checkpoint") or {}
+    return {
+        "fold": fold,
+        "run_dir": fold_dir.name,
+        "status": record.get("status"),
+        "best_epoch": best.get("epoch"),
+        "best_score": best.get("score"),
+        "test_metrics": record.get("test_metrics") or test_metrics,
+    }
+
+
+def summarize(runs: list[dict[str, Any]], monitor: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Mean and std over the folds of the best monitored score and of every test metric."""
+    columns: dict[str, list[float]] = {f"best {monitor['metric']}": [r["best_score"] for r in runs]}
+    for name in sorted({name for r in runs for name in r["test_metrics"]}):
+        columns[name] = [r["test_metrics"].get(name, float("nan")) for r in runs]
+    values = {name: np.asarray(column, dtype=float) for name, column in columns.items()}
+    return {
+        "mean": {name: float(np.mean(v)) for name, v in values.items()},
+        "std": {name: float(np.std(v)) for name, v in values.items()},
+    }
+
+
+def print_cv_summary(run_dir: Path, record: dict[str, Any], seconds: float) -> None:
+    width = max(len(name) for name in record["mean"])
+    lines = [
+        f"  {name.ljust(width)}  {record['mean'][name]:.4f} +- {record['std'][name]:.4f}"
+        for name in record["mean"]
+    ]
+    print(
+        f"\nkiln train: {record['folds']}-fold cross-validation done in {seconds:.1f} s\n"
+        f"  run dir  {run_dir}  (cv.json; folds in fold_0..fold_{record['folds'] - 1})\n"
+        f"  mean +- std over the folds:\n" + "\n".join(lines),
+        flush=True,
+    )
