@@ -29,7 +29,7 @@ def test_an_unknown_stage_is_one_line_and_exit_2(tmp_path):
     result = run_kiln(["trian"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "kiln: error: unknown stage 'trian'; stages: train, compress, export, predict, report, tensorboard (kiln --help)"
+        "kiln: error: unknown stage 'trian'; stages: train, search, compress, export, predict, report, tensorboard (kiln --help)"
     )
 
 

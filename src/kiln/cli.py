@@ -15,6 +15,10 @@ from kiln import __version__
 # stage name -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("kiln.stages.train", "train with early stopping, then test the best checkpoint"),
+    "search": (
+        "kiln.stages.search",
+        "Optuna search (TPE, pruning, shared storage); every trial a run (hparams_search=<name>)",
+    ),
     "compress": ("kiln.stages.compress", "prune / quantize a run's best checkpoint, then export (run=<dir>)"),
     "export": ("kiln.stages.export", "verified, measured ONNX of each variant; ships model.onnx (run=<dir>)"),
     "predict": (
@@ -42,6 +46,8 @@ examples:
   kiln train experiment=penguins_mlp trainer.max_epochs=50
   kiln train data=table data.path=cars.csv data.target=Miles_per_Gallon
   kiln train run_dir=runs/train/<run> resume=auto  continue a run from its last checkpoint
+  kiln search hparams_search=digits_cnn            Bayesian search over the demo CNN
+  kiln train -m hydra/launcher=slurm seed=1,2,3    three SLURM jobs, one table of results
   kiln train --cfg job                             print the composed config
   kiln train --help                                config groups and their options
 

@@ -52,6 +52,7 @@ def config_dir() -> Path:
 
 
 _run_names: dict[str, str] = {}
+RUN_NAME_VARIABLE = "KILN_RUN_NAME"
 
 
 def new_run_name() -> str:
@@ -60,7 +61,10 @@ def new_run_name() -> str:
     Drawn once per stage invocation: Hydra and Lightning read hydra.run.dir more than once.
     """
     if "name" not in _run_names:
-        _run_names["name"] = _draw_run_name()
+        # A sweep's jobs on SLURM start in other processes, some of them again after a requeue:
+        # the name drawn by the submitting process travels to them in the environment.
+        _run_names["name"] = os.environ.get(RUN_NAME_VARIABLE) or _draw_run_name()
+        os.environ[RUN_NAME_VARIABLE] = _run_names["name"]
     return _run_names["name"]
 
 
@@ -90,11 +94,15 @@ def log_file(path: str) -> str:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    _run_names.clear()
     if not OmegaConf.has_resolver("kiln_run_dir"):
         OmegaConf.register_new_resolver("kiln_run_dir", run_dir)
     if not OmegaConf.has_resolver("kiln_log_file"):
         OmegaConf.register_new_resolver("kiln_log_file", log_file)
+    if not OmegaConf.has_resolver("kiln_slurm_tasks"):
+        from kiln import slurm
+
+        OmegaConf.register_new_resolver("kiln_slurm_tasks", slurm.tasks_for)
+        OmegaConf.register_new_resolver("kiln_slurm_gpus", slurm.gpus_for)
 
 
 def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int]]:
@@ -102,6 +110,9 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
 
     def wrap(task: Callable[[Any], Any]) -> Callable[[], int]:
         failures: list[str] = []
+        # Here, not only in run(): a SLURM job unpickles the task in a fresh process and resolves
+        # the config there without calling run().
+        register_resolvers()
 
         @functools.wraps(task)
         def guarded(cfg: Any) -> Any:
@@ -121,15 +132,32 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
         def run() -> int:
             import hydra
 
-            register_resolvers()
+            _run_names.clear()  # each invocation of a stage is a new run
+            os.environ.pop(RUN_NAME_VARIABLE, None)
             failures.clear()
             # Hydra re-raises composition errors instead of printing its own multi-line report.
             os.environ["HYDRA_FULL_ERROR"] = "1"
             app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
                 guarded
             )
+            from kiln import sweep
+
+            sweep.finished_sweeps.clear()
             try:
                 app()
+                # After a sweep, one table of its jobs; a job that failed in its own process (a
+                # SLURM job) is known only from its run record.
+                all_completed = all([sweep.report_sweep(d) for d in sweep.finished_sweeps])
+                if not all_completed and not failures:
+                    failures.append("a job of the sweep did not complete")
+                    print(
+                        f"kiln {config_name}: error: not every job of the sweep completed; "
+                        f"see the table above and each job's {config_name}.log",
+                        file=sys.stderr,
+                    )
+            except sweep.SweepRefused as exc:
+                print(f"kiln {config_name}: error: {exc}", file=sys.stderr)
+                return EXIT_USER_ERROR
             except Exception as exc:
                 line = describe_user_error(exc)
                 if line is None:

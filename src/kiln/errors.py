@@ -82,6 +82,8 @@ def describe_user_error(exc: BaseException) -> str | None:
         return one_line(str(exc))
     if isinstance(exc, OmegaConfBaseException):
         return _describe_omegaconf_error(exc)
+    if type(exc).__name__ == "UncompletedJobError":  # submitit: a SLURM job ended without a result
+        return _describe_uncompleted_job(str(exc))
     if isinstance(exc, ValueError) and str(exc).startswith(
         "Config group override must be a string or a list"
     ):
@@ -107,3 +109,19 @@ def _describe_omegaconf_error(exc: BaseException) -> str:
             f"(~{key}), set it instead (`kiln <stage> --cfg job` prints the composed config)"
         )
     return one_line(str(exc))
+
+
+def _describe_uncompleted_job(message: str) -> str:
+    """submitit says: "Job <id> (task: 0) with path <result file>\nhas not produced any output
+    (state: CANCELLED by 0)\n<the job's stderr>"."""
+    import re
+
+    job = re.search(r"Job (\S+)", message)
+    state = re.search(r"\(state: ([^)]*)\)", message)
+    path = re.search(r"with path (\S+)", message)
+    logs = f"; its logs: {path.group(1).rsplit('_result', 1)[0]}_log.out/.err" if path else ""
+    return (
+        f"SLURM job {job.group(1) if job else '?'} of the sweep ended without a result "
+        f"(state: {state.group(1) if state else 'unknown'}){logs}; jobs still running go on, and "
+        f"`kiln report dir=<sweep dir>` tables what finished"
+    )

@@ -198,8 +198,10 @@ def resume_checkpoint(
     if str(resume) == "auto":
         if not run_dir_given:
             raise KilnError("resume=auto continues an existing run: add run_dir=<that run's directory>")
-        path = run.checkpoints / "last.ckpt"
-        if not path.exists():
+        # The newest of the epoch-end checkpoint and a preemption checkpoint saved inside an epoch.
+        saved = [p for p in (run.checkpoints / "last.ckpt", run.checkpoints / "preempted.ckpt") if p.exists()]
+        path = max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else run.checkpoints / "last.ckpt"
+        if not saved:
             print(f"kiln: resume=auto: no checkpoint in {run.checkpoints}, starting fresh", file=sys.stderr)
             return None
     else:

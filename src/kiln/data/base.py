@@ -72,6 +72,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self.feature_names: list[str] = []
         self.fingerprint = ""
+        self.resume_train_chunks = 0  # set when resuming inside an epoch (training/preemption.py)
 
     # -- what a subclass provides ------------------------------------------------------------
 
@@ -120,7 +121,11 @@ class InMemoryDataModule(L.LightningDataModule):
         return len(self.class_names) if self.task == "classification" else 1
 
     def train_dataloader(self) -> DataLoader[list[Batch]]:
-        return self._loader("train", shuffle=True, batch_size=self.batch_size)
+        loader = self._loader("train", shuffle=True, batch_size=self.batch_size)
+        # Resuming inside an epoch (a preemption checkpoint): skip what that epoch already trained on.
+        loader.sampler.skip_next_chunks(self.resume_train_chunks)  # type: ignore[attr-defined]
+        self.resume_train_chunks = 0
+        return loader
 
     def val_dataloader(self) -> DataLoader[list[Batch]]:
         return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)

@@ -35,6 +35,12 @@ class ChunkSampler(Sampler[Tensor]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._skip = 0
+
+    def skip_next_chunks(self, count: int) -> None:
+        """The next epoch started skips its first `count` chunks: a resume inside an epoch.
+        The length stays the epoch's full length, as Lightning counts the skipped steps as done."""
+        self._skip = count
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch start; the order depends only on seed and epoch, so a
@@ -54,7 +60,8 @@ class ChunkSampler(Sampler[Tensor]):
         return rows.tensor_split(self.world_size)[self.rank]  # evaluation: no padding, no duplicates
 
     def __iter__(self) -> Iterator[Tensor]:
-        yield from self._my_rows().split(self.chunk_rows)
+        skip, self._skip = self._skip, 0  # read when iteration really starts, after set_epoch
+        yield from self._my_rows().split(self.chunk_rows)[skip:]
 
     def __len__(self) -> int:
         n = len(self.rows)

@@ -43,11 +43,14 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     return test_metrics
 
 
-def train_once(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """One run in `run_dir`: fit, test the best checkpoint, record it in run.json; its test metrics."""
+def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None = None) -> dict[str, float]:
+    """One run in `run_dir`: fit, test the best checkpoint, record it in run.json; its test metrics.
+
+    `extra_callbacks` join the trainer's (kiln search adds its trial pruning)."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
+    from kiln import slurm
     from kiln.runs import Run, resume_checkpoint
     from kiln.training.checkpoints import check_fits
     from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
@@ -66,12 +69,17 @@ def train_once(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         run.update(data_fingerprint=datamodule.fingerprint)
         module = build_module(cfg, datamodule)
         check_monitor_logged(monitor["metric"], module)
+        # A requeued SLURM job continues its own run: same directory (named by the job), newest checkpoint.
+        requeued = cfg.resume is None and slurm.is_requeued()
         checkpoint = resume_checkpoint(
-            cfg.resume, bool(cfg.run_dir), run, check=lambda path, saved: check_fits(path, saved, module)
+            "auto" if requeued else cfg.resume,
+            bool(cfg.run_dir) or requeued,
+            run,
+            check=lambda path, saved: check_fits(path, saved, module),
         )
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
-        trainer = build_trainer(cfg, run, monitor)
+        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [])
 
         fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -94,6 +102,7 @@ def train_once(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             run.update(
                 status="completed",
                 finished=_now(),
+                epochs=trainer.current_epoch,
                 best_checkpoint=best,
                 test_metrics=test_metrics,
                 **importance,
@@ -117,6 +126,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Lightning's hint to prepend `srun` wherever srun is installed; a SLURM job is detected itself.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system.*")
     # kiln logs torchmetrics results, which each metric has already reduced over all ranks itself.
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
@@ -159,27 +170,44 @@ def check_monitor_logged(metric: str, module: Any) -> None:
         )
 
 
-def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str]) -> Any:
+def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str], extra_callbacks: list[Any]) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
+    from kiln import slurm
     from kiln.training.callbacks import EpochLines, MonitorCheck
     from kiln.training.checkpoints import AtomicCheckpointIO
     from kiln.training.hardware import with_resolved_precision
+    from kiln.training.preemption import ExactResume, Preemption
 
-    callbacks: list[Any] = [MonitorCheck(monitor["metric"])]
+    in_job = slurm.in_slurm_job()
+    callbacks: list[Any] = [
+        MonitorCheck(monitor["metric"]),
+        Preemption(run.checkpoints) if in_job else ExactResume(),
+    ]
     for name, node in (cfg.callbacks or {}).items():
         if node is not None:
             callbacks.append(build(f"callbacks.{name}", node))
     show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
+    callbacks += extra_callbacks
     logger = build("logger", cfg.logger) if cfg.logger is not None else False
     trainer_config = with_resolved_precision(plain(cfg.trainer))
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if in_job:  # ranks from SLURM's tasks; requeue is kiln's (Preemption), not Lightning's
+        import torch
+
+        if threads := slurm.job_threads():
+            torch.set_num_threads(threads)
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        trainer_config["devices"] = slurm.job_devices(trainer_config.get("devices", "auto"))
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return build(
         "trainer",
         trainer_config,
         callbacks=callbacks,
         logger=logger,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         enable_progress_bar=show_bar,
         use_distributed_sampler=False,  # kiln's loaders shard by rank themselves, without padding
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from typing import Any
 
@@ -14,10 +14,14 @@ from kiln.errors import KilnError
 
 
 class EpochLines(Callback):
-    """One plain line per epoch (for job logs and pipes, where a redrawn bar is noise)."""
+    """One plain line per epoch (for job logs and pipes, where a redrawn bar is noise).
+
+    By default through the `kiln` logger: on stderr and in the run's log file, so a cluster job's
+    run directory keeps its own progress. With `stream`, printed there instead.
+    """
 
     def __init__(self, stream: Any = None) -> None:
-        self.stream = stream or sys.stderr
+        self.stream = stream
         self._started = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -32,12 +36,14 @@ class EpochLines(Callback):
         if not trainer.is_global_zero:
             return
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
-        print(
+        line = (
             f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {metrics}  "
-            f"({time.perf_counter() - self._started:.1f} s)",
-            file=self.stream,
-            flush=True,
+            f"({time.perf_counter() - self._started:.1f} s)"
         )
+        if self.stream is None:
+            logging.getLogger("kiln.progress").info(line)
+        else:
+            print(line, file=self.stream, flush=True)
 
 
 class MonitorCheck(Callback):

@@ -1,0 +1,60 @@
+"""What kiln adds around every Hydra multirun (`kiln train -m ...`), in the submitting process.
+
+Before the sweep: on the SLURM launcher, settings that cannot fit are refused before anything is
+submitted. After it: the jobs' results are read back from their run.json files and shown as one
+table (`kiln report`), and the exit code says whether every job completed. A SLURM job's own
+failure never reaches the submitting process otherwise: Hydra only sees that the job returned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+# Sweep directories finished in this process, for the stage's exit code (kiln.config.stage).
+finished_sweeps: list[Path] = []
+
+
+class SweepRefused(BaseException):  # not an Exception: see on_multirun_start
+    """A sweep that must not start; its message is the one line for the user."""
+
+
+class SweepCallback(Callback):
+    """hydra.callbacks.sweep in conf/train.yaml."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if target.endswith("submitit_launcher.SlurmLauncher"):
+            from kiln.errors import KilnError
+            from kiln.slurm import check_launcher_fits
+
+            # Hydra turns an Exception raised by a callback into a warning and goes on submitting;
+            # a BaseException stops it (kiln.config.stage reports it as the one error line).
+            try:
+                check_launcher_fits(config.hydra.launcher, config.trainer)
+            except KilnError as exc:
+                raise SweepRefused(str(exc)) from exc
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        finished_sweeps.append(Path(str(config.hydra.sweep.dir)))
+
+
+def report_sweep(directory: Path) -> bool:
+    """Print the sweep's table (and write runs.md, runs.csv); True when every job completed.
+
+    A job counts as completed when its directory holds run records and all of them completed:
+    a SLURM job that failed before writing one, or was cancelled, leaves none.
+    """
+    from kiln.stages import report
+
+    jobs = [path for path in directory.iterdir() if path.is_dir() and path.name.isdigit()]
+    if report.find_runs(directory):
+        report.main([f"dir={directory}"])
+    for job in jobs:
+        runs = report.find_runs(job)
+        # a pruned trial of kiln search ended as designed
+        if not runs or any(report.read_run(job, run).status not in ("completed", "pruned") for run in runs):
+            return False
+    return True
