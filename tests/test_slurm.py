@@ -7,6 +7,7 @@ where it cannot start fails these tests; they are never skipped.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -212,3 +213,56 @@ def test_settings_that_cannot_fit_are_refused_before_submission(
     assert not list(tmp_path.rglob(".submitit")), "nothing may be submitted"
     after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster, capture_output=True, text=True)
     assert after.stdout == before.stdout
+
+
+def test_search_workers_as_slurm_jobs_share_one_study_in_mariadb(
+    slurm_cluster: dict[str, str], tmp_path: Path
+) -> None:
+    import optuna
+
+    # The test cluster's own MariaDB (slurmdbd's) holds the study: a real database server.
+    socket = SLURM_BASE / "run" / "mysql.sock"
+    setup = (
+        "DROP DATABASE IF EXISTS kiln_optuna; CREATE DATABASE kiln_optuna; "
+        "CREATE USER IF NOT EXISTS 'kiln'@'127.0.0.1' IDENTIFIED BY 'kilnpw'; "
+        "GRANT ALL ON kiln_optuna.* TO 'kiln'@'127.0.0.1'; FLUSH PRIVILEGES;"
+    )
+    subprocess.run(["mariadb", "--no-defaults", "-S", str(socket), "-uroot", "-e", setup], check=True)
+    url = f"mysql+pymysql://kiln:kilnpw@127.0.0.1:{os.environ.get('SLURM_DB_PORT', '3307')}/kiln_optuna"
+    process = subprocess.Popen(
+        kiln_command(
+            "search",
+            "-m",
+            f"paths.output_dir={tmp_path / 'runs'}",
+            *SMALL_JOBS,
+            *TINY,
+            "trainer.max_epochs=3",
+            'search.params={model.optimizer.lr:"tag(log, interval(1e-3, 1e-1))"}',
+            "search.n_trials=4",
+            "search.startup_trials=2",
+            f"search.storage={url}",
+            "search.worker=0,1",
+        ),
+        cwd=tmp_path,
+        env=slurm_cluster,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, stdout, stderr = finish(process)
+    assert code == 0, f"{stdout}\n{stderr}"
+    study = optuna.load_study(study_name="kiln", storage=url)
+    complete = {t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    # Each worker checks the shared count before it starts a trial: at most one extra between two.
+    assert 4 <= len(complete) <= 5, [(t.number, t.state) for t in study.trials]
+    (sweep,) = (tmp_path / "runs" / "search_multirun").iterdir()
+    by_worker = {w: {int(p.name.split("_")[1]) for p in (sweep / str(w)).glob("trial_*")} for w in (0, 1)}
+    assert by_worker[0] and by_worker[1], f"both workers trained trials: {by_worker}"
+    assert not by_worker[0] & by_worker[1], "a trial number belongs to one worker"
+    assert by_worker[0] | by_worker[1] == complete
+    for worker, numbers in by_worker.items():
+        for number in numbers:
+            record = read_run(sweep / str(worker) / f"trial_{number:03d}")
+            assert record["slurm_job_id"] and record["status"] == "completed"
+    recorded = json.loads((sweep / "0" / "search.json").read_text())["storage"]
+    assert recorded == url.replace("kilnpw", "***")  # the record names the database, not its password
