@@ -23,10 +23,10 @@ def overrides_for(path: Path) -> list[str]:
     return [f"{path.parent.relative_to(CONF).as_posix()}={path.stem}"]
 
 
-def compose_train(overrides: list[str]):
+def compose_train(overrides: list[str], primary: str = "train"):
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+        return compose(primary, overrides=overrides, return_hydra_config=True)
 
 
 def resolved(cfg) -> dict:
@@ -48,7 +48,9 @@ def test_the_conf_tree_is_found_recursively():
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: p.relative_to(CONF).as_posix())
 def test_every_group_file_composes_and_binds(path: Path):
-    cfg = compose_train(overrides_for(path))
+    # hparams_search is a group of kiln search's config (search.yaml, which composes train.yaml)
+    primary = "search" if path.parent.name == "hparams_search" else "train"
+    cfg = compose_train(overrides_for(path), primary)
     config = resolved(cfg)
     config["trainer"] = with_resolved_precision(config["trainer"])  # as the train stage does
     targets = list(iter_targets(config))
@@ -86,3 +88,33 @@ def test_the_demo_experiment_overrides_only_what_differs():
     assert config["data"]["_target_"] == "kiln.data.DigitsDataModule"
     assert config["callbacks"]["early_stopping"]["monitor"] == "val/loss"
     assert config["callbacks"]["model_checkpoint"]["mode"] == "min"
+
+
+@pytest.mark.parametrize(
+    ("trainer", "tasks", "gpus"),
+    [
+        ("trainer=cpu", 1, None),
+        ("trainer=ddp_cpu", 2, None),
+        ("trainer=gpu", 1, 1),
+        ("trainer.devices=4", 4, None),
+    ],
+)
+def test_the_slurm_launcher_asks_for_one_task_per_device(trainer: str, tasks: int, gpus: int | None):
+    cfg = compose_train(["hydra/launcher=slurm", trainer])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == tasks and launcher.gpus_per_node == gpus
+    assert launcher.nodes == 1 and launcher.max_num_timeout == 0
+
+
+def test_a_slurm_setting_that_cannot_fit_is_refused_with_the_fix():
+    from kiln.slurm import check_launcher_fits
+
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp_cpu", "hydra.launcher.tasks_per_node=1"])
+    with pytest.raises(KilnError, match=r"hydra.launcher.tasks_per_node=1 but trainer.devices=2"):
+        check_launcher_fits(cfg.hydra.launcher, cfg.trainer)
+    cfg = compose_train(
+        ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "hydra.launcher.gpus_per_node=2"]
+    )
+    with pytest.raises(KilnError, match=r"trainer wants 4 GPUs per node but hydra.launcher.gpus_per_node=2"):
+        check_launcher_fits(cfg.hydra.launcher, cfg.trainer)

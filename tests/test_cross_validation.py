@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kilntest import TINY_DIGITS, assert_ok, read_run, run_kiln
+from kilntest import QUICK, TINY_DIGITS, assert_ok, read_run, run_kiln
 
 
 @pytest.mark.slow
@@ -45,6 +45,40 @@ def test_three_folds_and_their_mean_and_std(tmp_path):
     # the validation folds differ, so the fold's runs do too
     assert len({r["best_checkpoint"]["score"] for r in records}) == 3
     assert "3-fold cross-validation done" in result.stdout and "test/acc" in result.stdout
+
+
+@pytest.mark.slow
+def test_refit_trains_on_train_and_validation_for_the_mean_best_epoch_and_ships(tmp_path):
+    result = run_kiln(
+        [
+            "train",
+            *TINY_DIGITS,
+            "trainer.max_epochs=4",
+            "cv.folds=2",
+            "cv.refit=true",
+            "export.after_training=true",
+            *QUICK,
+            f"paths.output_dir={tmp_path / 'runs'}",
+        ],
+        tmp_path,
+    )
+    assert_ok(result)
+    (run_dir,) = (tmp_path / "runs" / "train").iterdir()
+    cv = json.loads((run_dir / "cv.json").read_text())
+    refit = read_run(run_dir / "refit")
+    epochs = round(np.mean([run["best_epoch"] for run in cv["runs"]]))
+    assert cv["status"] == "completed" and cv["refit"]["epochs"] == epochs == refit["epochs"]
+    assert refit["status"] == "completed"
+    # 1797 digits, 270 held out for testing: the refit trains on every other row, each fold on half
+    assert refit["throughput"]["train_rows"] == 1527
+    assert {read_run(run_dir / f"fold_{i}")["throughput"]["train_rows"] for i in (0, 1)} <= {763, 764}
+    assert cv["refit"]["test_metrics"] == pytest.approx(refit["test_metrics"], abs=1e-12)
+    overrides = (run_dir / "refit" / ".hydra" / "overrides.yaml").read_text()
+    assert "- data.refit=true\n" in overrides and f"- trainer.max_epochs={epochs}\n" in overrides
+    # the refit is the model to ship; the folds are not exported
+    assert (run_dir / "refit" / "model.onnx").is_file()
+    assert not any((run_dir / f"fold_{i}" / "model.onnx").exists() for i in (0, 1))
+    assert "refit" in result.stdout and "on train + validation" in result.stdout
 
 
 @pytest.mark.parametrize(

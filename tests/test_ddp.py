@@ -57,6 +57,7 @@ def test_two_cpu_ranks_write_one_run_with_unbiased_metrics(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".hydra",
         "checkpoints",
+        "drift_baseline.json",
         "run.json",
         "tensorboard",
         "train.log",

@@ -189,3 +189,93 @@ def test_an_array_model_predicts_from_npy_and_csv(tmp_path_factory, no_torch, tm
         assert len(read_csv(output)) == 50
     assert read_csv(tmp_path / "images.npy.out.csv") == read_csv(tmp_path / "images.csv.out.csv")
     shutil.rmtree(run)
+
+
+def test_drift_is_checked_against_the_training_baseline_in_the_model(penguins_model, penguins_rows, tmp_path):
+    import json
+
+    import onnx
+    import pandas as pd
+
+    run = penguins_model.parent
+    assert json.loads((run / "run.json").read_text())["drift_baseline"] == "drift_baseline.json"
+    saved = json.loads((run / "drift_baseline.json").read_text())
+    embedded = {p.key: p.value for p in onnx.load(str(penguins_model)).metadata_props}
+    assert json.loads(embedded["kiln.drift_baseline"]) == saved
+    assert set(saved["features"]) == {
+        "bill_length_mm",
+        "bill_depth_mm",
+        "flipper_length_mm",
+        "body_mass_g",
+        "year",
+        "island",
+        "sex",
+    }
+
+    # The penguins themselves (training rows among them): nothing drifts.
+    output = tmp_path / "same.csv"
+    result = ok(
+        kiln_cli(
+            "predict", f"model={penguins_model}", f"input={penguins_rows}", f"output={output}", cwd=tmp_path
+        )
+    )
+    same = json.loads((tmp_path / "same.drift.json").read_text())
+    assert same["drifted"] == [] and max(same["psi"].values()) < 0.1, same
+    assert "warning: drift" not in result.stderr and "0 of 7 features past PSI 0.2" in result.stderr
+
+    # Longer bills and every bird on Torgersen: those two features are named, the others are not.
+    shifted = pd.read_csv(penguins_rows)
+    shifted["bill_length_mm"] += 15
+    shifted["island"] = "Torgersen"
+    shifted_path = tmp_path / "shifted_rows.csv"
+    shifted.to_csv(shifted_path, index=False)
+    output = tmp_path / "shifted.csv"
+    result = ok(
+        kiln_cli(
+            "predict", f"model={penguins_model}", f"input={shifted_path}", f"output={output}", cwd=tmp_path
+        )
+    )
+    report = json.loads((tmp_path / "shifted.drift.json").read_text())
+    assert set(report["drifted"]) == {"bill_length_mm", "island"}, report
+    assert report["psi"]["bill_depth_mm"] == pytest.approx(same["psi"]["bill_depth_mm"])
+    warnings = [line for line in result.stderr.splitlines() if "warning: drift in" in line]
+    assert len(warnings) == 2 and any("bill_length_mm" in w for w in warnings)
+    assert output.is_file()  # drift warns; the predictions are still written
+
+    # The check can be turned off, and a bad threshold is one line.
+    ok(
+        kiln_cli(
+            "predict",
+            f"model={penguins_model}",
+            f"input={shifted_path}",
+            f"output={tmp_path / 'off.csv'}",
+            "drift_threshold=null",
+            cwd=tmp_path,
+        )
+    )
+    assert not (tmp_path / "off.drift.json").exists()
+    bad = kiln_cli(
+        "predict",
+        f"model={penguins_model}",
+        f"input={shifted_path}",
+        f"output={tmp_path / 'bad.csv'}",
+        "drift_threshold=-1",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "drift_threshold=-1: must be a positive PSI" in bad.stderr
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_rows_missing_a_feature_name_it_and_write_nothing(penguins_model, penguins_rows, tmp_path):
+    import pandas as pd
+
+    rows = pd.read_csv(penguins_rows).drop(columns=["island"])
+    path = tmp_path / "no_island.csv"
+    rows.to_csv(path, index=False)
+    result = kiln_cli(
+        "predict", f"model={penguins_model}", f"input={path}", f"output={tmp_path / 'out.csv'}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("kiln predict: error:") and "island" in line
+    assert not list(tmp_path.glob("out*"))

@@ -176,3 +176,25 @@ def test_a_sweep_over_a_key_that_does_not_exist_is_refused(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "model.optimizer.lrr: no such config key" in result.stderr
     assert not list(tmp_path.rglob("run.json"))
+
+
+def test_a_trials_overrides_compose_the_config_it_trained(tmp_path: Path) -> None:
+    """hparams_search=digits_cnn sets experiment=digits_cnn and trainer.max_epochs itself: the trial's
+    overrides.yaml must carry them, so that `kiln train` with them composes the same config."""
+    ok(
+        kiln_search(
+            "hparams_search=digits_cnn",
+            "search.n_trials=1",
+            "data.batch_size=128",
+            *NO_COMPRESSION,
+            cwd=tmp_path,
+        )
+    )
+    trial = search_dir(tmp_path) / "trial_000"
+    overrides = yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
+    assert "experiment=digits_cnn" in overrides and "trainer.max_epochs=15" in overrides
+    composed = ok(kiln_cli("train", *overrides, "--cfg", "job", cwd=tmp_path))
+    again = yaml.safe_load(composed.stdout)
+    trained = yaml.safe_load((trial / ".hydra" / "config.yaml").read_text())
+    for key in ("data", "model", "trainer", "monitor", "callbacks", "seed"):
+        assert again[key] == trained[key], key

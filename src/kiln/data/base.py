@@ -48,6 +48,7 @@ class InMemoryDataModule(L.LightningDataModule):
         seed: int = 0,
         batches_per_chunk: int = 8,
         eval_batch_size: int = 1024,
+        refit: bool = False,
     ) -> None:
         super().__init__()
         require(
@@ -64,6 +65,9 @@ class InMemoryDataModule(L.LightningDataModule):
         self.fold = fold
         self.seed = seed
         self.batches_per_chunk = batches_per_chunk
+        # Train on the training and validation rows together: the final model of a cross-validation
+        # (cv.refit). The validation rows are still scored, but no longer held out.
+        self.refit = refit
         # filled by setup()
         self.features: Tensor | None = None
         self.targets: Tensor | None = None
@@ -105,6 +109,9 @@ class InMemoryDataModule(L.LightningDataModule):
             )
         except KilnError as exc:
             raise KilnError(f"{data.source}: {exc}" if data.source else str(exc)) from exc
+        if self.refit:
+            train = np.sort(np.concatenate([self.splits.train, self.splits.val]))
+            self.splits = Splits(train=train, val=self.splits.val, test=self.splits.test)
         self.fingerprint = _fingerprint(data.features, data.targets)
         features = self.fit_preprocessing(data.features, self.splits.train, data.targets[self.splits.train])
         self.features = torch.as_tensor(features, dtype=torch.float32)

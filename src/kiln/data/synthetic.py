@@ -31,9 +31,18 @@ class SyntheticDataModule(InMemoryDataModule):
         seed: int = 0,
         batches_per_chunk: int = 8,
         eval_batch_size: int = 1024,
+        refit: bool = False,
     ) -> None:
         super().__init__(
-            batch_size, val_fraction, test_fraction, num_folds, fold, seed, batches_per_chunk, eval_batch_size
+            batch_size,
+            val_fraction,
+            test_fraction,
+            num_folds,
+            fold,
+            seed,
+            batches_per_chunk,
+            eval_batch_size,
+            refit,
         )
         require(num_samples >= 10, "num_samples", f"must be >= 10, got {num_samples}")
         require(num_features >= 1, "num_features", f"must be >= 1, got {num_features}")

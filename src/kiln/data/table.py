@@ -45,9 +45,18 @@ class TableDataModule(InMemoryDataModule):
         seed: int = 0,
         batches_per_chunk: int = 8,
         eval_batch_size: int = 1024,
+        refit: bool = False,
     ) -> None:
         super().__init__(
-            batch_size, val_fraction, test_fraction, num_folds, fold, seed, batches_per_chunk, eval_batch_size
+            batch_size,
+            val_fraction,
+            test_fraction,
+            num_folds,
+            fold,
+            seed,
+            batches_per_chunk,
+            eval_batch_size,
+            refit,
         )
         require(
             task in ("auto", "classification", "regression"),

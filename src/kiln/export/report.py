@@ -19,7 +19,7 @@ REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
 def write_report(directory: Path, report: dict[str, Any]) -> None:
     write_atomically(directory / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
-    write_atomically(directory / REPORT_MD, markdown(report))
+    write_atomically(directory / REPORT_MD, markdown(report) + run_sections(directory))
     figure = plot(report)
     handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{REPORT_PNG}.", suffix=".png")
     os.close(handle)
@@ -71,6 +71,48 @@ def markdown(report: dict[str, Any]) -> str:
         "![trade-off](report.png)",
         "",
     ]
+    return "\n".join(lines)
+
+
+def run_sections(directory: Path) -> str:
+    """What training recorded beside the test metrics (run.json): feature importance and metrics
+    per group, as markdown sections after the compression table."""
+    path = directory / "run.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    lines: list[str] = []
+    importance = record.get("feature_importance") or []
+    if importance:
+        lines += [
+            f"## Feature importance ({record.get('feature_importance_measure', '')} when a column is shuffled)",
+            "",
+            "| column | mean | std |",
+            "|---|---|---|",
+            *(f"| {row['feature']} | {row['mean']:.4f} | {row['std']:.4f} |" for row in importance),
+            "",
+        ]
+    groups = record.get("group_metrics")
+    if groups:
+        names = list(groups["spread"])
+        lines += [
+            f"## Test metrics by {groups['column']}",
+            "",
+            f"| {groups['column']} | rows | " + " | ".join(names) + " |",
+            "|" + "---|" * (len(names) + 2),
+        ]
+        for group, entry in groups["groups"].items():
+            cells = [
+                "n/a" if entry["metrics"].get(n) is None else f"{entry['metrics'][n]:.4f}" for n in names
+            ]
+            lines.append(f"| {group} | {entry['rows']} | " + " | ".join(cells) + " |")
+        lines.append("| spread | | " + " | ".join(f"{groups['spread'][n]:.4f}" for n in names) + " |")
+        flagged = groups.get("flagged") or []
+        lines += [
+            "",
+            f"Spread above report.group_gap={groups['gap_threshold']}: {', '.join(flagged)}"
+            if flagged
+            else f"No metric differs across {groups['column']} by more than report.group_gap={groups['gap_threshold']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from kiln.errors import KilnError
 
 CV_RECORD = "cv.json"
+REFIT_DIR = "refit"
 
 
 def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -78,10 +79,59 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         save()
         raise
-    record.update(status="completed", **summarize(record["runs"], monitor))
+    record.update(**summarize(record["runs"], monitor))
+    if cfg.cv.get("refit"):
+        record["refit"] = {"status": "running", "run_dir": REFIT_DIR}
+        save()
+        try:
+            record["refit"] = refit(cfg, run_dir, record["runs"], writer)
+        except BaseException as exc:
+            record.update(status="failed", error=f"refit: {type(exc).__name__}: {exc}")
+            record["refit"]["status"] = "failed"
+            save()
+            raise
+    record["status"] = "completed"
     save()
     print_cv_summary(run_dir, record, time.perf_counter() - started)
     return dict(record["mean"])
+
+
+def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bool) -> dict[str, Any]:
+    """The final model: trained on the training and validation rows together, for the folds' mean
+    best epoch (there is no held-out validation left to stop it early), tested on the same test
+    split. It is an ordinary run in `<run>/refit/`, and the one compress and export ship."""
+    from kiln.stages.train import train_once
+
+    epochs = max(1, round(float(np.mean([r["best_epoch"] for r in runs if r["best_epoch"]]))))
+    refit_dir = run_dir / REFIT_DIR
+    refit_cfg = refit_config(cfg, epochs)
+    if writer:
+        overrides = [
+            *_base_overrides(),
+            "data.refit=true",
+            f"trainer.max_epochs={epochs}",
+            "~callbacks.early_stopping",
+        ]
+        save_hydra_files(refit_cfg, overrides, refit_dir)
+    print(f"\nkiln train: refit on train + validation for {epochs} epochs in {refit_dir}", flush=True)
+    with hydra_output_dir(refit_dir):
+        test_metrics = train_once(refit_cfg, refit_dir)
+    return {"status": "completed", "run_dir": REFIT_DIR, "epochs": epochs, "test_metrics": test_metrics}
+
+
+def refit_config(cfg: DictConfig, epochs: int) -> DictConfig:
+    refit_cfg = copy.deepcopy(cfg)
+    with open_dict(refit_cfg):
+        refit_cfg.data.refit = True
+        refit_cfg.data.num_folds = None
+        refit_cfg.data.fold = 0
+        refit_cfg.cv.folds = None
+        refit_cfg.cv.refit = False
+        refit_cfg.trainer.max_epochs = epochs
+        refit_cfg.trainer.min_epochs = epochs
+        if refit_cfg.callbacks is not None:
+            refit_cfg.callbacks.early_stopping = None
+    return refit_cfg
 
 
 def check_folds_setting(cfg: DictConfig) -> int:
@@ -136,15 +186,22 @@ def save_fold_hydra_files(fold_cfg: DictConfig, folds: int, fold: int, fold_dir:
     """`.hydra/config.yaml` and `overrides.yaml` as Hydra writes them for a run, so a fold is a run
     directory like any other (compress, export, report, api.load read these). The overrides are
     the command line that trains this fold alone."""
+    save_hydra_files(fold_cfg, [*_base_overrides(), f"data.num_folds={folds}", f"data.fold={fold}"], fold_dir)
+
+
+def _base_overrides() -> list[str]:
+    """The run's command line without what cross-validation sets itself."""
     from hydra.core.hydra_config import HydraConfig
 
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("cv.")]
+    return [o for o in overrides if not o.lstrip("+~").startswith(("data.num_folds=", "data.fold="))]
+
+
+def save_hydra_files(run_cfg: DictConfig, overrides: list[str], directory: Path) -> None:
     from kiln.runs import write_atomically
 
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("cv.")]
-    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("data.num_folds=", "data.fold="))]
-    overrides += [f"data.num_folds={folds}", f"data.fold={fold}"]
-    hydra_dir = fold_dir / ".hydra"
-    write_atomically(hydra_dir / "config.yaml", OmegaConf.to_yaml(fold_cfg))
+    hydra_dir = directory / ".hydra"
+    write_atomically(hydra_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
     write_atomically(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
 
 

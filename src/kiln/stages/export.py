@@ -309,7 +309,16 @@ def base_metadata(run: Any, datamodule: Any, data: SplitInputs, variant: str, op
         "kiln.monitor": run.monitor["metric"],
         "kiln.monitor_mode": run.monitor["mode"],
         "kiln.opset": str(opset),
+        **drift_metadata(run.directory),
     }
+
+
+def drift_metadata(directory: Path) -> dict[str, str]:
+    """The training data's per-feature baseline (kiln.drift), for `kiln predict` to compare against."""
+    from kiln.drift import BASELINE_FILE, METADATA_KEY
+
+    path = directory / BASELINE_FILE
+    return {METADATA_KEY: path.read_text().strip()} if path.is_file() else {}
 
 
 def describe(variant: dict[str, Any], test_metric: str) -> str:

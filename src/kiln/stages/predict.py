@@ -69,7 +69,7 @@ def read_settings(args: list[str]) -> dict[str, Any]:
             raise KilnError(f"{arg}: expected key=value; {USAGE.splitlines()[0]}")
         if key not in settings:
             raise KilnError(f"{key}: no such predict setting; settings: {', '.join(settings)}")
-        settings[key] = yaml.safe_load(value) if key == "batch_size" else value
+        settings[key] = yaml.safe_load(value) if key in ("batch_size", "drift_threshold") else value
     return settings
 
 
@@ -81,14 +81,73 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         raise KilnError(f"batch_size={batch_size}: must be an integer >= 1, e.g. batch_size=1024")
     session, meta = load_model(model)
     feeds = read_feeds(source, session, meta)
+    threshold = settings.get("drift_threshold")
+    if threshold is not None and (not isinstance(threshold, int | float) or threshold <= 0):
+        raise KilnError(
+            f"drift_threshold={threshold}: must be a positive PSI, e.g. 0.2, or null to skip the check"
+        )
     results = predict(session, feeds, batch_size)
     rows = write_predictions(output, results, meta)
+    drift = check_drift(feeds, meta, threshold, output) if threshold is not None else None
     print(
         f"kiln predict: {rows} rows -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
         f"model {meta.get('kiln.variant', model.name)})",
         flush=True,
     )
-    return {"rows": rows, "output": str(output)}
+    return {"rows": rows, "output": str(output), "drift": drift}
+
+
+def check_drift(
+    feeds: dict[str, Any], meta: dict[str, str], threshold: float, output: Path
+) -> dict[str, Any] | None:
+    """PSI of each feature against the training data's baseline in the model; a warning line per
+    feature past `threshold`, all of them in `<output>.drift.json`."""
+    import numpy as np
+
+    from kiln.drift import FEW_ROWS, METADATA_KEY, drift_of
+    from kiln.runs import write_atomically
+
+    if METADATA_KEY not in meta:
+        print("kiln predict: no drift check: the model carries no training baseline", file=sys.stderr)
+        return None
+    baseline = json.loads(meta[METADATA_KEY])
+    if meta.get("kiln.input_kind") == "table":
+        columns = {name: values[:, 0] for name, values in feeds.items()}
+    else:
+        flat = next(iter(feeds.values()))
+        flat = flat.reshape(len(flat), -1)
+        names = json.loads(meta.get("kiln.feature_names", "[]"))
+        if len(names) != flat.shape[1]:
+            names = [f"x{i}" for i in range(flat.shape[1])]
+        columns = {name: flat[:, i] for i, name in enumerate(names)}
+    absent = [name for name in baseline["features"] if name not in columns]
+    if absent:
+        raise KilnError(f"drift: the rows lack the feature(s) {', '.join(absent)} the model was trained on")
+    scores = drift_of(baseline, columns)
+    rows = len(next(iter(columns.values())))
+    drifted = {
+        name: value for name, value in sorted(scores.items(), key=lambda kv: -kv[1]) if value > threshold
+    }
+    report = {
+        "rows": rows,
+        "training_rows": baseline["rows"],
+        "threshold": threshold,
+        "psi": {name: round(value, 6) for name, value in scores.items()},
+        "drifted": list(drifted),
+    }
+    path = output.with_name(output.stem + ".drift.json")
+    write_atomically(path, json.dumps(report, indent=2) + "\n")
+    for name, value in drifted.items():
+        print(f"kiln predict: warning: drift in {name}: PSI {value:.3f} > {threshold}", file=sys.stderr)
+    worst = max(scores.values()) if scores else float("nan")
+    note = f"; only {rows} rows, PSI is noisy below {FEW_ROWS}" if rows < FEW_ROWS else ""
+    print(
+        f"kiln predict: drift check: {len(drifted)} of {len(scores)} features past PSI {threshold} "
+        f"(largest {float(np.round(worst, 3))}){note}; details in {path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return report
 
 
 def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:

@@ -180,6 +180,47 @@ def check_search_settings(cfg: DictConfig, space: dict[str, Any]) -> None:
         )
 
 
+def space_file_overrides() -> list[str]:
+    """What the chosen hparams_search file sets besides search.*, as `kiln train` overrides (its
+    `override /experiment: x` as experiment=x, its values as key=value), so that a trial's
+    overrides.yaml trains that trial with `kiln train` alone."""
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+
+    runtime = HydraConfig.get().runtime
+    name = runtime.choices.get("hparams_search")
+    if not name:
+        return []
+    files = [
+        Path(src.path) / "hparams_search" / f"{name}.yaml"
+        for src in runtime.config_sources
+        if src.schema == "file"
+    ]
+    path = next((f for f in reversed(files) if f.is_file()), None)  # later sources win, as in Hydra
+    if path is None:
+        return []
+    content = yaml.safe_load(path.read_text()) or {}
+    user = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    overrides = []
+    for entry in content.pop("defaults", []) or []:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                group = key.replace("override", "").strip().lstrip("/")
+                if group and group not in user and value is not None:
+                    overrides.append(f"{group.replace('/', '.')}={value}")
+    content.pop("search", None)
+
+    def flatten(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                flatten(value, f"{prefix}{key}.")
+        elif prefix[:-1] not in user:
+            overrides.append(f"{prefix[:-1]}={json.dumps(node) if isinstance(node, list | dict) else node}")
+
+    flatten(content, "")
+    return overrides
+
+
 class StopAfter:
     """Stops the study once it holds `n_trials` finished trials, counted over every worker: completed,
     pruned, and failed with a reason. A trial whose process died (its worker was killed) does not
@@ -397,7 +438,7 @@ def save_trial_hydra_files(trial_cfg: DictConfig, overrides: list[str], trial_di
     searched = {o.split("=", 1)[0] for o in overrides}
     base = [
         o
-        for o in HydraConfig.get().overrides.task
+        for o in [*HydraConfig.get().overrides.task, *space_file_overrides()]
         if not o.lstrip("+~").startswith(("search.", "hparams_search=", "run_dir="))
         and o.split("=", 1)[0] not in searched
     ]

@@ -30,9 +30,14 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if OmegaConf.select(cfg, "cv.folds") is not None:  # k-fold: one sub-run per fold, no export
-        from kiln.stages.cross_validate import cross_validate
+        from kiln.stages.cross_validate import REFIT_DIR, cross_validate
 
-        return cross_validate(cfg, run_dir)
+        means = cross_validate(cfg, run_dir)
+        if cfg.cv.get("refit") and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+            from kiln.stages.export import after_training
+
+            after_training(cfg, run_dir / REFIT_DIR)  # the refit is the model to ship
+        return means
     test_metrics = train_once(cfg, run_dir)
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         # The tested checkpoint is recorded and safe; compression and export follow as their own
@@ -67,6 +72,10 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
         datamodule = build("data", cfg.data)
         datamodule.setup("fit")
         run.update(data_fingerprint=datamodule.fingerprint)
+        if OmegaConf.select(cfg, "report.group_by"):
+            from kiln.training.groups import check_group_column
+
+            check_group_column(datamodule, str(cfg.report.group_by))
         module = build_module(cfg, datamodule)
         check_monitor_logged(monitor["metric"], module)
         # A requeued SLURM job continues its own run: same directory (named by the job), newest checkpoint.
@@ -99,13 +108,17 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
                 trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]}
             )
             importance = feature_importance(trainer, module, datamodule, cfg, monitor)  # {} unless a table
+            baseline = save_drift_baseline(datamodule, run.directory)
+            groups = metrics_by_group(trainer, module, datamodule, cfg)  # {} without report.group_by
             run.update(
+                drift_baseline=baseline,
                 status="completed",
                 finished=_now(),
                 epochs=trainer.current_epoch,
                 best_checkpoint=best,
                 test_metrics=test_metrics,
                 **importance,
+                **groups,
             )
             print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
     return test_metrics
@@ -297,6 +310,11 @@ def check_report_setting(cfg: DictConfig) -> None:
     repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise KilnError(f"report.importance_repeats={repeats}: must be an integer >= 1, e.g. 5")
+    gap = OmegaConf.select(cfg, "report.group_gap", default=0.1)
+    if not isinstance(gap, int | float) or isinstance(gap, bool) or gap < 0:
+        raise KilnError(
+            f"report.group_gap={gap}: must be a number >= 0 (a difference in metric units), e.g. 0.1"
+        )
 
 
 def feature_importance(
@@ -324,6 +342,65 @@ def feature_importance(
     if writer is not None:
         log_feature_importance(writer, importance, measure, trainer.global_step)
     return {"feature_importance": importance, "feature_importance_measure": measure}
+
+
+def metrics_by_group(trainer: Any, module: Any, datamodule: Any, cfg: DictConfig) -> dict[str, Any]:
+    """report.group_by=<column>: test metrics per value of a table column, flagged when they differ
+    by more than report.group_gap (training/groups.py); for run.json, TensorBoard and the summary."""
+    from kiln.training.groups import group_metrics, log_group_metrics
+
+    column = OmegaConf.select(cfg, "report.group_by")
+    if not column:
+        return {}
+    result = group_metrics(module, datamodule, str(column), float(cfg.report.group_gap))
+    writer = _tensorboard_writer(trainer)
+    if writer is not None:
+        log_group_metrics(writer, result, trainer.global_step)
+    for key in result["flagged"]:
+        by_group = {name: g["metrics"].get(key) for name, g in result["groups"].items()}
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in by_group.items() if value is not None)
+        print(
+            f"kiln train: warning: {key} differs by {result['spread'][key]:.4f} across {column} "
+            f"(more than report.group_gap={result['gap_threshold']}): {shown}",
+            file=sys.stderr,
+        )
+    return {"group_metrics": result}
+
+
+def save_drift_baseline(datamodule: Any, directory: Path) -> str | None:
+    """Per-feature summaries of the training split, as `kiln predict` will see the features: a
+    table's raw columns, or an array model's flattened inputs (kiln.drift). None for a datamodule
+    that is not one of kiln's."""
+    import json
+
+    import numpy as np
+
+    from kiln.data.base import InMemoryDataModule
+    from kiln.data.table import TableDataModule
+    from kiln.drift import BASELINE_FILE, feature_baseline
+    from kiln.export.feeds import category_column, numeric_column
+    from kiln.runs import write_atomically
+
+    if not isinstance(datamodule, InMemoryDataModule) or datamodule.splits is None:
+        return None
+    rows = datamodule.splits.train
+    columns: dict[str, np.ndarray] = {}
+    if isinstance(datamodule, TableDataModule):
+        frame = datamodule.load().features.iloc[rows]
+        preprocessor = datamodule.preprocessor
+        for name in preprocessor.numeric_columns:
+            columns[name] = numeric_column(frame[name].to_numpy(dtype=object), name, "training data")
+        for name in preprocessor.categorical_columns:
+            columns[name] = category_column(frame[name].to_numpy(dtype=object))
+    else:
+        assert datamodule.features is not None
+        flat = datamodule.features[rows].reshape(len(rows), -1).numpy()
+        names = list(datamodule.feature_names)
+        if len(names) != flat.shape[1]:
+            names = [f"x{i}" for i in range(flat.shape[1])]
+        columns = {name: flat[:, i] for i, name in enumerate(names)}
+    write_atomically(directory / BASELINE_FILE, json.dumps(feature_baseline(columns)) + "\n")
+    return BASELINE_FILE
 
 
 def config_hash(cfg: DictConfig) -> str:

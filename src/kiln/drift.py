@@ -1,0 +1,103 @@
+"""Drift: does new data still look like the training data? Per-feature baselines and PSI.
+
+At training, `feature_baseline` summarizes each input feature over the training split: a numeric
+feature by its deciles (the bin edges) and the share of rows in each bin, a categorical one by the
+share of each category (the 30 most frequent; the rest pooled), both with the share missing. The
+baseline is saved with the run (drift_baseline.json) and embedded in every exported ONNX file
+(`kiln.drift_baseline`), so `kiln predict` can compare what it is given with no run directory.
+
+The comparison is the population stability index, PSI = sum((new - base) * ln(new / base)) over
+the bins (missing values are a bin of their own). Usual reading: under 0.1 stable, 0.1 to 0.25 a
+moderate shift, above 0.25 a large one. It needs a few hundred rows to mean much: with fewer,
+kiln says so.
+
+numpy only: `kiln predict` imports this and stays free of torch and pandas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+BASELINE_FILE = "drift_baseline.json"
+METADATA_KEY = "kiln.drift_baseline"
+DECILES = np.linspace(0.1, 0.9, 9)
+MAX_CATEGORIES = 30
+OTHER = "(other)"
+EPSILON = 1e-4  # an empty bin counts as this share, so that ln() stays finite
+FEW_ROWS = 200
+
+
+def feature_baseline(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Summaries of the training rows: float columns (NaN missing) are numeric, others categorical
+    ("" missing), exactly as kiln.export.feeds prepares the columns `kiln predict` is given."""
+    features = {}
+    for name, values in columns.items():
+        values = np.asarray(values).reshape(len(values))
+        features[name] = _numeric(values) if values.dtype.kind in "fiub" else _categorical(values)
+    rows = len(next(iter(columns.values()))) if columns else 0
+    return {"rows": rows, "features": features}
+
+
+def _numeric(values: np.ndarray) -> dict[str, Any]:
+    values = values.astype(np.float64)
+    present = values[~np.isnan(values)]
+    edges = np.unique(np.quantile(present, DECILES)).tolist() if len(present) else []
+    return {
+        "kind": "numeric",
+        "edges": edges,
+        "fractions": _bin_fractions(present, edges).tolist(),
+        "missing": float(1 - len(present) / len(values)) if len(values) else 0.0,
+    }
+
+
+def _bin_fractions(present: np.ndarray, edges: list[float]) -> np.ndarray:
+    counts = np.bincount(np.searchsorted(np.asarray(edges), present, side="right"), minlength=len(edges) + 1)
+    return counts / max(len(present), 1)
+
+
+def _categorical(values: np.ndarray) -> dict[str, Any]:
+    text = np.asarray([str(v) for v in values], dtype=object)
+    present = text[text != ""]
+    names, counts = np.unique(present.astype(str), return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:MAX_CATEGORIES]
+    fractions = {str(names[i]): float(counts[i] / len(present)) for i in order}
+    fractions[OTHER] = max(0.0, 1.0 - sum(fractions.values()))
+    return {"kind": "categorical", "fractions": fractions, "missing": float(1 - len(present) / len(text))}
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    expected = np.clip(expected, EPSILON, None)
+    actual = np.clip(actual, EPSILON, None)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def feature_psi(summary: Mapping[str, Any], values: np.ndarray) -> float:
+    """PSI of one feature's new values against its training summary."""
+    values = np.asarray(values).reshape(len(values))
+    missing = float(summary["missing"])
+    if summary["kind"] == "numeric":
+        numbers = values.astype(np.float64)
+        present = numbers[~np.isnan(numbers)]
+        new_missing = 1 - len(present) / len(numbers)
+        base = np.asarray(summary["fractions"]) * (1 - missing)
+        new = _bin_fractions(present, summary["edges"]) * (1 - new_missing)
+    else:
+        text = [str(v) for v in values]
+        given = [v for v in text if v != ""]
+        new_missing = 1 - len(given) / len(text)
+        known = [name for name in summary["fractions"] if name != OTHER]
+        counts = {name: 0 for name in [*known, OTHER]}
+        for value in given:
+            counts[value if value in counts and value != OTHER else OTHER] += 1
+        base = np.asarray([summary["fractions"][name] for name in counts]) * (1 - missing)
+        new = np.asarray([counts[name] for name in counts]) / max(len(given), 1) * (1 - new_missing)
+    return psi(np.append(base, missing), np.append(new, new_missing))
+
+
+def drift_of(baseline: Mapping[str, Any], columns: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """PSI of every feature the baseline knows; a feature missing from `columns` is a KeyError the
+    caller names (kiln predict checks the columns before it gets here)."""
+    return {name: feature_psi(summary, columns[name]) for name, summary in baseline["features"].items()}

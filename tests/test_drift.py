@@ -1,0 +1,54 @@
+"""kiln.drift: per-feature training baselines and the PSI of new data against them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.drift import OTHER, feature_baseline, feature_psi
+
+
+@pytest.fixture
+def training() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    numbers = rng.normal(size=5000)
+    numbers[:250] = np.nan  # 5% missing
+    colors = rng.choice(
+        np.array(["red", "green", "blue", ""], dtype=object), p=[0.5, 0.3, 0.15, 0.05], size=5000
+    )
+    return {"size": numbers, "color": colors}
+
+
+def test_baseline_summarizes_deciles_categories_and_missing(training):
+    baseline = feature_baseline(training)
+    assert baseline["rows"] == 5000
+    size = baseline["features"]["size"]
+    assert size["kind"] == "numeric" and len(size["edges"]) == 9 and len(size["fractions"]) == 10
+    assert size["missing"] == pytest.approx(0.05)
+    assert np.allclose(size["fractions"], 0.1, atol=0.002)  # deciles: a tenth of the rows in each bin
+    color = baseline["features"]["color"]
+    assert color["kind"] == "categorical"
+    assert color["missing"] == pytest.approx(0.05, abs=0.01)
+    assert color["fractions"]["red"] == pytest.approx(0.5 / 0.95, abs=0.02)
+    assert color["fractions"][OTHER] == pytest.approx(0.0)
+
+
+def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift(training):
+    baseline = feature_baseline(training)["features"]
+    rng = np.random.default_rng(1)
+    same = rng.normal(size=5000)
+    same[:250] = np.nan
+    assert feature_psi(baseline["size"], same) < 0.02
+    assert feature_psi(baseline["size"], same + 1.0) > 0.25  # one standard deviation: a large shift
+    assert 0.1 < feature_psi(baseline["size"], same + 0.4) < 0.25  # a moderate one
+    # all missing: the missing bin carries the whole shift
+    assert feature_psi(baseline["size"], np.full(1000, np.nan)) > 1.0
+
+
+def test_categorical_psi_counts_unseen_categories_as_other(training):
+    baseline = feature_baseline(training)["features"]["color"]
+    assert feature_psi(baseline, training["color"]) == pytest.approx(0.0, abs=1e-9)
+    purple = np.array(["purple"] * 1000, dtype=object)
+    assert feature_psi(baseline, purple) > 2.0
+    mostly_red = np.array(["red"] * 950 + [""] * 50, dtype=object)
+    assert feature_psi(baseline, mostly_red) > 0.25
