@@ -44,8 +44,9 @@ class SweepCallback(Callback):
 def report_sweep(directory: Path) -> bool:
     """Print the sweep's table (and write runs.md, runs.csv); True when every job completed.
 
-    A job counts as completed when its directory holds run records and all of them completed:
-    a SLURM job that failed before writing one, or was cancelled, leaves none.
+    A job counts as completed when its directory holds run records and all of them completed (or
+    were pruned), or, for a search worker, when it wrote its search.json: a SLURM job that failed
+    before writing one, or was cancelled, leaves none.
     """
     from kiln.stages import report
 
@@ -53,6 +54,8 @@ def report_sweep(directory: Path) -> bool:
     if report.find_runs(directory):
         report.main([f"dir={directory}"])
     for job in jobs:
+        if (job / "search.json").is_file() and not report.find_runs(job):
+            continue  # a search worker that found the study already complete: nothing to train
         runs = report.find_runs(job)
         # a pruned trial of kiln search ended as designed
         if not runs or any(report.read_run(job, run).status not in ("completed", "pruned") for run in runs):

@@ -114,7 +114,7 @@ def distribution(key: str, override: Any) -> Any:
 
     sweep = override.value()
     if isinstance(sweep, ChoiceSweep):
-        # lists are not hashable choices for Optuna: each choice travels as its YAML text
+        # lists are not hashable choices for Optuna: each choice travels as its JSON text
         return CategoricalDistribution([_choice(v) for v in sweep.list])
     if isinstance(sweep, RangeSweep):
         start, stop, step = float(sweep.start or 0), float(sweep.stop or 0), float(sweep.step or 1)
@@ -270,6 +270,24 @@ def shown_url(url: str) -> str:
         return url
 
 
+def open_storage(url: str, attempts: int = 6) -> Any:
+    """Optuna's RDBStorage for `url`. Workers starting together on a fresh database all create its
+    tables; the losers of that race see "table already exists" and simply try again once the
+    winner is done (creating the tables skips those that exist)."""
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            # Heartbeats: a trial whose process died (killed job, lost node) is marked failed after
+            # the grace period instead of staying RUNNING forever in a shared study.
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        except Exception as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_study(cfg: DictConfig, space: dict[str, Any], run_dir: Path) -> Any:
     import optuna
 
@@ -277,9 +295,7 @@ def open_study(cfg: DictConfig, space: dict[str, Any], run_dir: Path) -> Any:
     url = storage_url(cfg, run_dir)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     try:
-        # Heartbeats: a trial whose process died (killed job, lost node) is marked failed after the
-        # grace period instead of staying RUNNING forever in a shared study.
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        storage = open_storage(url)
     except Exception as exc:
         raise KilnError(
             f"search.storage={shown_url(url)}: cannot open it ({type(exc).__name__}: "
