@@ -58,19 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 def read_settings(args: list[str]) -> dict[str, Any]:
     import yaml
 
-    from kiln.config import config_dir
+    from kiln.config import config_dir, key_value_settings
 
     defaults = yaml.safe_load((config_dir() / "predict.yaml").read_text()) or {}
     settings = {key: value for key, value in defaults.items() if key not in ("defaults", "hydra")}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep or not key:
-            raise KilnError(f"{arg}: expected key=value; {USAGE.splitlines()[0]}")
-        if key not in settings:
-            raise KilnError(f"{key}: no such predict setting; settings: {', '.join(settings)}")
-        settings[key] = yaml.safe_load(value) if key in ("batch_size", "drift_threshold") else value
-    return settings
+    typed = ("batch_size", "drift_threshold")  # numbers (or null); paths stay text
+    return key_value_settings(
+        args,
+        settings,
+        "predict",
+        USAGE.splitlines()[0],
+        parse=lambda key, value: yaml.safe_load(value) if key in typed else value,
+    )
 
 
 def run(settings: dict[str, Any]) -> dict[str, Any]:

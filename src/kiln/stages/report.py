@@ -74,15 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_settings(args: list[str]) -> Path:
-    settings: dict[str, str | None] = {"dir": None}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep or not key:
-            raise KilnError(f"{arg}: expected key=value, e.g. dir={arg}; {USAGE.splitlines()[0]}")
-        if key not in settings:
-            raise KilnError(f"{key}: no such report setting; settings: {', '.join(settings)}")
-        settings[key] = value
+    from kiln.config import key_value_settings
+
+    settings = key_value_settings(args, {"dir": None}, "report", USAGE.splitlines()[0], example_key="dir")
     if not settings["dir"]:
         raise KilnError(
             "dir: give a sweep or cross-validation directory, e.g. kiln report dir=runs/train_multirun"

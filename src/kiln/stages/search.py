@@ -276,16 +276,17 @@ def open_storage(url: str, attempts: int = 6) -> Any:
     winner is done (creating the tables skips those that exist)."""
     import optuna
 
-    for attempt in range(attempts):
+    attempt = 0
+    while True:
         try:
             # Heartbeats: a trial whose process died (killed job, lost node) is marked failed after
             # the grace period instead of staying RUNNING forever in a shared study.
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
         except Exception as exc:
-            if "already exists" not in str(exc) or attempt == attempts - 1:
+            attempt += 1
+            if "already exists" not in str(exc) or attempt == attempts:
                 raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.5 * attempt)
 
 
 def open_study(cfg: DictConfig, space: dict[str, Any], run_dir: Path) -> Any:

@@ -47,15 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_settings(args: list[str]) -> dict[str, Any]:
-    settings = dict(DEFAULTS)
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep or not key:
-            raise KilnError(f"{arg}: expected key=value, e.g. dir={arg}; {USAGE.splitlines()[0]}")
-        if key not in settings:
-            raise KilnError(f"{key}: no such tensorboard setting; settings: {', '.join(settings)}")
-        settings[key] = value
+    from kiln.config import key_value_settings
+
+    settings = key_value_settings(args, DEFAULTS, "tensorboard", USAGE.splitlines()[0], example_key="dir")
     if not settings["dir"]:
         raise KilnError("dir: give a run or sweep directory to serve, e.g. kiln tensorboard dir=runs/train")
     try:

@@ -40,15 +40,16 @@ def check_group_column(datamodule: Any, column: str) -> None:
         raise KilnError(
             f"report.group_by={column}: no such column in the table; its columns: {', '.join(datamodule.raw_columns)}"
         )
+    group_names(datamodule, column)  # too many groups is refused now, not after the whole fit
 
 
-def group_metrics(module: Any, datamodule: Any, column: str, gap: float) -> dict[str, Any]:
-    """Test metrics per value of `column`, their spread, and the metrics whose spread exceeds `gap`."""
+def group_names(datamodule: Any, column: str) -> tuple[np.ndarray, list[str]]:
+    """Each test row's group (missing values as their own group) and the sorted group names."""
     from kiln.export.feeds import category_column
 
     assert datamodule.splits is not None
-    rows = datamodule.splits.test
-    values = category_column(datamodule.load().features[column].to_numpy(dtype=object)[rows])
+    raw = datamodule.load().features[column].to_numpy(dtype=object)[datamodule.splits.test]
+    values = category_column(raw)
     values = np.where(values == "", MISSING_GROUP, values)
     names = sorted(set(values.tolist()))
     if len(names) > MAX_GROUPS:
@@ -56,6 +57,12 @@ def group_metrics(module: Any, datamodule: Any, column: str, gap: float) -> dict
             f"report.group_by={column}: {len(names)} different values on the test split; group by a "
             f"column with at most {MAX_GROUPS} (a category, not a measurement)"
         )
+    return values, names
+
+
+def group_metrics(module: Any, datamodule: Any, column: str, gap: float) -> dict[str, Any]:
+    """Test metrics per value of `column`, their spread, and the metrics whose spread exceeds `gap`."""
+    values, names = group_names(datamodule, column)
     features, targets = datamodule.split_tensors("test")
     outputs = predict(module, features)
     task = datamodule.task
