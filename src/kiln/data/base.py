@@ -46,7 +46,7 @@ class InMemoryDataModule(L.LightningDataModule):
         num_folds: int | None = None,
         fold: int = 0,
         seed: int = 0,
-        batches_per_chunk: int = 8,
+        batches_per_chunk: int = 16,
         eval_batch_size: int = 1024,
         refit: bool = False,
     ) -> None:

@@ -29,7 +29,7 @@ class SyntheticDataModule(InMemoryDataModule):
         num_folds: int | None = None,
         fold: int = 0,
         seed: int = 0,
-        batches_per_chunk: int = 8,
+        batches_per_chunk: int = 16,
         eval_batch_size: int = 1024,
         refit: bool = False,
     ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torchmetrics import MetricCollection
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -53,3 +55,26 @@ def metric_names(task: str, stage: str) -> list[str]:
     else:
         names = REGRESSION_METRICS
     return [f"{stage}/loss"] + [f"{stage}/{name}" for name in names]
+
+
+class MeanLoss(Metric):
+    """The mean loss over an epoch's rows: per-batch mean losses weighted by their row counts,
+    summed over ranks. NaN stays NaN (a diverging run must show it). torchmetrics' MeanMetric
+    either drops NaN values or, with nan_strategy="disable", drops the weights (torchmetrics 1.9)."""
+
+    full_state_update = False
+    loss_sum: Tensor
+    rows: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("loss_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("rows", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, batch_losses: Tensor, batch_rows: Tensor) -> None:
+        """`batch_losses`: mean losses of some batches; `batch_rows`: their row counts (same shape)."""
+        self.loss_sum += (batch_losses.detach().float() * batch_rows).sum()
+        self.rows += batch_rows.sum()
+
+    def compute(self) -> Tensor:
+        return self.loss_sum / self.rows

@@ -266,8 +266,8 @@ def _checkpoint_epoch(path: Path) -> int | None:
 def log_final_tensorboard(
     trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]
 ) -> None:
-    """hparams with the real final metrics; on the test split, for classification a confusion
-    matrix, PR curves and ROC curves, for regression a residual plot."""
+    """The model graph, hparams with the real final metrics; on the test split, for classification
+    a confusion matrix, PR curves and ROC curves, for regression a residual plot."""
     import torch
 
     from kiln.training.tensorboard import (
@@ -281,6 +281,9 @@ def log_final_tensorboard(
     writer = _tensorboard_writer(trainer)
     if writer is None:
         return
+    example = getattr(module, "example_input_array", None)
+    if isinstance(example, torch.Tensor):  # traced here, not at fit start: tracing is not training time
+        writer.add_graph(getattr(module, "net", module), example.to(module.device))
     params = flat_params({key: plain(cfg[key]) for key in ("data", "model", "trainer") if key in cfg})
     params["seed"] = cfg.seed
     log_hparams(writer, params, metrics)

@@ -1,0 +1,143 @@
+"""KilnModule in a real Lightning Trainer on tiny in-memory data: the direct optimizer steps it
+takes on one device train exactly what Lightning's wrappers train, step hooks still run when a
+callback implements them, and epoch losses are row-weighted means."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from kiln.data.batches import chunk_loader
+from kiln.models import KilnModule
+from kiln.models.nets import mlp
+
+ROWS, FEATURES, CLASSES, BATCH = 300, 6, 3, 32  # 300 rows: the last batch of 32 is partial
+
+
+def tiny_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(ROWS, FEATURES, generator=generator)
+    targets = (features[:, :CLASSES].argmax(dim=1) + (features[:, -1] > 1.5).long()) % CLASSES
+    return features, targets
+
+
+def loaders(features: torch.Tensor, targets: torch.Tensor) -> tuple[Any, Any]:
+    rows = torch.arange(len(targets))
+    common = {"batch_size": BATCH, "seed": 3}
+    train = chunk_loader(features, targets, rows, batches_per_chunk=4, shuffle=True, **common)
+    val = chunk_loader(features, targets, rows, batches_per_chunk=1, shuffle=False, **common)
+    return train, val
+
+
+def new_module(dropout: float = 0.2) -> KilnModule:
+    torch.manual_seed(0)
+    return KilnModule(
+        net=mlp([FEATURES], CLASSES, hidden_sizes=[16], dropout=dropout),
+        task="classification",
+        input_shape=[FEATURES],
+        class_names=[str(c) for c in range(CLASSES)],
+        optimizer=partial(torch.optim.AdamW, lr=0.01),
+        seed=7,
+    )
+
+
+def fit(module: KilnModule, callbacks: list[L.Callback], epochs: int = 3) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    train, val = loaders(*tiny_data())
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    return trainer
+
+
+class StepHooks(L.Callback):
+    """Implements the hooks Lightning's manual_backward and LightningOptimizer.step call."""
+
+    def __init__(self) -> None:
+        self.calls = {"on_before_backward": 0, "on_after_backward": 0, "on_before_optimizer_step": 0}
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self.calls["on_before_backward"] += 1
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.calls["on_after_backward"] += 1
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        self.calls["on_before_optimizer_step"] += 1
+
+
+STEPS_PER_EPOCH = -(-ROWS // BATCH)  # 10 optimizer steps an epoch
+
+
+def test_direct_steps_train_exactly_what_lightnings_wrappers_train_and_count_every_step():
+    direct, wrapped = new_module(), new_module()
+    hooks = StepHooks()
+    direct_trainer = fit(direct, [])
+    wrapped_trainer = fit(wrapped, [hooks])
+
+    assert direct._direct_steps is True
+    assert wrapped._direct_steps is False  # a callback implements step hooks: Lightning's path
+    assert hooks.calls == dict.fromkeys(hooks.calls, 3 * STEPS_PER_EPOCH)  # every step reached the hooks
+    assert direct_trainer.global_step == wrapped_trainer.global_step == 3 * STEPS_PER_EPOCH
+    for (name, a), (_, b) in zip(direct.state_dict().items(), wrapped.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # bit for bit: same dropout masks, same updates
+    assert direct_trainer.callback_metrics["val/loss"] == wrapped_trainer.callback_metrics["val/loss"]
+
+
+def test_a_module_overriding_a_step_hook_also_takes_lightnings_path():
+    class Hooked(KilnModule):
+        def on_after_backward(self) -> None:
+            self.after_backward_calls = getattr(self, "after_backward_calls", 0) + 1
+
+    torch.manual_seed(0)
+    module = Hooked(
+        net=mlp([FEATURES], CLASSES, hidden_sizes=[16]),
+        task="classification",
+        input_shape=[FEATURES],
+        class_names=[str(c) for c in range(CLASSES)],
+    )
+    fit(module, [], epochs=1)
+    assert module._direct_steps is False
+    assert module.after_backward_calls == STEPS_PER_EPOCH
+
+
+def test_epoch_losses_are_means_over_rows_not_over_batches():
+    module = new_module(dropout=0.0)
+    trainer = fit(module, [], epochs=1)
+    features, targets = tiny_data()
+    module.eval()
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(module(features), targets)
+        accuracy = (module(features).argmax(dim=1) == targets).float().mean()
+    # the partial last batch (12 rows) weighs 12/300, not 1/10
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(float(accuracy), abs=1e-6)
+    assert {"train/loss", "train/acc", "val/loss", "val/auroc"} <= set(trainer.callback_metrics)
+
+
+def test_a_loss_that_becomes_nan_stops_training_naming_the_epoch():
+    class NanLoss(nn.Module):
+        def forward(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return out.sum() * float("nan")
+
+    module = new_module()
+    module.loss_fn = NanLoss()
+    with pytest.raises(Exception, match=r"the training loss became nan at epoch 1 \(step 4\)"):
+        fit(module, [], epochs=1)
