@@ -1,6 +1,6 @@
 """Training throughput of `kiln train` against a hand-written PyTorch loop and Lightning defaults.
 
-    .venv/bin/python scripts/benchmark_training.py            # the targets below; about 3-4 min on 2 CPU cores
+    .venv/bin/python scripts/benchmark_training.py            # the targets below; about 8 min on 2 CPU cores
     .venv/bin/python scripts/benchmark_training.py --quick    # smoke run, under a minute
 
 All three train the same model (kiln's `model=mlp` net, 64-256-256-10 by default) on the same
@@ -27,7 +27,9 @@ Noise: the machine is shared, so measurements are interleaved in rounds: hand, k
 ..., and one more hand at the end, so every kiln/lightning run has a hand run right before and
 right after it. A round's R1 is kiln / mean(hand before, hand after); its R2 is kiln / the
 lightning run of the same round. The printed samples/s are medians over rounds and the ratios
-are the medians of the per-round ratios (--rounds sets how many).
+are the medians of the per-round ratios (--rounds sets how many). On this shared 2-core machine
+the same loop's samples/s moves by up to 30% from one minute to the next, and single rounds' R1
+have ranged from 0.8 to 1.05; five rounds make the median a fair estimate.
 
 Memory: one more `kiln train` subprocess on --rss-rows x --rss-features rows (1M x 50, 1 epoch)
 reports the child's peak RSS (ru_maxrss from wait4 on that one child), against a limit of
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for all three")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of measurements")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of measurements")
     parser.add_argument("--rss-rows", type=int, default=1_000_000, help="rows of the memory run (0: skip)")
     parser.add_argument("--rss-features", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small data, 1 epoch, 1 round")

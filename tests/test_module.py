@@ -141,3 +141,35 @@ def test_a_loss_that_becomes_nan_stops_training_naming_the_epoch():
     module.loss_fn = NanLoss()
     with pytest.raises(Exception, match=r"the training loss became nan at epoch 1 \(step 4\)"):
         fit(module, [], epochs=1)
+
+
+def test_callbacks_see_this_epochs_training_loss_at_epoch_end():
+    """Callbacks' on_train_epoch_end (checkpointing, progress lines) runs before the module's."""
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    class Recorded(KilnModule):
+        def on_fit_start(self) -> None:
+            self.logged: list[float] = []
+
+        def _log_epoch(self, stage: str) -> None:
+            if stage == "train":
+                self.logged.append(float(self.train_loss.compute()))
+            super()._log_epoch(stage)
+
+    torch.manual_seed(0)
+    module = Recorded(
+        net=mlp([FEATURES], CLASSES, hidden_sizes=[16]),
+        task="classification",
+        input_shape=[FEATURES],
+        class_names=[str(c) for c in range(CLASSES)],
+    )
+    seen = Seen()
+    fit(module, [seen], epochs=3)
+    assert len(seen.losses) == 3 and len(set(seen.losses)) == 3
+    assert seen.losses == pytest.approx(module.logged, abs=1e-7)  # each epoch's own, logged once

@@ -160,6 +160,10 @@ class KilnModule(L.LightningModule):
         self.train_loss.update(batch_losses, rows)
         outputs_all = torch.cat(outputs).float()  # logits: accuracy takes their argmax
         self.train_metrics.update(outputs_all, torch.cat(targets))
+        if chunk_index == self.trainer.num_training_batches - 1:
+            # logged from the epoch's last step, so callbacks' on_train_epoch_end (checkpointing,
+            # progress lines) see this epoch's values: they run before the module's own hook
+            self._log_epoch("train")
 
     def _seed_step(self) -> None:
         """Randomness in a step (dropout) depends on (seed, step) only, not on what else drew from the
@@ -172,7 +176,8 @@ class KilnModule(L.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        if self.train_loss.update_called:  # an epoch of unknown length: its last step was not recognised
+            self._log_epoch("train")
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -204,7 +209,7 @@ class KilnModule(L.LightningModule):
         """The epoch's mean loss (weighted by rows) and metrics; compute() reduces over ranks itself.
         Accumulated in metrics, not self.log per step: Lightning's self.log costs about 1 ms a call."""
         loss, metrics = self._stage_state(stage)
-        self.log_dict({f"{stage}/loss": loss.compute(), **metrics.compute()})
+        self.log_dict({f"{stage}/loss": loss.compute(), **metrics.compute()}, on_step=False, on_epoch=True)
         loss.reset()
         metrics.reset()
 
