@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kiln.drift import OTHER, feature_baseline, feature_psi
+from kiln.drift import OTHER, drift_of, feature_baseline, feature_psi
 
 
 @pytest.fixture
@@ -52,3 +52,24 @@ def test_categorical_psi_counts_unseen_categories_as_other(training):
     assert feature_psi(baseline, purple) > 2.0
     mostly_red = np.array(["red"] * 950 + [""] * 50, dtype=object)
     assert feature_psi(baseline, mostly_red) > 0.25
+
+
+def test_a_baseline_survives_packing_into_model_metadata_and_plain_json_still_reads():
+    import json
+
+    from kiln.drift import PACKED, from_metadata, to_metadata
+
+    rng = np.random.default_rng(0)
+    columns: dict[str, np.ndarray] = {f"x{i}": rng.normal(size=2000) for i in range(20)}
+    columns |= {
+        "pixel": rng.integers(0, 17, size=2000).astype(float) / 16,
+        "colour": np.asarray(rng.choice(["red", "green", "blue", ""], size=2000), dtype=object),
+    }
+    baseline = feature_baseline(columns)
+    packed = to_metadata(baseline)
+    assert packed.startswith(PACKED) and len(packed) < len(json.dumps(baseline)) / 3
+    restored = from_metadata(packed)
+    assert from_metadata(json.dumps(baseline)) == baseline  # models exported before packing
+    new_rows = {name: values[:500] for name, values in columns.items()}
+    exact, rounded = drift_of(baseline, new_rows), drift_of(restored, new_rows)
+    assert rounded == pytest.approx(exact, abs=1e-4)

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "export"))
+from kiln.drift import from_metadata
 from kiln.export.feeds import specs_of, table_feeds
 from kilntest import QUICK, TINY_PENGUINS, copy_run, kiln_cli, ok, trained_run
 
@@ -201,7 +202,17 @@ def test_drift_is_checked_against_the_training_baseline_in_the_model(penguins_mo
     assert json.loads((run / "run.json").read_text())["drift_baseline"] == "drift_baseline.json"
     saved = json.loads((run / "drift_baseline.json").read_text())
     embedded = {p.key: p.value for p in onnx.load(str(penguins_model)).metadata_props}
-    assert json.loads(embedded["kiln.drift_baseline"]) == saved
+    packed = from_metadata(embedded["kiln.drift_baseline"])  # packed: shares to 1e-5, edges to 7 digits
+    assert packed["rows"] == saved["rows"] and packed["features"].keys() == saved["features"].keys()
+    for name, summary in saved["features"].items():
+        assert packed["features"][name]["kind"] == summary["kind"]
+        shares = summary["fractions"]
+        shares = shares.values() if isinstance(shares, dict) else shares
+        packed_shares = packed["features"][name]["fractions"]
+        packed_shares = packed_shares.values() if isinstance(packed_shares, dict) else packed_shares
+        assert list(packed_shares) == pytest.approx(list(shares), abs=1e-5)
+        assert packed["features"][name].get("edges", []) == pytest.approx(summary.get("edges", []), rel=1e-6)
+    assert len(embedded["kiln.drift_baseline"]) < len(json.dumps(saved))
     assert set(saved["features"]) == {
         "bill_length_mm",
         "bill_depth_mm",

@@ -4,7 +4,8 @@ At training, `feature_baseline` summarizes each input feature over the training 
 feature by its deciles (the bin edges) and the share of rows in each bin, a categorical one by the
 share of each category (the 30 most frequent; the rest pooled), both with the share missing. The
 baseline is saved with the run (drift_baseline.json) and embedded in every exported ONNX file
-(`kiln.drift_baseline`), so `kiln predict` can compare what it is given with no run directory.
+(`kiln.drift_baseline`, packed: see `to_metadata`), so `kiln predict` can compare what it is
+given with no run directory.
 
 The comparison is the population stability index, PSI = sum((new - base) * ln(new / base)) over
 the bins (missing values are a bin of their own). Usual reading: under 0.1 stable, 0.1 to 0.25 a
@@ -16,6 +17,9 @@ numpy only: `kiln predict` imports this and stays free of torch and pandas.
 
 from __future__ import annotations
 
+import base64
+import json
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +32,7 @@ MAX_CATEGORIES = 30
 OTHER = "(other)"
 EPSILON = 1e-4  # an empty bin counts as this share, so that ln() stays finite
 FEW_ROWS = 200
+PACKED = "zlib+base64:"  # the prefix of a packed baseline in ONNX metadata
 
 
 def feature_baseline(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -101,3 +106,30 @@ def drift_of(baseline: Mapping[str, Any], columns: Mapping[str, np.ndarray]) -> 
     """PSI of every feature the baseline knows; a feature missing from `columns` is a KeyError the
     caller names (kiln predict checks the columns before it gets here)."""
     return {name: feature_psi(summary, columns[name]) for name, summary in baseline["features"].items()}
+
+
+def to_metadata(baseline: Mapping[str, Any]) -> str:
+    """The baseline as compact ONNX metadata: shares rounded to 1e-5 and bin edges to 7 significant
+    digits (PSI needs no more), deflated and base64-encoded. The 64 pixels of a digits model take
+    2 KB instead of 14.6 KB, which would otherwise be a quarter of a pruned CNN's file."""
+    features = {name: _rounded(summary) for name, summary in baseline["features"].items()}
+    text = json.dumps({"rows": baseline["rows"], "features": features}, separators=(",", ":"))
+    return PACKED + base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def from_metadata(text: str) -> dict[str, Any]:
+    """A baseline read back from ONNX metadata, packed or (models exported before packing) plain JSON."""
+    if text.startswith(PACKED):
+        text = zlib.decompress(base64.b64decode(text[len(PACKED) :])).decode()
+    baseline: dict[str, Any] = json.loads(text)
+    return baseline
+
+
+def _rounded(summary: Mapping[str, Any]) -> dict[str, Any]:
+    rounded = dict(summary, missing=round(summary["missing"], 5))
+    if summary["kind"] == "numeric":
+        rounded["edges"] = [float(f"{edge:.7g}") for edge in summary["edges"]]
+        rounded["fractions"] = [round(share, 5) for share in summary["fractions"]]
+    else:
+        rounded["fractions"] = {name: round(share, 5) for name, share in summary["fractions"].items()}
+    return rounded

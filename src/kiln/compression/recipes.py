@@ -28,7 +28,7 @@ STEP_DEFAULTS: dict[str, dict[str, Any]] = {
         "patience": 3,
         "lr_scale": 0.3,
     },
-    "prune_structured": {"ratio": 0.5, "finetune_epochs": 5, "patience": 3, "lr_scale": 0.3},
+    "prune_structured": {"ratio": 0.5, "finetune_epochs": 10, "patience": 3, "lr_scale": 0.3},
     "quantize_dynamic": {"per_channel": False},
     "quantize_static": {"calibration_batches": 8, "calibration_batch_size": 64, "per_channel": True},
 }

@@ -14,6 +14,7 @@ written as model.onnx and the stage exits non-zero with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -315,10 +316,10 @@ def base_metadata(run: Any, datamodule: Any, data: SplitInputs, variant: str, op
 
 def drift_metadata(directory: Path) -> dict[str, str]:
     """The training data's per-feature baseline (kiln.drift), for `kiln predict` to compare against."""
-    from kiln.drift import BASELINE_FILE, METADATA_KEY
+    from kiln.drift import BASELINE_FILE, METADATA_KEY, to_metadata
 
     path = directory / BASELINE_FILE
-    return {METADATA_KEY: path.read_text().strip()} if path.is_file() else {}
+    return {METADATA_KEY: to_metadata(json.loads(path.read_text()))} if path.is_file() else {}
 
 
 def describe(variant: dict[str, Any], test_metric: str) -> str:

@@ -103,13 +103,13 @@ def check_drift(
     feature past `threshold`, all of them in `<output>.drift.json`."""
     import numpy as np
 
-    from kiln.drift import FEW_ROWS, METADATA_KEY, drift_of
+    from kiln.drift import FEW_ROWS, METADATA_KEY, drift_of, from_metadata
     from kiln.runs import write_atomically
 
     if METADATA_KEY not in meta:
         print("kiln predict: no drift check: the model carries no training baseline", file=sys.stderr)
         return None
-    baseline = json.loads(meta[METADATA_KEY])
+    baseline = from_metadata(meta[METADATA_KEY])
     if meta.get("kiln.input_kind") == "table":
         columns = {name: values[:, 0] for name, values in feeds.items()}
     else:
