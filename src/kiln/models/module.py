@@ -209,7 +209,9 @@ class KilnModule(L.LightningModule):
         """The epoch's mean loss (weighted by rows) and metrics; compute() reduces over ranks itself.
         Accumulated in metrics, not self.log per step: Lightning's self.log costs about 1 ms a call."""
         loss, metrics = self._stage_state(stage)
-        self.log_dict({f"{stage}/loss": loss.compute(), **metrics.compute()}, on_step=False, on_epoch=True)
+        values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
+        # one value per epoch, so its weight is moot; given, Lightning does not guess it from the chunk
+        self.log_dict(values, on_step=False, on_epoch=True, batch_size=1)
         loss.reset()
         metrics.reset()
 
