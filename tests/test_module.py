@@ -34,9 +34,9 @@ def loaders(features: torch.Tensor, targets: torch.Tensor) -> tuple[Any, Any]:
     return train, val
 
 
-def new_module(dropout: float = 0.2) -> KilnModule:
+def new_module(dropout: float = 0.2, module_class: type[KilnModule] = KilnModule) -> KilnModule:
     torch.manual_seed(0)
-    return KilnModule(
+    return module_class(
         net=mlp([FEATURES], CLASSES, hidden_sizes=[16], dropout=dropout),
         task="classification",
         input_shape=[FEATURES],
@@ -106,13 +106,7 @@ def test_a_module_overriding_a_step_hook_also_takes_lightnings_path():
         def on_after_backward(self) -> None:
             self.after_backward_calls = getattr(self, "after_backward_calls", 0) + 1
 
-    torch.manual_seed(0)
-    module = Hooked(
-        net=mlp([FEATURES], CLASSES, hidden_sizes=[16]),
-        task="classification",
-        input_shape=[FEATURES],
-        class_names=[str(c) for c in range(CLASSES)],
-    )
+    module = new_module(dropout=0.0, module_class=Hooked)
     fit(module, [], epochs=1)
     assert module._direct_steps is False
     assert module.after_backward_calls == STEPS_PER_EPOCH
@@ -162,13 +156,7 @@ def test_callbacks_see_this_epochs_training_loss_at_epoch_end():
                 self.logged.append(float(self.train_loss.compute()))
             super()._log_epoch(stage)
 
-    torch.manual_seed(0)
-    module = Recorded(
-        net=mlp([FEATURES], CLASSES, hidden_sizes=[16]),
-        task="classification",
-        input_shape=[FEATURES],
-        class_names=[str(c) for c in range(CLASSES)],
-    )
+    module = new_module(dropout=0.0, module_class=Recorded)
     seen = Seen()
     fit(module, [seen], epochs=3)
     assert len(seen.losses) == 3 and len(set(seen.losses)) == 3

@@ -156,7 +156,7 @@ class KilnModule(L.LightningModule):
                 f"(model.optimizer.lr), unscaled inputs, or overflow in low precision; lower the learning rate "
                 "or set model.gradient_clip_val=1.0. Checkpoints saved so far are kept"
             )
-        rows = torch.tensor([len(y) for y in targets], dtype=batch_losses.dtype, device=batch_losses.device)
+        rows = torch.tensor([float(len(y)) for y in targets], device=batch_losses.device)
         self.train_loss.update(batch_losses, rows)
         outputs_all = torch.cat(outputs).float()  # logits: accuracy takes their argmax
         self.train_metrics.update(outputs_all, torch.cat(targets))
@@ -250,11 +250,8 @@ def _direct_steps_allowed(module: KilnModule) -> bool:
     plain_precision = type(precision) is Precision or (
         type(precision) is MixedPrecision and precision.scaler is None
     )
-    hooked = is_overridden("backward", module, L.LightningModule) or any(
-        is_overridden(hook, module, L.LightningModule) for hook in _STEP_HOOKS
-    )
     callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
-    hooked = hooked or any(
-        is_overridden(hook, callback, L.Callback) for callback in callbacks for hook in _STEP_HOOKS
-    )
+    hooked = any(
+        is_overridden(hook, module, L.LightningModule) for hook in ("backward", *_STEP_HOOKS)
+    ) or any(is_overridden(hook, callback, L.Callback) for callback in callbacks for hook in _STEP_HOOKS)
     return type(trainer.strategy) is SingleDeviceStrategy and plain_precision and not hooked
