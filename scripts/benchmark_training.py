@@ -1,6 +1,6 @@
 """Training throughput of `kiln train` against a hand-written PyTorch loop and Lightning defaults.
 
-    .venv/bin/python scripts/benchmark_training.py            # the targets below; about 8 min on 2 CPU cores
+    .venv/bin/python scripts/benchmark_training.py            # the targets below; about 10 min on 2 CPU cores
     .venv/bin/python scripts/benchmark_training.py --quick    # smoke run, under a minute
 
 All three train the same model (kiln's `model=mlp` net, 64-256-256-10 by default) on the same
@@ -17,19 +17,24 @@ MKL_NUM_THREADS for the subprocesses):
              logging, the progress bar forced on with progress=bar; early stopping off so every
              run trains the same epochs). Its samples/s is read from run.json "throughput"
              (train rows x epochs / seconds of trainer.fit, validation and checkpointing included).
+             kiln builds the optimizer on torch's fused kernel (AdamW: one kernel per parameter;
+             models/module.py::build_optimizer), while the hand loop, as people write it, gets
+             torch's default for-loop kernel. So the benchmark also runs
+(b') kiln_default_kernel: (b) with +model.optimizer.fused=false, the hand loop's kernel: its ratio
+             to (a) is kiln's own overhead, without the kernel's gain. It is printed, not a target.
 (c) lightning_defaults: what a Lightning user writes first, in a subprocess: a DataLoader over a
              TensorDataset with the default collate (batch_size=256, shuffle=True), a plain
              LightningModule with automatic optimization and per-step logging (self.log
              on_step=True), RichProgressBar, Trainer defaults for checkpointing, TensorBoardLogger;
              timed around trainer.fit like (b).
 
-Noise: the machine is shared, so measurements are interleaved in rounds: hand, kiln, lightning,
-..., and one more hand at the end, so every kiln/lightning run has a hand run right before and
-right after it. A round's R1 is kiln / mean(hand before, hand after); its R2 is kiln / the
+Noise: the machine is shared, so measurements are interleaved in rounds: hand, kiln,
+kiln_default_kernel, lightning, ..., and one more hand at the end, so every kiln/lightning run has
+a hand run before and after it. A round's R1 is kiln / mean(hand before, hand after); its R2 is kiln / the
 lightning run of the same round. The printed samples/s are medians over rounds and the ratios
 are the medians of the per-round ratios (--rounds sets how many). On this shared 2-core machine
 the same loop's samples/s moves by up to 30% from one minute to the next, and single rounds' R1
-have ranged from 0.8 to 1.05; five rounds make the median a fair estimate.
+have ranged from 0.8 to 1.05; five rounds make the median a fair estimate. A full run takes about 10 minutes.
 
 Memory: one more `kiln train` subprocess on --rss-rows x --rss-features rows (1M x 50, 1 epoch)
 reports the child's peak RSS (ru_maxrss from wait4 on that one child), against a limit of
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-"))
     hand: list[float] = []
     kiln: list[float] = []
+    kiln_default_kernel: list[float] = []
     lightning: list[float] = []
 
     def measure_hand() -> None:
@@ -335,20 +341,36 @@ def main(argv: list[str] | None = None) -> int:
             f"  (b) kiln                {kiln[-1]:>10,.0f} samples/s  (fit {throughput['fit_seconds']} s)",
             flush=True,
         )
+        throughput, _ = run_kiln(
+            args,
+            work,
+            f"kiln_default_kernel{round_index}",
+            [*kiln_overrides(args), "+model.optimizer.fused=false"],
+            args.epochs,
+        )
+        kiln_default_kernel.append(float(throughput["train_samples_per_second"]))
+        print(f"  (b') kiln_default_kernel {kiln_default_kernel[-1]:>10,.0f} samples/s", flush=True)
         lightning.append(run_lightning(args, work, f"lightning{round_index}"))
         print(f"  (c) lightning_defaults  {lightning[-1]:>10,.0f} samples/s", flush=True)
         measure_hand()
 
     r1_rounds = [k / ((hand[i] + hand[i + 1]) / 2) for i, k in enumerate(kiln)]
+    overhead_rounds = [k / ((hand[i] + hand[i + 1]) / 2) for i, k in enumerate(kiln_default_kernel)]
     r2_rounds = [k / light for k, light in zip(kiln, lightning, strict=True)]
     r1, r2 = statistics.median(r1_rounds), statistics.median(r2_rounds)
     print("samples/s (median over rounds):")
     print(f"  (a) hand                {statistics.median(hand):>10,.0f}")
     print(f"  (b) kiln                {statistics.median(kiln):>10,.0f}")
+    print(f"  (b') kiln_default_kernel {statistics.median(kiln_default_kernel):>10,.0f}")
     print(f"  (c) lightning_defaults  {statistics.median(lightning):>10,.0f}")
     print(
         f"  per-round kiln/hand {', '.join(f'{r:.3f}' for r in r1_rounds)}; "
         f"kiln/lightning_defaults {', '.join(f'{r:.3f}' for r in r2_rounds)}"
+    )
+    print(
+        f"  kiln_default_kernel/hand {statistics.median(overhead_rounds):.3f} (per round "
+        f"{', '.join(f'{r:.3f}' for r in overhead_rounds)}): kiln's own overhead, the optimizer "
+        "kernel being the hand loop's"
     )
     print(
         f"  targets: kiln/hand >= {R1_TARGET} {'met' if r1 >= R1_TARGET else 'NOT MET'}; "

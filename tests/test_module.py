@@ -1,6 +1,7 @@
 """KilnModule in a real Lightning Trainer on tiny in-memory data: the direct optimizer steps it
 takes on one device train exactly what Lightning's wrappers train, step hooks still run when a
-callback implements them, and epoch losses are row-weighted means."""
+callback implements them, epoch losses are row-weighted means, and the optimizer runs on torch's
+fused kernel unless the config chose an implementation."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from kiln.data.batches import chunk_loader
 from kiln.models import KilnModule
+from kiln.models.module import build_optimizer
 from kiln.models.nets import mlp
 
 ROWS, FEATURES, CLASSES, BATCH = 300, 6, 3, 32  # 300 rows: the last batch of 32 is partial
@@ -161,3 +163,29 @@ def test_callbacks_see_this_epochs_training_loss_at_epoch_end():
     fit(module, [seen], epochs=3)
     assert len(seen.losses) == 3 and len(set(seen.losses)) == 3
     assert seen.losses == pytest.approx(module.logged, abs=1e-7)  # each epoch's own, logged once
+
+
+def test_optimizers_take_torchs_fused_kernel_unless_the_config_chose_one():
+    parameters = list(new_module().parameters())
+    assert build_optimizer(partial(torch.optim.AdamW, lr=0.01), parameters).defaults["fused"] is True
+    assert build_optimizer(partial(torch.optim.SGD, lr=0.1), parameters).defaults["fused"] is True
+    # the user's choice wins: fused=false, or foreach
+    assert not build_optimizer(partial(torch.optim.AdamW, lr=0.01, fused=False), parameters).defaults["fused"]
+    foreach = build_optimizer(partial(torch.optim.AdamW, lr=0.01, foreach=True), parameters)
+    assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
+    # an optimizer without a fused kernel, and a setting the fused kernel refuses: torch's default
+    assert "fused" not in build_optimizer(partial(torch.optim.RMSprop, lr=0.01), parameters).defaults
+    differentiable = build_optimizer(partial(torch.optim.Adam, lr=0.01, differentiable=True), parameters)
+    assert differentiable.defaults["differentiable"] is True and not differentiable.defaults["fused"]
+
+
+def test_the_fused_kernel_trains_what_torchs_default_loop_trains():
+    fused, default = new_module(dropout=0.0), new_module(dropout=0.0)
+    default.optimizer_factory = partial(torch.optim.AdamW, lr=0.01, fused=False)
+    fit(fused, [], epochs=2)
+    fit(default, [], epochs=2)
+    assert fused.optimizers().optimizer.defaults["fused"] is True
+    assert not default.optimizers().optimizer.defaults["fused"]
+    for (name, a), (_, b) in zip(fused.state_dict().items(), default.state_dict().items(), strict=True):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-5), name  # the same algorithm, up to rounding

@@ -13,7 +13,9 @@ MLP's step time on CPU) and still counts each step where Lightning does (global_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -221,7 +223,7 @@ class KilnModule(L.LightningModule):
     # -- optimization -----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = build_optimizer(self.optimizer_factory, self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
@@ -231,6 +233,22 @@ class KilnModule(L.LightningModule):
         if schedulers is None:
             return None
         return schedulers[0] if isinstance(schedulers, list) else schedulers
+
+
+def build_optimizer(factory: OptimizerFactory, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The configured optimizer, on torch's fused kernel when it has one (Adam, AdamW, SGD, Adagrad)
+    and the config chose no implementation (`fused` or `foreach`): each parameter is updated by one
+    kernel instead of a dozen. On 2 CPU cores AdamW's step gets about 3x faster, which is a fifth of
+    a small MLP's training step. `+model.optimizer.fused=false` keeps torch's default loop."""
+    parameters = list(parameters)
+    keywords = factory.keywords if isinstance(factory, functools.partial) else {}
+    chosen = any(keywords.get(name) is not None for name in ("fused", "foreach"))
+    if chosen or "fused" not in inspect.signature(factory).parameters:
+        return factory(parameters)
+    try:
+        return factory(parameters, fused=True)
+    except RuntimeError:  # a device or dtype the fused kernel does not support: torch's default
+        return factory(parameters)
 
 
 # Hooks Lightning's manual_backward and LightningOptimizer.step exist to call.
