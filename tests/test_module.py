@@ -1,11 +1,14 @@
 """KilnModule in a real Lightning Trainer on tiny in-memory data: the direct optimizer steps it
 takes on one device train exactly what Lightning's wrappers train, step hooks still run when a
-callback implements them, epoch losses are row-weighted means, and the optimizer runs on torch's
-fused kernel unless the config chose an implementation."""
+callback implements them, epoch losses are row-weighted means (also across a preemption inside
+an epoch), and the optimizer runs on torch's fused kernel unless the config chose an
+implementation."""
 
 from __future__ import annotations
 
+import signal
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,10 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+from kiln.data import SyntheticDataModule
 from kiln.data.batches import chunk_loader
+from kiln.errors import KilnError
 from kiln.models import KilnModule
 from kiln.models.module import build_optimizer
 from kiln.models.nets import mlp
+from kiln.training.preemption import PREEMPTED_CHECKPOINT, ExactResume, Preemption
 
 ROWS, FEATURES, CLASSES, BATCH = 300, 6, 3, 32  # 300 rows: the last batch of 32 is partial
 
@@ -189,3 +195,55 @@ def test_the_fused_kernel_trains_what_torchs_default_loop_trains():
     for (name, a), (_, b) in zip(fused.state_dict().items(), default.state_dict().items(), strict=True):
         if a.is_floating_point():
             assert torch.allclose(a, b, atol=1e-5), name  # the same algorithm, up to rounding
+
+
+class EpochLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+class PreemptAt(L.Callback):
+    """Plays SLURM: SIGTERM reaches the Preemption callback after a given step of a given epoch."""
+
+    def __init__(self, preemption: Preemption, epoch: int, chunk: int) -> None:
+        self.preemption, self.epoch, self.chunk = preemption, epoch, chunk
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if (trainer.current_epoch, args[-1]) == (self.epoch, self.chunk):
+            self.preemption.received = signal.SIGTERM
+
+
+def fit_synthetic(callbacks: list[L.Callback], ckpt_path: Path | None = None) -> None:
+    data = SyntheticDataModule(
+        num_samples=1_200, num_features=FEATURES, num_classes=CLASSES, batch_size=BATCH, batches_per_chunk=2
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(new_module(), datamodule=data, ckpt_path=ckpt_path)
+
+
+def test_a_run_preempted_inside_an_epoch_resumes_with_that_epochs_whole_training_loss(tmp_path: Path):
+    straight = EpochLosses()
+    fit_synthetic([ExactResume(), straight])
+
+    preemption = Preemption(tmp_path, stopped_within_s=0)
+    with pytest.raises(KilnError, match="did not stop the job"):  # saved, then waited for SLURM
+        fit_synthetic([PreemptAt(preemption, epoch=1, chunk=5), preemption])
+    resumed = EpochLosses()
+    fit_synthetic([ExactResume(), resumed], ckpt_path=tmp_path / PREEMPTED_CHECKPOINT)
+
+    # the second epoch's loss covers its 6 chunks before the save and the 8 after it
+    assert len(straight.losses) == 2 and resumed.losses == pytest.approx(straight.losses[1:], abs=1e-6)

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from kiln.errors import InvalidArgument, KilnError, require
 from kiln.models.metrics import MeanLoss, metric_collection, metric_names
@@ -181,6 +181,31 @@ class KilnModule(L.LightningModule):
         if self.train_loss.update_called:  # an epoch of unknown length: its last step was not recognised
             self._log_epoch("train")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A save inside an epoch (a preempted SLURM job) keeps the epoch's running training loss and
+        metrics, so the resumed epoch's train/* still cover all its steps. Summed over ranks here
+        (saves are collective under DDP) and restored on rank 0 alone. Plain tensors: loadable with
+        weights_only=True. Nothing at an epoch's end: the metrics were reset when logged."""
+        checkpoint[_EPOCH_STATE_KEY] = {
+            name: _state_over_ranks(metric)
+            for name, metric in self._train_epoch_metrics().items()
+            if metric.update_called  # the same on every rank: ranks take the same steps
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_EPOCH_STATE_KEY, {})  # absent from older checkpoints
+        if self.global_rank != 0:
+            return
+        metrics = self._train_epoch_metrics()
+        for name, state in saved.items():
+            if name in metrics:
+                for attribute, value in state.items():
+                    setattr(metrics[name], attribute, value.to(self.device))
+                metrics[name]._update_count = 1  # it has been updated: compute() without a warning
+
+    def _train_epoch_metrics(self) -> dict[str, Metric]:
+        return {"loss": self.train_loss, **dict(self.train_metrics.items(keep_base=True))}
+
     # -- evaluation -------------------------------------------------------------------------
 
     def validation_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> None:
@@ -249,6 +274,17 @@ def build_optimizer(factory: OptimizerFactory, parameters: Iterable[nn.Parameter
         return factory(parameters, fused=True)
     except RuntimeError:  # a device or dtype the fused kernel does not support: torch's default
         return factory(parameters)
+
+
+_EPOCH_STATE_KEY = "kiln_train_epoch_metrics"
+
+
+def _state_over_ranks(metric: Metric) -> dict[str, Tensor]:
+    """The metric's state tensors, reduced over all ranks (each rank holds its own rows' share).
+    List states (rows kept whole, as AUROC's) are not kept: the training metrics have none."""
+    with metric.sync_context(should_unsync=True):
+        state = metric.metric_state
+        return {name: value.detach().clone() for name, value in state.items() if isinstance(value, Tensor)}
 
 
 # Hooks Lightning's manual_backward and LightningOptimizer.step exist to call.
