@@ -54,11 +54,14 @@ def new_module(dropout: float = 0.2, module_class: type[KilnModule] = KilnModule
     )
 
 
-def fit(module: KilnModule, callbacks: list[L.Callback], epochs: int = 3) -> L.Trainer:
+def fit(
+    module: KilnModule, callbacks: list[L.Callback], epochs: int = 3, precision: str = "32-true"
+) -> L.Trainer:
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
+        precision=precision,  # type: ignore[arg-type]
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -183,6 +186,16 @@ def test_optimizers_take_torchs_fused_kernel_unless_the_config_chose_one():
     assert "fused" not in build_optimizer(partial(torch.optim.RMSprop, lr=0.01), parameters).defaults
     differentiable = build_optimizer(partial(torch.optim.Adam, lr=0.01, differentiable=True), parameters)
     assert differentiable.defaults["differentiable"] is True and not differentiable.defaults["fused"]
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", False)])
+def test_gradient_clipping_under_mixed_precision_keeps_torchs_default_loop(precision: str, fused: bool):
+    """Lightning refuses to clip a fused optimizer's gradients under mixed precision."""
+    module = new_module()
+    module.gradient_clip_val = 1.0
+    trainer = fit(module, [], epochs=1, precision=precision)
+    assert bool(module.optimizers().optimizer.defaults["fused"]) is fused
+    assert trainer.global_step == STEPS_PER_EPOCH and torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 def test_the_fused_kernel_trains_what_torchs_default_loop_trains():

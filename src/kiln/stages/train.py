@@ -143,6 +143,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system.*")
     # kiln logs torchmetrics results, which each metric has already reduced over all ranks itself.
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+    # kiln's loaders resume inside an epoch themselves (the position is in the checkpoint: ExactResume)
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:
