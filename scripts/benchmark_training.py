@@ -29,9 +29,9 @@ MKL_NUM_THREADS for the subprocesses):
              timed around trainer.fit like (b).
 
 Noise: the machine is shared, so measurements are interleaved in rounds: hand, kiln,
-kiln_default_kernel, lightning, ..., and one more hand at the end, so every kiln/lightning run has
-a hand run before and after it. A round's R1 is kiln / mean(hand before, hand after); its R2 is kiln / the
-lightning run of the same round. The printed samples/s are medians over rounds and the ratios
+kiln_default_kernel, lightning, ..., and one more hand at the end, so every kiln/lightning run
+has a hand run before and after it. A round's R1 is kiln / mean(hand before, hand after); its R2
+is kiln / the lightning run of the same round. The printed samples/s are medians over rounds and the ratios
 are the medians of the per-round ratios (--rounds sets how many). On this shared 2-core machine
 the same loop's samples/s moves by up to 30% from one minute to the next, and single rounds' R1
 have ranged from 0.8 to 1.05; five rounds make the median a fair estimate. A full run takes about 10 minutes.
@@ -354,8 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (c) lightning_defaults  {lightning[-1]:>10,.0f} samples/s", flush=True)
         measure_hand()
 
-    r1_rounds = [k / ((hand[i] + hand[i + 1]) / 2) for i, k in enumerate(kiln)]
-    overhead_rounds = [k / ((hand[i] + hand[i + 1]) / 2) for i, k in enumerate(kiln_default_kernel)]
+    def per_round_vs_hand(runs: list[float]) -> list[float]:
+        """Each round's run over the mean of the hand runs before and after it."""
+        return [run / ((hand[i] + hand[i + 1]) / 2) for i, run in enumerate(runs)]
+
+    r1_rounds = per_round_vs_hand(kiln)
+    overhead_rounds = per_round_vs_hand(kiln_default_kernel)
     r2_rounds = [k / light for k, light in zip(kiln, lightning, strict=True)]
     r1, r2 = statistics.median(r1_rounds), statistics.median(r2_rounds)
     print("samples/s (median over rounds):")

@@ -73,3 +73,19 @@ def test_a_baseline_survives_packing_into_model_metadata_and_plain_json_still_re
     new_rows = {name: values[:500] for name, values in columns.items()}
     exact, rounded = drift_of(baseline, new_rows), drift_of(restored, new_rows)
     assert rounded == pytest.approx(exact, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("zlib+base64:not base64 at all!", "is damaged"),
+        ("zlib+base64:aGVsbG8=", "is damaged"),  # valid base64, not zlib data
+        ("{not json", "is damaged"),
+        ('{"rows": 3}', "is not a drift baseline"),
+    ],
+)
+def test_a_damaged_baseline_in_model_metadata_is_one_value_error(entry: str, says: str):
+    from kiln.drift import from_metadata
+
+    with pytest.raises(ValueError, match=f"kiln.drift_baseline metadata {says}"):
+        from_metadata(entry)

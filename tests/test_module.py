@@ -54,24 +54,39 @@ def new_module(dropout: float = 0.2, module_class: type[KilnModule] = KilnModule
     )
 
 
-def fit(
-    module: KilnModule, callbacks: list[L.Callback], epochs: int = 3, precision: str = "32-true"
-) -> L.Trainer:
-    trainer = L.Trainer(
+def quiet_trainer(callbacks: list[L.Callback], epochs: int, **settings: Any) -> L.Trainer:
+    """A one-CPU Trainer with nothing but the given callbacks: no logger, checkpoints or bar."""
+    return L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        precision=precision,  # type: ignore[arg-type]
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        **settings,
     )
+
+
+def fit(
+    module: KilnModule, callbacks: list[L.Callback], epochs: int = 3, precision: str = "32-true"
+) -> L.Trainer:
+    trainer = quiet_trainer(callbacks, epochs, precision=precision)
     train, val = loaders(*tiny_data())
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     return trainer
+
+
+class EpochLosses(L.Callback):
+    """Records train/loss as callbacks see it at each epoch's end."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
 class StepHooks(L.Callback):
@@ -151,13 +166,6 @@ def test_a_loss_that_becomes_nan_stops_training_naming_the_epoch():
 def test_callbacks_see_this_epochs_training_loss_at_epoch_end():
     """Callbacks' on_train_epoch_end (checkpointing, progress lines) runs before the module's."""
 
-    class Seen(L.Callback):
-        def __init__(self) -> None:
-            self.losses: list[float] = []
-
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.losses.append(float(trainer.callback_metrics["train/loss"]))
-
     class Recorded(KilnModule):
         def on_fit_start(self) -> None:
             self.logged: list[float] = []
@@ -168,7 +176,7 @@ def test_callbacks_see_this_epochs_training_loss_at_epoch_end():
             super()._log_epoch(stage)
 
     module = new_module(dropout=0.0, module_class=Recorded)
-    seen = Seen()
+    seen = EpochLosses()
     fit(module, [seen], epochs=3)
     assert len(seen.losses) == 3 and len(set(seen.losses)) == 3
     assert seen.losses == pytest.approx(module.logged, abs=1e-7)  # each epoch's own, logged once
@@ -210,14 +218,6 @@ def test_the_fused_kernel_trains_what_torchs_default_loop_trains():
             assert torch.allclose(a, b, atol=1e-5), name  # the same algorithm, up to rounding
 
 
-class EpochLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
-
-
 class PreemptAt(L.Callback):
     """Plays SLURM: SIGTERM reaches the Preemption callback after a given step of a given epoch."""
 
@@ -233,18 +233,7 @@ def fit_synthetic(callbacks: list[L.Callback], ckpt_path: Path | None = None) ->
     data = SyntheticDataModule(
         num_samples=1_200, num_features=FEATURES, num_classes=CLASSES, batch_size=BATCH, batches_per_chunk=2
     )
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(callbacks, epochs=2, deterministic=True)
     trainer.fit(new_module(), datamodule=data, ckpt_path=ckpt_path)
 
 

@@ -277,6 +277,26 @@ def test_drift_is_checked_against_the_training_baseline_in_the_model(penguins_mo
     assert not (tmp_path / "bad.csv").exists()
 
 
+def test_a_damaged_drift_baseline_skips_the_check_and_keeps_the_predictions(
+    penguins_model, penguins_rows, tmp_path
+):
+    import onnx
+
+    model = onnx.load(str(penguins_model))
+    for entry in model.metadata_props:
+        if entry.key == "kiln.drift_baseline":
+            entry.value = "zlib+base64:" + entry.value[len("zlib+base64:") :][::-1]  # hand-edited
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    output = tmp_path / "out.csv"
+    result = ok(
+        kiln_cli("predict", f"model={damaged}", f"input={penguins_rows}", f"output={output}", cwd=tmp_path)
+    )
+    assert "no drift check: the kiln.drift_baseline metadata is damaged" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(read_csv(output)) == 1000 and not (tmp_path / "out.drift.json").exists()
+
+
 def test_rows_missing_a_feature_name_it_and_write_nothing(penguins_model, penguins_rows, tmp_path):
     import pandas as pd
 

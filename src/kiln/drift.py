@@ -118,10 +118,16 @@ def to_metadata(baseline: Mapping[str, Any]) -> str:
 
 
 def from_metadata(text: str) -> dict[str, Any]:
-    """A baseline read back from ONNX metadata, packed or (models exported before packing) plain JSON."""
-    if text.startswith(PACKED):
-        text = zlib.decompress(base64.b64decode(text[len(PACKED) :])).decode()
-    baseline: dict[str, Any] = json.loads(text)
+    """A baseline read back from ONNX metadata, packed or (models exported before packing) plain
+    JSON. A damaged entry (a hand-edited file) is a ValueError that says what is wrong."""
+    try:
+        if text.startswith(PACKED):
+            text = zlib.decompress(base64.b64decode(text[len(PACKED) :], validate=True)).decode()
+        baseline = json.loads(text)
+    except (ValueError, zlib.error) as exc:  # binascii.Error and JSONDecodeError are ValueErrors
+        raise ValueError(f"the {METADATA_KEY} metadata is damaged ({exc})") from exc
+    if not isinstance(baseline, dict) or not isinstance(baseline.get("features"), dict):
+        raise ValueError(f"the {METADATA_KEY} metadata is not a drift baseline (no 'features' map)")
     return baseline
 
 

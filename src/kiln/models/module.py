@@ -194,11 +194,10 @@ class KilnModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(_EPOCH_STATE_KEY, {})  # absent from older checkpoints
-        if self.global_rank != 0:
+        if self.global_rank != 0:  # the saved state is every rank's sum: counted once
             return
         metrics = self._train_epoch_metrics()
-        for name, state in saved.items():
+        for name, state in checkpoint.get(_EPOCH_STATE_KEY, {}).items():  # absent from older checkpoints
             if name in metrics:
                 for attribute, value in state.items():
                     setattr(metrics[name], attribute, value.to(self.device))

@@ -109,7 +109,13 @@ def check_drift(
     if METADATA_KEY not in meta:
         print("kiln predict: no drift check: the model carries no training baseline", file=sys.stderr)
         return None
-    baseline = from_metadata(meta[METADATA_KEY])
+    try:
+        baseline = from_metadata(meta[METADATA_KEY])
+    except ValueError as exc:  # drift warns and never withholds predictions: no check, said so
+        print(
+            f"kiln predict: no drift check: {exc}; export the model again with kiln export", file=sys.stderr
+        )
+        return None
     if meta.get("kiln.input_kind") == "table":
         columns = {name: values[:, 0] for name, values in feeds.items()}
     else:
