@@ -8,6 +8,7 @@ the stage name is Hydra's: overrides, `--help`, `--cfg job`, `--info`, `-m`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from kiln import __version__
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             f"kiln: error: unknown stage '{name}'; stages: {', '.join(STAGES)} (kiln --help)", file=sys.stderr
         )
         return 2
+    make_user_code_importable(args[1:])
     module = importlib.import_module(STAGES[name][0])
     # Hydra reads sys.argv, without the stage name. Lightning re-launches ranks > 0 of a DDP run as
     # `python -m <__main__'s module> <argv[1:]>` (or `python <argv[0]> ...` when __main__ has no
@@ -85,6 +87,32 @@ def main(argv: list[str] | None = None) -> int:
         main_module.__spec__ = module.__spec__
     result: int = module.main()
     return result
+
+
+def make_user_code_importable(args: list[str]) -> None:
+    """The directory kiln starts from is importable, as it is for `python -m` (a `_target_:
+    my_package.MyModule` run from the project), and so is the directory that holds a
+    `--config-dir` (configs naming classes next to them). Also put in PYTHONPATH, so the
+    processes kiln starts (DDP ranks, SLURM jobs, the API's stage processes) import the same."""
+    directories = [os.getcwd()]
+    config_dir = _option_value(args, ("--config-dir", "-cd"))
+    if config_dir:
+        directories.append(os.path.dirname(os.path.abspath(config_dir)))
+    for directory in reversed(directories):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*directories, *inherited]))
+
+
+def _option_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    for index, arg in enumerate(args):
+        for name in names:
+            if arg == name and index + 1 < len(args):
+                return args[index + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ permanent (`prune.remove`) before export.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -34,28 +33,38 @@ def check_ratio(ratio: float, argument: str) -> None:
 
 
 def prune_structured(net: nn.Module, input_shape: Sequence[int], ratio: float) -> nn.Module:
-    """A copy of `net` with `ratio` of the channels/neurons of each layer removed (L1 magnitude).
+    """A copy of `net` with `ratio` of the channels/neurons of each layer removed (L1 magnitude)."""
+    pruned = copy.deepcopy(net)
+    prune_structured_in_place(pruned, torch.rand(2, *input_shape), ratio)
+    return pruned
 
-    The output layer keeps its size. Layers joined by a residual or a flatten are pruned together
-    (torch-pruning's dependency graph), so the copy still runs.
+
+def prune_structured_in_place(net: nn.Module, example: torch.Tensor, ratio: float) -> None:
+    """Remove `ratio` of the channels/neurons of each layer of `net` (L1 magnitude), tracing the
+    layers' dependencies through `net(example)`.
+
+    The output layer (the last Linear or Conv registered) keeps its size. Layers joined by a
+    residual or a flatten are pruned together (torch-pruning's dependency graph), so the net still
+    runs.
     """
     import torch_pruning as tp
 
     check_ratio(ratio, "ratio")
-    pruned = copy.deepcopy(net).eval()
-    layers = [m for m in pruned.modules() if isinstance(m, PRUNABLE)]
+    training = net.training
+    net.eval()
+    layers = [m for m in net.modules() if isinstance(m, PRUNABLE)]
     require(bool(layers), "ratio", "the net has no Linear or Conv layer to prune")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
-            pruned,
-            torch.rand(2, *input_shape),
+            net,
+            example[:2].detach().to(next(net.parameters()).device),
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=ratio,
             ignored_layers=[layers[-1]],
         )
         pruner.step()
-    return pruned
+    net.train(training)
 
 
 def prune_unstructured(net: nn.Module, amount: float, scope: str) -> nn.Module:
@@ -63,9 +72,16 @@ def prune_unstructured(net: nn.Module, amount: float, scope: str) -> nn.Module:
 
     The masks stay on during a fine-tune (masked weights stay zero); call `make_permanent` after.
     """
+    pruned = copy.deepcopy(net)
+    prune_unstructured_in_place(pruned, amount, scope)
+    return pruned
+
+
+def prune_unstructured_in_place(net: nn.Module, amount: float, scope: str) -> None:
+    """Mask the smallest `amount` of `net`'s Linear/Conv weights to zero (global or per layer)."""
     check_ratio(amount, "amount")
     require(scope in ("global", "layer"), "scope", f"must be global or layer, got {scope!r}")
-    pruned = copy.deepcopy(net)
+    pruned = net
     layers = [(m, "weight") for m in pruned.modules() if isinstance(m, PRUNABLE)]
     require(bool(layers), "amount", "the net has no Linear or Conv layer to prune")
     if scope == "global":
@@ -73,7 +89,6 @@ def prune_unstructured(net: nn.Module, amount: float, scope: str) -> nn.Module:
     else:
         for module, name in layers:
             prune.l1_unstructured(module, name, amount=amount)
-    return pruned
 
 
 def make_permanent(net: nn.Module) -> nn.Module:
@@ -146,45 +161,65 @@ def finetune(
     monitor: str,
     mode: str,
     lr_scale: float = 1.0,
+    trainer_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `module` (its net already pruned) for up to `epochs` with early stopping on `monitor`,
-    and keep the best weights. The model's own optimizer, its learning rate times `lr_scale`, no
-    scheduler. Returns what happened: epochs run and the best score."""
+    """Train `module` (its weights already pruned) through its own training_step for up to `epochs`
+    with early stopping on `monitor`, and keep the best weights. The module's own optimizer with
+    its learning rate times `lr_scale`; `trainer_settings` are the run's Trainer arguments
+    (accelerator, precision, ...; one device). Returns what happened: epochs run and the best score."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
+
+    from kiln.contract import shards_by_rank
 
     require(isinstance(epochs, int) and epochs >= 0, "finetune_epochs", f"must be >= 0, got {epochs}")
     require(patience >= 1, "patience", f"must be >= 1, got {patience}")
     require(lr_scale > 0, "lr_scale", f"must be > 0, got {lr_scale}")
     if epochs == 0:
         return {"epochs": 0, "best_score": None}
-    factory = module.optimizer_factory
-    if isinstance(factory, functools.partial) and "lr" in factory.keywords:
-        module.optimizer_factory = functools.partial(
-            factory.func, *factory.args, **{**factory.keywords, "lr": factory.keywords["lr"] * lr_scale}
-        )
-    module.scheduler_factory = None
     keep = KeepBest(monitor, mode)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    settings = {"accelerator": "cpu", "devices": 1, **(trainer_settings or {})}
     trainer = L.Trainer(
+        **settings,
         max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[EarlyStopping(monitor=monitor, mode=mode, patience=patience), keep],
+        use_distributed_sampler=not shards_by_rank(datamodule),
+        callbacks=[EarlyStopping(monitor=monitor, mode=mode, patience=patience), keep, ScaleLearningRate(lr_scale)],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=datamodule)
     if keep.best_state is not None:
         module.load_state_dict(keep.best_state)
-    module.eval()
+    module.cpu().eval()
     return {"epochs": trainer.current_epoch, "best_score": keep.best_score}
+
+
+class ScaleLearningRate(Callback):
+    """Multiplies every learning rate the module's configure_optimizers set (and its schedulers'
+    base rates) by `scale`: a fine-tune starts from trained weights and wants smaller steps."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.scale == 1.0:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for key in ("lr", "initial_lr"):
+                    if isinstance(group.get(key), float | int):
+                        group[key] = group[key] * self.scale
+        for config in trainer.lr_scheduler_configs:
+            base = getattr(config.scheduler, "base_lrs", None)
+            if base is not None:
+                config.scheduler.base_lrs = [rate * self.scale for rate in base]
 
 
 class KeepBest(Callback):

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,6 +48,27 @@ def calibration_batches(features: np.ndarray, batches: int, batch_size: int, see
     rows = generator.permutation(len(features))
     chosen = [rows[(i * batch_size) % len(rows) :][:batch_size] for i in range(batches)]
     return [np.ascontiguousarray(features[index], dtype=np.float32) for index in chosen if len(index)]
+
+
+def calibration_from_loader(datamodule: Any, batches: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Calibration batches of model inputs from the datamodule's own training loader: enough
+    loader batches for `batches * batch_size` inputs (fewer if the split is smaller), then drawn
+    as `calibration_batches` does. Only the inputs `x` are kept (kiln.contract.batch_input)."""
+    from kiln.contract import batch_input
+
+    require(isinstance(batches, int) and batches >= 1, "calibration_batches", f"must be >= 1, got {batches}")
+    wanted = batches * batch_size
+    parts, rows = [], 0
+    loader = datamodule.train_dataloader()
+    for batch in loader:
+        x = batch_input(batch).detach().float().cpu().numpy()
+        parts.append(x)
+        rows += len(x)
+        if rows >= wanted:
+            break
+    del loader
+    require(bool(parts), "calibration_batches", "the calibration set is empty: the training loader gave no batches")
+    return calibration_batches(np.concatenate(parts), batches, batch_size, seed)
 
 
 def quantize_static(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kiln.data.batches import Batch, chunk_loader
+from kiln.data.batches import Batch, Chunk, chunk_loader
 from kiln.data.splits import Splits, check_split_settings, split_indices
 from kiln.errors import KilnError, require
 
@@ -38,6 +38,9 @@ class LoadedData:
 
 
 class InMemoryDataModule(L.LightningDataModule):
+    # Each DDP rank takes its own slice of the rows (data/batches.py), without padding.
+    shards_by_rank = True
+
     def __init__(
         self,
         batch_size: int = 64,
@@ -127,23 +130,27 @@ class InMemoryDataModule(L.LightningDataModule):
     def num_outputs(self) -> int:
         return len(self.class_names) if self.task == "classification" else 1
 
-    def train_dataloader(self) -> DataLoader[list[Batch]]:
-        loader = self._loader("train", shuffle=True, batch_size=self.batch_size)
+    def train_dataloader(self) -> DataLoader[Chunk | Batch]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        chunks = bool(getattr(module, "trains_on_chunks", False))  # KilnModule's speed-up, no one else's
+        loader = self._loader("train", shuffle=True, batch_size=self.batch_size, chunks=chunks)
         # Resuming inside an epoch (a preemption checkpoint): skip what that epoch already trained on.
         loader.sampler.skip_next_chunks(self.resume_train_chunks)  # type: ignore[attr-defined]
         self.resume_train_chunks = 0
         return loader
 
-    def val_dataloader(self) -> DataLoader[list[Batch]]:
+    def val_dataloader(self) -> DataLoader[Batch]:
         return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader[list[Batch]]:
+    def test_dataloader(self) -> DataLoader[Batch]:
         return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
 
-    def predict_dataloader(self) -> DataLoader[list[Batch]]:
+    def predict_dataloader(self) -> DataLoader[Batch]:
         return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
 
-    def _loader(self, split: str, *, shuffle: bool, batch_size: int) -> DataLoader[list[Batch]]:
+    def _loader(
+        self, split: str, *, shuffle: bool, batch_size: int, chunks: bool = False
+    ) -> DataLoader[Any]:
         assert self.features is not None and self.targets is not None and self.splits is not None
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -153,12 +160,13 @@ class InMemoryDataModule(L.LightningDataModule):
             self.targets,
             torch.from_numpy(getattr(self.splits, split)),
             batch_size=batch_size,
-            batches_per_chunk=self.batches_per_chunk if shuffle else 1,
+            batches_per_chunk=self.batches_per_chunk,
             shuffle=shuffle,
             seed=self.seed,
             rank=rank,
             world_size=world_size,
             pin_memory=on_gpu,
+            chunks=chunks,
         )
 
     def split_tensors(self, split: str) -> tuple[Tensor, Tensor]:

@@ -2,9 +2,11 @@
 
 A DataLoader's default per-sample collate costs about 3.5 us a row here (a third of throughput
 for a small MLP; DESIGN.md). Instead, a sampler yields a tensor of row indices and the dataset
-slices all rows at once. Each item is a *chunk*: a list of `batches_per_chunk` mini-batches.
-The LightningModule takes one optimizer step per mini-batch, so Lightning's own per-step
-overhead (hooks, progress bar, loop bookkeeping; ~0.6 ms) is paid once per chunk, not per batch.
+slices all rows at once. A training item for kiln's own module is a *chunk*: a `Chunk` of
+`batches_per_chunk` mini-batches. KilnModule takes one optimizer step per mini-batch, so
+Lightning's own per-step overhead (hooks, progress bar, loop bookkeeping; ~0.6 ms) is paid once
+per chunk, not per batch. Any other module (a user's) gets ordinary `(x, y)` batches, as do all
+evaluation loaders: chunks are kiln's internal speed-up, never a user's training_step's input.
 
 Under DDP each rank takes its own slice of the same seeded permutation. Training slices are cut
 to equal length (ranks must take the same number of optimizer steps); evaluation slices are not
@@ -20,6 +22,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 Batch = tuple[Tensor, Tensor]
+
+
+class Chunk(list[Batch]):
+    """Mini-batches trained one after another in one Lightning step (KilnModule only). Its own
+    type, so that a default collate's `[x, y]` list is never mistaken for one."""
 
 
 class ChunkSampler(Sampler[Tensor]):
@@ -74,24 +81,28 @@ class ChunkSampler(Sampler[Tensor]):
         return -(-n // self.chunk_rows)
 
 
-class ChunkDataset(Dataset[list[Batch]]):
-    """Indexed by a tensor of rows; returns those rows as a list of mini-batches."""
+class ChunkDataset(Dataset[Chunk | Batch]):
+    """Indexed by a tensor of rows; returns those rows as a Chunk of mini-batches, or (`chunks`
+    off) as one `(x, y)` batch."""
 
-    def __init__(self, features: Tensor, targets: Tensor, batch_size: int) -> None:
+    def __init__(self, features: Tensor, targets: Tensor, batch_size: int, chunks: bool = True) -> None:
         self.features = features
         self.targets = targets
         self.batch_size = batch_size
+        self.chunks = chunks
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, rows: Tensor) -> list[Batch]:
+    def __getitem__(self, rows: Tensor) -> Chunk | Batch:
         x, y = self.features[rows], self.targets[rows]
-        return list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
+        if not self.chunks:
+            return x, y
+        return Chunk(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
 
 
-def _as_is(chunk: list[Batch]) -> list[Batch]:
-    return chunk
+def _as_is(item: Chunk | Batch) -> Chunk | Batch:
+    return item
 
 
 def chunk_loader(
@@ -106,9 +117,11 @@ def chunk_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
-) -> DataLoader[list[Batch]]:
-    sampler = ChunkSampler(
-        rows, batch_size * batches_per_chunk, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size
-    )
-    dataset = ChunkDataset(features, targets, batch_size)
+    chunks: bool = True,
+) -> DataLoader[Chunk | Batch]:
+    """`chunks`: items are Chunks of `batches_per_chunk` batches; else plain batches (and
+    `batches_per_chunk` is ignored)."""
+    chunk_rows = batch_size * batches_per_chunk if chunks else batch_size
+    sampler = ChunkSampler(rows, chunk_rows, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    dataset = ChunkDataset(features, targets, batch_size, chunks)
     return DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_as_is, pin_memory=pin_memory)

@@ -2,7 +2,7 @@
 
     open_run(dir)   checks that it is a run (says what is missing), reads run.json and .hydra/config.yaml
     load_trained()  rebuilds the datamodule from the saved config (same seed: same splits, same fitted
-                    preprocessing) and the KilnModule from checkpoints/best.ckpt (weights_only=True)
+                    preprocessing) and the LightningModule from checkpoints/best.ckpt (weights_only=True)
 
 Today's conf/ is never read here: a run is compressed and exported with the data and model it was
 trained with.
@@ -77,32 +77,20 @@ def open_run(path: str | Path | None, key: str = "run") -> RunInfo:
 
 
 def load_trained(run: RunInfo) -> tuple[Any, Any]:
-    """(datamodule set up, KilnModule with the best weights in eval mode)."""
-    from kiln.stages.build import build, plain
+    """(datamodule set up, the run's LightningModule with the best weights, in eval mode): kiln's
+    KilnModule or a user's own, built from the run's saved config as `kiln train` built it."""
+    from kiln.stages.build import build, build_module
     from kiln.training.checkpoints import check_fits, load_checkpoint
 
     cfg = run.cfg
     datamodule = build("data", cfg.data)
     datamodule.setup("fit")
-    net = build(
-        "model.net", cfg.model.net, input_shape=datamodule.input_shape, num_outputs=datamodule.num_outputs
-    )
-    model_config = plain(cfg.model)
-    model_config.pop("net")
-    module = build(
-        "model",
-        model_config,
-        net=net,
-        task=datamodule.task,
-        input_shape=list(datamodule.input_shape),
-        class_names=list(datamodule.class_names),
-        seed=cfg.seed,
-    )
+    module = build_module(cfg, datamodule)
     checkpoint = load_checkpoint(run.best_checkpoint)
     check_fits(run.best_checkpoint, checkpoint, module)
     module.load_state_dict(checkpoint["state_dict"])
     saved_data = checkpoint.get(type(datamodule).__qualname__)
-    if isinstance(saved_data, dict):
+    if isinstance(saved_data, dict) and hasattr(datamodule, "load_state_dict"):
         datamodule.load_state_dict(saved_data)  # same task and classes, or a clear error
     module.eval()
     return datamodule, module

@@ -26,13 +26,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 LABEL, PROBABILITIES, LOGITS, PREDICTION = "label", "probabilities", "logits", "prediction"
+OUTPUT = "output"  # the net's own output: what a model without a known task answers with
 BATCH = "batch"
 
 
 def assemble(
     net: onnx.ModelProto,
     *,
-    task: str,
+    task: str | None,
     class_names: Sequence[str],
     table: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
@@ -47,6 +48,8 @@ def assemble(
         graph.input.remove(net_input)
     else:
         net_input.type.tensor_type.shape.dim[0].dim_param = BATCH
+    if task not in ("classification", "regression"):
+        return model  # no head: the net's output as it is
     graph.output.remove(net_output)
     if task == "classification":
         _add_classifier_head(graph, net_output.name, class_names)

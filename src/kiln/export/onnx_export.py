@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Sequence
 from contextlib import redirect_stdout
+from typing import Any
 
 import onnx
 import torch
@@ -20,25 +20,39 @@ from torch import Tensor, nn
 from kiln.errors import KilnError
 
 
-class Exported(nn.Module):
-    """What ships: the net, with a regressor's (rows, 1) output squeezed to (rows,), as KilnModule does."""
+def example_input(module: Any, datamodule: Any) -> Tensor:
+    """Two example inputs for export and pruning: the module's `example_input_array` (Lightning's
+    own attribute) when it is a tensor, else `x` from the first batch of the validation loader.
+    Two rows, because a dynamic batch dimension must be traced with a size above 1."""
+    from kiln.contract import batch_input
 
-    def __init__(self, net: nn.Module, task: str) -> None:
-        super().__init__()
-        self.net = net
-        self.squeeze = task == "regression"
+    example = getattr(module, "example_input_array", None)
+    if not isinstance(example, Tensor):
+        try:
+            batch = next(iter(datamodule.val_dataloader()))
+            example = batch_input(batch)
+        except TypeError as exc:
+            raise KilnError(f"export: {exc}") from exc
+        except StopIteration as exc:
+            raise KilnError("export: the validation loader is empty; kiln takes an example input from it") from exc
+    if not isinstance(example, Tensor):
+        raise KilnError(
+            f"export: the model input of a batch is a {type(example).__name__}, not a tensor; set the module's "
+            "example_input_array to an example input tensor"
+        )
+    example = example.detach().cpu()
+    if len(example) < 2:
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    return example[:2].contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.net(x)
-        return out.squeeze(-1) if self.squeeze else out
 
-
-def export_net(net: nn.Module, task: str, input_shape: Sequence[int], opset: int) -> onnx.ModelProto:
-    """The net as an ONNX model with input `input` of shape (batch, *input_shape) and one output."""
-    wrapper = Exported(net, task).eval()
-    example = torch.rand(2, *input_shape)
+def export_net(net: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
+    """`net` (its forward) as an ONNX model with input `input` of shape (batch, *example.shape[1:])
+    and output `output`. A net that cannot be exported is one KilnError naming the part that failed."""
+    device = next(iter(net.parameters()), torch.empty(0)).device
+    net = net.cpu().eval()
     try:
-        return _export(wrapper, example, opset)
+        return _export(net, example, opset)
     except Exception as exc:
         culprit = find_unexportable(net, example, opset)
         reason = _root_reason(exc)
@@ -47,7 +61,12 @@ def export_net(net: nn.Module, task: str, input_shape: Sequence[int], opset: int
                 f"the ONNX exporter cannot handle module {culprit} ({reason}); replace it with standard "
                 "torch layers, or write it with operators ONNX supports"
             ) from exc
-        raise KilnError(f"the ONNX exporter cannot handle the net ({reason})") from exc
+        raise KilnError(
+            f"the ONNX exporter cannot handle {type(net).__name__}.forward ({reason}); make forward use "
+            "operators ONNX supports, or define kiln_export_module() returning the part to deploy"
+        ) from exc
+    finally:
+        net.to(device)
 
 
 def _export(module: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
@@ -76,11 +95,13 @@ def _export(module: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
 
 
 def find_unexportable(net: nn.Module, example: Tensor, opset: int) -> str | None:
-    """Export the children of a Sequential one by one; name the first one that fails."""
-    if not isinstance(net, nn.Sequential):
-        return f"net ({type(net).__name__})"
+    """Export the children of a Sequential (the net itself, or the `net` its forward runs) one by
+    one; name the first one that fails. None when the net is no Sequential."""
+    sequential = net if isinstance(net, nn.Sequential) else getattr(net, "net", None)
+    if not isinstance(sequential, nn.Sequential):
+        return None
     x = example
-    for name, child in net.named_children():
+    for name, child in sequential.named_children():
         try:
             _export(child.eval(), x, opset)
         except Exception:

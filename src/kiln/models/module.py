@@ -24,15 +24,18 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from kiln.data.batches import Batch, Chunk
 from kiln.errors import InvalidArgument, KilnError, require
 from kiln.models.metrics import MeanLoss, metric_collection, metric_names
 
-Batch = tuple[Tensor, Tensor]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
 
 
 class KilnModule(L.LightningModule):
+    # kiln's in-memory loaders may hand this module a Chunk of mini-batches per Lightning step.
+    trains_on_chunks = True
+
     def __init__(
         self,
         net: nn.Module,
@@ -118,11 +121,11 @@ class KilnModule(L.LightningModule):
             while scheduler.last_epoch < self.current_epoch:
                 scheduler.step()
 
-    def training_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> None:
+    def training_step(self, chunk: Chunk | Batch, chunk_index: int) -> None:
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list), "KilnModule uses one optimizer"
         scheduler = self._scheduler() if self.scheduler_interval == "step" else None
-        batches = chunk if isinstance(chunk, list) else [chunk]
+        batches = _batches(chunk)
         direct = self._direct_steps
         losses, outputs, targets = [], [], []
         for x, y in batches:
@@ -208,15 +211,15 @@ class KilnModule(L.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def validation_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> None:
-        self._evaluate(chunk, "val")
+    def validation_step(self, batch: Chunk | Batch, batch_index: int) -> None:
+        self._evaluate(batch, "val")
 
-    def test_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> None:
-        self._evaluate(chunk, "test")
+    def test_step(self, batch: Chunk | Batch, batch_index: int) -> None:
+        self._evaluate(batch, "test")
 
-    def _evaluate(self, chunk: list[Batch] | Batch, stage: str) -> None:
+    def _evaluate(self, batch: Chunk | Batch, stage: str) -> None:
         loss, metrics = self._stage_state(stage)
-        for x, y in chunk if isinstance(chunk, list) else [chunk]:
+        for x, y in _batches(batch):
             out = self(x)
             loss.update(self.loss_fn(out, y), torch.tensor(float(len(y)), device=out.device))
             metrics.update(self._scores(out), y)
@@ -242,8 +245,8 @@ class KilnModule(L.LightningModule):
         loss.reset()
         metrics.reset()
 
-    def predict_step(self, chunk: list[Batch] | Batch, chunk_index: int) -> Tensor:
-        return torch.cat([self._scores(self(x)) for x, _ in (chunk if isinstance(chunk, list) else [chunk])])
+    def predict_step(self, batch: Chunk | Batch, batch_index: int) -> Tensor:
+        return torch.cat([self._scores(self(x)) for x, _ in _batches(batch)])
 
     # -- optimization -----------------------------------------------------------------------
 
@@ -262,6 +265,14 @@ class KilnModule(L.LightningModule):
         if schedulers is None:
             return None
         return schedulers[0] if isinstance(schedulers, list) else schedulers
+
+
+def _batches(item: Chunk | Sequence[Tensor]) -> list[Batch]:
+    """The (x, y) mini-batches of one loader item: a kiln Chunk, or one batch from any loader
+    (a tuple, or the default collate's list; entries after x and y are left alone)."""
+    if isinstance(item, Chunk):
+        return item
+    return [(item[0], item[1])]
 
 
 def build_optimizer(

@@ -24,14 +24,22 @@ def build(key: str, node: Any, **runtime: Any) -> Any:
     """Instantiate `node` (found at config key `key`), checking its arguments first.
 
     `runtime` holds arguments only known at run time (the net's input shape, the callbacks...).
+    Each is passed only if the target's signature names it and the config does not set it
+    (kiln.contract.runtime_arguments): a user's class takes what it asks for, nothing more.
     """
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from hydra.utils import get_object, instantiate
+
+    from kiln.contract import runtime_arguments
 
     config = plain(node)
     if not isinstance(config, dict) or "_target_" not in config:
         raise KilnError(f"{key}: expected a config with a _target_, got {config!r}")
     check_target(key, config)
+    target = get_object(config["_target_"])
+    runtime = runtime_arguments(target, runtime, config)
+    if not config.get("_partial_"):
+        _check_nothing_missing(key, target, {*config, *runtime})
     try:
         return instantiate(config, _convert_="all", **runtime)
     except InstantiationException as exc:
@@ -41,6 +49,63 @@ def build(key: str, node: Any, **runtime: Any) -> Any:
         if isinstance(cause, KilnError):
             raise cause from None
         raise
+
+
+def _check_nothing_missing(key: str, target: Any, supplied: set[str]) -> None:
+    """A required argument that neither the config nor the run supplies is named now, with the
+    key to set, instead of a TypeError from inside the class."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    for name, param in parameters.items():
+        required = param.default is param.empty and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        if required and name not in supplied and name != "self":
+            short = str(getattr(target, "__name__", target))
+            raise KilnError(
+                f"{key}.{name}: {short} needs this argument and the data does not provide it; set {key}.{name}=VALUE"
+            )
+
+
+def build_module(cfg: DictConfig, datamodule: Any) -> Any:
+    """The LightningModule of `cfg.model` (datamodule set up). A `model.net` node, when there is
+    one, is built first with the input shape and output count the datamodule knows. Each target
+    is given only the run-time arguments its signature names (kiln.contract): KilnModule takes
+    the net, task, classes and seed; a user's own module usually takes none of them."""
+    from kiln import contract
+
+    facts = {
+        "task": contract.task(datamodule),
+        "class_names": contract.class_names(datamodule),
+        "input_shape": _known(datamodule, "input_shape"),
+        "num_outputs": _known(datamodule, "num_outputs"),
+    }
+    model_config = plain(cfg.model)  # resolved against the whole config (e.g. T_max: ${trainer.max_epochs})
+    net_config = model_config.get("net") if isinstance(model_config, dict) else None
+    runtime: dict[str, Any] = {}
+    if isinstance(net_config, dict) and "_target_" in net_config:
+        model_config.pop("net")
+        runtime["net"] = build("model.net", net_config, input_shape=facts["input_shape"], num_outputs=facts["num_outputs"])
+    shape = facts["input_shape"]
+    return build(
+        "model",
+        model_config,
+        **runtime,
+        task=facts["task"],
+        input_shape=list(shape) if shape is not None else None,
+        class_names=facts["class_names"],
+        seed=cfg.seed,
+    )
+
+
+def _known(datamodule: Any, name: str) -> Any:
+    """An attribute the datamodule may know (kiln's do, once set up); None if not."""
+    try:
+        return getattr(datamodule, name, None)
+    except (AssertionError, AttributeError, RuntimeError):
+        return None
 
 
 _MISSING = object()

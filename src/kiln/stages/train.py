@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kiln.config import stage
 from kiln.errors import KilnError
-from kiln.stages.build import build, plain
+from kiln.stages.build import build, build_module, plain
 
 
 @stage("train")
@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
         means = cross_validate(cfg, run_dir)
         if cfg.cv.get("refit") and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-            from kiln.stages.export import after_training
+            from kiln.delivery import after_training
 
             after_training(cfg, run_dir / REFIT_DIR)  # the refit is the model to ship
         return means
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         # The tested checkpoint is recorded and safe; compression and export follow as their own
         # stage, so a failing gate there never touches the run's training results.
-        from kiln.stages.export import after_training
+        from kiln.delivery import after_training
 
         after_training(cfg, run_dir)
     return test_metrics
@@ -71,12 +71,13 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build("data", cfg.data)
         datamodule.setup("fit")
-        run.update(data_fingerprint=datamodule.fingerprint)
+        run.update(data_fingerprint=getattr(datamodule, "fingerprint", None))
         if OmegaConf.select(cfg, "report.group_by"):
             from kiln.training.groups import check_group_column
 
             check_group_column(datamodule, str(cfg.report.group_by))
         module = build_module(cfg, datamodule)
+        check_trainable(module, datamodule)
         check_monitor_logged(monitor["metric"], module)
         # A requeued SLURM job continues its own run: same directory (named by the job), newest checkpoint.
         requeued = cfg.resume is None and slurm.is_requeued()
@@ -88,7 +89,7 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
         )
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
-        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [])
+        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule)
 
         fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -156,23 +157,6 @@ def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:
     return {"metric": metric, "mode": mode}
 
 
-def build_module(cfg: DictConfig, datamodule: Any) -> Any:
-    net = build(
-        "model.net", cfg.model.net, input_shape=datamodule.input_shape, num_outputs=datamodule.num_outputs
-    )
-    model_config = plain(cfg.model)  # resolved against the whole config (e.g. T_max: ${trainer.max_epochs})
-    model_config.pop("net")
-    return build(
-        "model",
-        model_config,
-        net=net,
-        task=datamodule.task,
-        input_shape=list(datamodule.input_shape),
-        class_names=list(datamodule.class_names),
-        seed=cfg.seed,
-    )
-
-
 def check_monitor_logged(metric: str, module: Any) -> None:
     """The monitored key must be one the module logs at epoch level (checked again after epoch 1)."""
     logged = getattr(module, "logged_metric_names", None)
@@ -185,10 +169,32 @@ def check_monitor_logged(metric: str, module: Any) -> None:
         )
 
 
-def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str], extra_callbacks: list[Any]) -> Any:
+def check_trainable(module: Any, datamodule: Any) -> None:
+    """What kiln's run needs of any LightningModule and DataModule (kiln.contract), checked before
+    training: a missing piece is one line now, not a traceback after the fit."""
+    import lightning as L
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    needs = [
+        (module, L.LightningModule, "validation_step", "model", "it must log monitor.metric for early stopping and the best checkpoint"),
+        (module, L.LightningModule, "test_step", "model", "kiln tests the best checkpoint with it"),
+        (datamodule, L.LightningDataModule, "val_dataloader", "data", "validation picks the best checkpoint"),
+        (datamodule, L.LightningDataModule, "test_dataloader", "data", "kiln tests the best checkpoint on it"),
+    ]
+    for owner, base, hook, key, why in needs:
+        if not is_overridden(hook, owner, base):
+            raise KilnError(
+                f"{key}: {type(owner).__name__} has no {hook} ({why}); add one, as the Lightning docs show"
+            )
+
+
+def build_trainer(
+    cfg: DictConfig, run: Any, monitor: dict[str, str], extra_callbacks: list[Any], datamodule: Any
+) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from kiln import slurm
+    from kiln.contract import shards_by_rank
     from kiln.training.callbacks import EpochLines, MonitorCheck
     from kiln.training.checkpoints import AtomicCheckpointIO
     from kiln.training.hardware import with_resolved_precision
@@ -224,20 +230,34 @@ def build_trainer(cfg: DictConfig, run: Any, monitor: dict[str, str], extra_call
         logger=logger,
         plugins=plugins,
         enable_progress_bar=show_bar,
-        use_distributed_sampler=False,  # kiln's loaders shard by rank themselves, without padding
+        # kiln's loaders shard by rank themselves, without padding; any other DataModule gets
+        # Lightning's DistributedSampler, so that DDP ranks never train on the same rows
+        use_distributed_sampler=not shards_by_rank(datamodule),
     )
 
 
 def throughput(trainer: Any, datamodule: Any, first_epoch: int, seconds: float) -> dict[str, Any]:
     """Training rows per second of trainer.fit as a whole (validation and checkpointing included)."""
     epochs = trainer.current_epoch - first_epoch
-    rows = len(datamodule.splits.train) if getattr(datamodule, "splits", None) is not None else None
+    rows = training_rows(trainer, datamodule)
     return {
         "fit_seconds": round(seconds, 3),
         "epochs": epochs,
         "train_rows": rows,
         "train_samples_per_second": round(rows * epochs / seconds, 1) if rows and seconds > 0 else None,
     }
+
+
+def training_rows(trainer: Any, datamodule: Any) -> int | None:
+    """Rows in the training split: kiln's splits, or the size of any loader's dataset (None when
+    the dataset has no length, e.g. an IterableDataset)."""
+    if getattr(datamodule, "splits", None) is not None:
+        return len(datamodule.splits.train)
+    loader = trainer.train_dataloader
+    try:
+        return len(loader.dataset) if loader is not None else None
+    except TypeError:
+        return None
 
 
 def best_checkpoint(trainer: Any, monitor: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,255 @@
+"""Compression as a library: every variant of a trained module, written as ONNX nets.
+
+    compress(directory, module, datamodule, recipe, ...)  ->  <directory>/compress/ + manifest.json
+
+It works on any LightningModule and LightningDataModule (kiln.contract): the part that ships is
+`kiln.contract.export_module(module)` (the module's forward unless it says otherwise), structured
+pruning fine-tunes through the module's own training_step with the run's trainer settings, and
+static int8 is calibrated on inputs from the datamodule's own training loader. The variants are
+judged later, by the export pipeline, with the module's own validation_step.
+
+The directory is swapped in whole: a killed compression leaves the previous compress/ (or none).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.compression.recipes import FP32, Recipe, Step
+
+COMPRESS_DIR = "compress"
+MANIFEST = "manifest.json"
+
+
+def compress(
+    directory: Path,
+    module: Any,
+    datamodule: Any,
+    recipe: Recipe,
+    *,
+    monitor: dict[str, str],
+    opset: int,
+    seed: int,
+    finetune_trainer: dict[str, Any],
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build every variant's net as ONNX (fp32 always, then the recipe's candidates) in
+    <directory>/compress/, with manifest.json describing them. Returns the manifest."""
+    from kiln.compression.pruning import count_nonzero, count_parameters
+    from kiln.contract import export_module
+    from kiln.export.onnx_export import example_input, export_net
+
+    started = time.perf_counter()
+    target = export_module(module)
+    example = example_input(module, datamodule)
+    staging = directory / f".{COMPRESS_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        say(f"exporting the uncompressed model ({count_parameters(target)} parameters)")
+        save_onnx(export_net(target, example, opset), staging / f"{FP32}.net.onnx")
+        variants: list[dict[str, Any]] = [
+            {
+                "name": FP32,
+                "steps": [],
+                "precision": "fp32",
+                "net_onnx": f"{FP32}.net.onnx",
+                "weights": None,
+                "params": count_parameters(target),
+                "nonzero_params": count_nonzero(target),
+                "notes": [],
+            }
+        ]
+        pruned: dict[tuple[Any, ...], dict[str, Any]] = {}  # candidates sharing pruning steps share the work
+        calibration: dict[tuple[int, int], list[np.ndarray]] = {}
+        for candidate in recipe.candidates:
+            source = variants[0]
+            if candidate.prune_steps:
+                key = tuple(step.identity() for step in candidate.prune_steps)
+                if key not in pruned:
+                    pruned[key] = prune(
+                        module,
+                        datamodule,
+                        candidate.prune_steps,
+                        staging,
+                        f"pruned{len(pruned)}",
+                        monitor=monitor,
+                        example=example,
+                        opset=opset,
+                        finetune_trainer=finetune_trainer,
+                        say=say,
+                    )
+                source = pruned[key]
+            variant = {
+                **source,
+                "name": candidate.name,
+                "steps": [s.kind for s in candidate.steps],
+                "notes": list(source["notes"]),
+            }
+            step = candidate.quantize_step
+            if step is not None:
+                result = quantize(
+                    datamodule,
+                    step,
+                    staging / source["net_onnx"],
+                    staging / f"{candidate.name}.net.onnx",
+                    seed,
+                    calibration,
+                    say,
+                )
+                variant.update(precision="int8", net_onnx=result["net_onnx"])
+                variant["notes"] = [*variant["notes"], *result["warnings"]]
+            variants.append(variant)
+        manifest = {
+            "recipe": recipe.name,
+            "max_metric_drop": recipe.max_metric_drop,
+            "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
+            "monitor": monitor,
+            "opset": opset,
+            "input_shape": list(example.shape[1:]),
+            "variants": variants,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        swap_in(staging, directory / COMPRESS_DIR)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def prune(
+    module: Any,
+    datamodule: Any,
+    steps: list[Step],
+    staging: Path,
+    name: str,
+    *,
+    monitor: dict[str, str],
+    example: Any,
+    opset: int,
+    finetune_trainer: dict[str, Any],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Prune a copy of the module's exported part (fine-tuning the whole module after each step),
+    export it, save its weights."""
+    import torch
+
+    from kiln.compression import pruning
+    from kiln.contract import export_module
+    from kiln.export.onnx_export import export_net
+
+    work = copy.deepcopy(module)
+    notes = []
+    for step in steps:
+        s = step.settings
+        target = export_module(work)
+        before = pruning.count_parameters(target)
+        if step.kind == "prune_structured":
+            pruning.prune_structured_in_place(target, example, s["ratio"])
+        else:
+            pruning.prune_unstructured_in_place(target, s["amount"], s["scope"])
+        say(f"{step.kind}: fine-tuning up to {s['finetune_epochs']} epochs on {monitor['metric']}")
+        tuned = pruning.finetune(
+            work,
+            datamodule,
+            epochs=s["finetune_epochs"],
+            patience=s["patience"],
+            monitor=monitor["metric"],
+            mode=monitor["mode"],
+            lr_scale=s["lr_scale"],
+            trainer_settings=finetune_trainer,
+        )
+        target = export_module(work)
+        if step.kind == "prune_structured":
+            after = pruning.count_parameters(target)
+            notes.append(
+                f"prune_structured ratio {s['ratio']}: parameters {before} -> {after} "
+                f"({after / before:.0%}); fine-tuned {tuned['epochs']} epochs (best {monitor['metric']}={_fmt(tuned['best_score'])})"
+            )
+        else:
+            pruning.make_permanent(target)
+            notes.append(
+                f"prune_unstructured amount {s['amount']} ({s['scope']}): weight sparsity "
+                f"{pruning.weight_sparsity(target):.0%}, fine-tuned {tuned['epochs']} epochs; a dense ONNX file "
+                "keeps its size and speed (zeros are stored and multiplied like any weight)"
+            )
+    target = export_module(work).eval()
+    save_onnx(export_net(target, example, opset), staging / f"{name}.net.onnx")
+    torch.save(target.state_dict(), staging / f"{name}.pt")
+    return {
+        "precision": "fp32",
+        "net_onnx": f"{name}.net.onnx",
+        "weights": f"{name}.pt",
+        "params": pruning.count_parameters(target),
+        "nonzero_params": pruning.count_nonzero(target),
+        "sparsity": round(pruning.weight_sparsity(target), 4),
+        "notes": notes,
+    }
+
+
+def quantize(
+    datamodule: Any,
+    step: Step,
+    source: Path,
+    target: Path,
+    seed: int,
+    calibration: dict[tuple[int, int], list[np.ndarray]],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    from kiln.compression import quantization
+
+    s = step.settings
+    if step.kind == "quantize_dynamic":
+        say("quantize_dynamic: onnxruntime dynamic int8")
+        warnings = quantization.quantize_dynamic(source, target, per_channel=s["per_channel"])
+        for warning in warnings:
+            say(f"warning: {warning}")
+        return {"net_onnx": target.name, "warnings": warnings}
+    shape = (s["calibration_batches"], s["calibration_batch_size"])
+    if shape not in calibration:  # drawn once per setting: loading images costs more than quantizing
+        calibration[shape] = quantization.calibration_from_loader(datamodule, *shape, seed=seed)
+    batches = calibration[shape]
+    say(f"quantize_static: QDQ int8, calibrated on {sum(len(b) for b in batches)} training inputs")
+    quantization.quantize_static(source, target, "input", batches, per_channel=s["per_channel"])
+    return {"net_onnx": target.name, "warnings": []}
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    import onnx
+
+    onnx.save(model, str(path))
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Replace `target` by the finished `staging` directory: whole or not at all."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    from kiln.errors import KilnError
+
+    path = directory / COMPRESS_DIR / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise KilnError(f"{path}: unreadable ({exc}); run kiln compress run={directory} again") from exc
+    return manifest
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,130 @@
+"""From a tested checkpoint to a shipped model: compress, then export (kiln.compression.pipeline,
+kiln.export.pipeline). `kiln train` calls `after_training` on rank 0; `kiln compress` and
+`kiln export` call `compress_run` and `export_run`. Stages never import each other: what they
+share lives here.
+
+A failing gate never touches the training: run.json keeps `status: completed`, and its `delivery`
+entry says what happened after it (shipped, or failed with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kiln.errors import KilnError
+
+# Trainer settings of the run that a pruning fine-tune keeps (one device, no logger or checkpoints).
+FINETUNE_TRAINER_KEYS = (
+    "accelerator",
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "deterministic",
+    "check_val_every_n_epoch",
+    "limit_train_batches",
+    "limit_val_batches",
+)
+
+
+def after_training(cfg: DictConfig, run_dir: Path | str) -> dict[str, Any] | None:
+    """Compress and export a run `kiln train` just tested, with the run's `compress` and `export`
+    settings. The report; None when the config has no compress/export groups or
+    export.after_training is false. Raises KilnError when a gate fails."""
+    from kiln.compression.recipes import read_recipe
+    from kiln.export.pipeline import read_settings
+    from kiln.stages.build import plain
+
+    if "compress" not in cfg or "export" not in cfg or cfg.compress is None or cfg.export is None:
+        return None
+    settings = read_settings(plain(cfg.export))
+    if not settings.after_training:
+        return None
+    return deliver(run_dir, read_recipe(plain(cfg.compress)), settings, key="run_dir")
+
+
+def deliver(
+    run_dir: Path | str, recipe: Any, settings: Any, *, key: str = "run", export_after: bool = True
+) -> dict[str, Any]:
+    """Compress with `recipe`, then export (unless `export_after` is false): the report, or the
+    manifest. `recipe=None` exports the variants of the run's last compression (`kiln export`),
+    or the uncompressed model when there was none."""
+    from kiln.compression.pipeline import read_manifest
+    from kiln.compression.recipes import read_recipe
+    from kiln.export.from_run import load_trained, open_run
+
+    run = open_run(run_dir, key=key)
+    quiet()
+    datamodule, module = load_trained(run)
+    try:
+        manifest = read_manifest(run.directory) if recipe is None else None
+        if manifest is None:
+            manifest = compress_run(run, datamodule, module, recipe or read_recipe({"recipe": "none"}), settings)
+        if not export_after:
+            return manifest
+        report = export_run(run, datamodule, module, manifest, settings)
+    except KilnError as exc:
+        record(run.directory, {"status": "failed", "reason": str(exc)})
+        raise
+    record(
+        run.directory,
+        {"status": report["status"], "shipped": report["shipped"], "reason": report["reason"]},
+    )
+    return report
+
+
+def compress_run(run: Any, datamodule: Any, module: Any, recipe: Any, settings: Any) -> dict[str, Any]:
+    from kiln.compression.pipeline import compress
+
+    return compress(
+        run.directory,
+        module,
+        datamodule,
+        recipe,
+        monitor=run.monitor,
+        opset=settings.opset,
+        seed=int(run.cfg.seed),
+        finetune_trainer=finetune_trainer_settings(run.cfg),
+        say=lambda line: print(f"kiln compress: {line}", flush=True),
+    )
+
+
+def export_run(run: Any, datamodule: Any, module: Any, manifest: dict[str, Any], settings: Any) -> dict[str, Any]:
+    from kiln.export.pipeline import export
+
+    return export(
+        run, module, datamodule, manifest, settings, say=lambda line: print(f"kiln export: {line}", flush=True)
+    )
+
+
+def finetune_trainer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's own Trainer settings (accelerator, precision, accumulation, clipping, ...) for a
+    pruning fine-tune, on one device of the run's accelerator."""
+    from kiln.training.hardware import with_resolved_precision
+
+    config = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
+    config = with_resolved_precision(dict(config)) if isinstance(config, dict) else {}
+    settings = {key: config[key] for key in FINETUNE_TRAINER_KEYS if config.get(key) is not None}
+    settings["devices"] = 1
+    return settings
+
+
+def record(directory: Path, outcome: dict[str, Any]) -> None:
+    """run.json's `delivery` entry; the training's own status is left as it is."""
+    from kiln.runs import Run
+
+    run = Run(directory)
+    run.record = Run.read_record(directory)
+    run.update(delivery=outcome)
+
+
+def quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")

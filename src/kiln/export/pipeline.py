@@ -1,0 +1,413 @@
+"""Export as a library: every compressed variant to one verified, measured ONNX file; the chosen
+one ships as model.onnx.
+
+    export(run, module, datamodule, manifest, settings)  ->  <run>/export/, report.*, model.onnx
+
+For each variant of <run>/compress/manifest.json:
+  assemble   the net plus the raw-row table preprocessing (kiln's tables) and a head, metadata
+  score      the module's own validation_step and test_step over the datamodule's own loaders,
+             with its forward served by the variant's ONNX net (export/scoring.py)
+  check      fp32: parity with PyTorch within export.atol on real inputs; every variant: onnx.checker
+  measure    file size, parameters, onnxruntime latency at batch 1 and 256
+then choose on the validation split (compression/choose.py), swap <run>/export/ in whole, write
+the report, ship model.onnx. If the chosen variant fails a check or the metric budget, nothing
+is written as model.onnx and a KilnError says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import kiln
+from kiln.errors import KilnError
+
+EXPORT_DIR = "export"
+MODEL = "model.onnx"
+BATCHES = (1, 256)
+PARITY_ROWS = 512  # inputs from the test loader compared with PyTorch and used for latency
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 20
+    atol: float = 1e-4
+    latency_repeats: int = 30
+    threads: int | None = None
+    after_training: bool = True
+
+
+def read_settings(config: dict[str, Any] | None) -> ExportSettings:
+    config = dict(config or {})
+    known = ExportSettings.__dataclass_fields__
+    for key in config:
+        if key not in known:
+            raise KilnError(f"export.{key}: no such export setting; settings: {', '.join(known)}")
+    settings = ExportSettings(**config)
+    if not isinstance(settings.opset, int) or not 18 <= settings.opset <= 21:
+        raise KilnError(
+            f"export.opset={settings.opset}: use an opset from 18 to 21 (string one-hot needs 19+ for tables)"
+        )
+    if not isinstance(settings.atol, int | float) or settings.atol <= 0:
+        raise KilnError(f"export.atol={settings.atol}: must be > 0, e.g. 1e-4")
+    if not isinstance(settings.latency_repeats, int) or settings.latency_repeats < 1:
+        raise KilnError(f"export.latency_repeats={settings.latency_repeats}: must be an integer >= 1")
+    if settings.threads is not None and (not isinstance(settings.threads, int) or settings.threads < 1):
+        raise KilnError(
+            f"export.threads={settings.threads}: must be null (library default) or an integer >= 1"
+        )
+    return settings
+
+
+@dataclass
+class Model:
+    """What the exported graph is about: its task, classes, input and the graph's answer."""
+
+    task: str | None  # classification, regression, or None: the raw output, no head
+    class_names: list[str]
+    input_shape: list[int]
+
+    @property
+    def output(self) -> str:
+        from kiln.export.graphs import LOGITS, OUTPUT, PREDICTION
+
+        return {"classification": LOGITS, "regression": PREDICTION}.get(self.task or "", OUTPUT)
+
+
+def export(
+    run: Any,
+    module: Any,
+    datamodule: Any,
+    manifest: dict[str, Any],
+    settings: ExportSettings,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export, check, score and measure every variant of `manifest`; ship the chosen one.
+    `run` is a kiln.runs.RunDirectory (directory, monitor, config_hash, record, best_checkpoint)."""
+    from kiln import contract
+    from kiln.compression.choose import choose
+    from kiln.compression.pipeline import swap_in
+    from kiln.export import measure
+    from kiln.export.report import log_tensorboard, write_report
+    from kiln.export.scoring import evaluate
+
+    started = time.perf_counter()
+    monitor = manifest["monitor"]
+    metric = monitor["metric"]
+    test_metric = "test/" + metric.split("/", 1)[-1]
+    max_drop = float(manifest["max_metric_drop"])
+    target = contract.export_module(module)
+    inputs = ModelInputs(datamodule, module)
+    model = Model(
+        task=contract.task(datamodule, module),
+        class_names=contract.class_names(datamodule, module) or [],
+        input_shape=list(manifest.get("input_shape") or inputs.input_shape),
+    )
+    if model.task == "classification" and not model.class_names:
+        model.task = None  # no names to answer with: the graph gives its raw output
+
+    with measure.Threads(settings.threads):
+        baseline = {
+            "name": "torch_fp32",
+            "val_metrics": evaluate(module, datamodule, "val"),
+            "test_metrics": dict(run.record.get("test_metrics") or {}) or evaluate(module, datamodule, "test"),
+            "params": sum(p.numel() for p in target.parameters()),
+            "size_bytes": run.best_checkpoint.stat().st_size,
+            "latency_us": measure.torch_latency(target, inputs.torch_features(), BATCHES, settings.latency_repeats),
+            "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
+        }
+        if metric not in baseline["val_metrics"]:
+            raise KilnError(
+                f"monitor.metric={metric}: the module's validation_step did not log it when scoring the "
+                f"variants; it logged: {', '.join(baseline['val_metrics']) or 'nothing'}"
+            )
+        staging = run.directory / f".{EXPORT_DIR}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            variants = []
+            for entry in manifest["variants"]:
+                variant = export_variant(
+                    run, module, target, datamodule, inputs, model, entry, baseline, manifest, settings, staging
+                )
+                variants.append(variant)
+                say(describe(variant, metric, test_metric))
+            choice = choose(
+                variants, auto=manifest["recipe"] == "auto", wanted=manifest.get("wanted"), max_drop=max_drop
+            )
+            swap_in(staging, run.directory / EXPORT_DIR)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    report = {
+        "run": str(run.directory),
+        "recipe": manifest["recipe"],
+        "monitor": monitor,
+        "max_metric_drop": max_drop,
+        "shipped": choice.name,
+        "model": MODEL if choice.name else None,
+        "status": "passed" if choice.name else "failed",
+        "reason": choice.reason,
+        "decided_on": "validation split (test metrics are reported, never used to choose)",
+        "kiln_version": kiln.__version__,
+        "config_hash": run.config_hash,
+        "opset": manifest["opset"],
+        "latency_repeats": settings.latency_repeats,
+        "threads": settings.threads,
+        "baseline": baseline,
+        "variants": variants,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if choice.name:
+        ship(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
+    write_report(run.directory, report)
+    try:
+        log_tensorboard(run.directory, report)
+    except Exception as exc:  # the report files are the record; TensorBoard is a view of them
+        print(f"kiln export: warning: TensorBoard not updated ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if not choice.name:
+        raise KilnError(f"no model shipped: {choice.reason}; see {run.directory / 'report.md'}")
+    shipped = next(v for v in variants if v["name"] == choice.name)
+    say(
+        f"shipped {choice.name} as {run.directory / MODEL} ({choice.reason})\n"
+        f"  {metric}={_fmt(shipped['val_metrics'].get(metric))} (torch fp32 {_fmt(baseline['val_metrics'].get(metric))})  "
+        f"{test_metric}={_fmt(shipped['test_metrics'].get(test_metric))}  "
+        f"size {shipped['size_bytes'] / 1024:.1f} KB  latency b256 {shipped['latency_us']['256']:.0f} us "
+        f"(torch eager {baseline['latency_us']['256']:.0f} us)\n  report: {run.directory / 'report.md'}"
+    )
+    return report
+
+
+def export_variant(
+    run: Any,
+    module: Any,
+    target: Any,
+    datamodule: Any,
+    inputs: ModelInputs,
+    model: Model,
+    entry: dict[str, Any],
+    baseline: dict[str, Any],
+    manifest: dict[str, Any],
+    settings: ExportSettings,
+    staging: Path,
+) -> dict[str, Any]:
+    """One variant: the deployable file, checked, scored by the module's own steps, measured."""
+    import onnx
+
+    from kiln.compression.choose import metric_drop
+    from kiln.compression.pipeline import COMPRESS_DIR
+    from kiln.export import checks, measure
+    from kiln.export.graphs import assemble, set_metadata
+    from kiln.export.scoring import evaluate_graph
+
+    name = entry["name"]
+    metric, mode = manifest["monitor"]["metric"], manifest["monitor"]["mode"]
+    test_metric = "test/" + metric.split("/", 1)[-1]
+    net_path = run.directory / COMPRESS_DIR / entry["net_onnx"]
+
+    # scored through the module's own validation_step and test_step, the net served by onnxruntime
+    net_session = checks.open_session(net_path, settings.threads)
+    val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name)
+    test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name)
+
+    path = staging / f"{name}.onnx"
+    graph = assemble(onnx.load(str(net_path)), task=model.task, class_names=model.class_names, table=inputs.table)
+    set_metadata(
+        graph,
+        {
+            **base_metadata(run, datamodule, inputs, model, name, manifest["opset"]),
+            "kiln.monitor_value": f"{val_metrics[metric]:.6g}",
+            "kiln.test_metrics": {k: round(v, 6) for k, v in test_metrics.items()},
+        },
+    )
+    onnx.save(graph, str(path))
+    checks.check_file(path)
+    session = checks.open_session(path, settings.threads)
+    variant: dict[str, Any] = {
+        "name": name,
+        "steps": entry["steps"],
+        "precision": entry["precision"],
+        "file": f"{EXPORT_DIR}/{name}.onnx",
+        "size_bytes": path.stat().st_size,
+        "params": entry["params"],
+        "nonzero_params": entry.get("nonzero_params"),
+        "val_metrics": val_metrics,
+        "test_metrics": test_metrics,
+        "val_drop": metric_drop(baseline["val_metrics"][metric], val_metrics[metric], mode),
+        "test_drop": _drop(baseline["test_metrics"].get(test_metric), test_metrics.get(test_metric), mode),
+        "notes": entry.get("notes", []),
+    }
+    if entry["precision"] == "fp32":
+        graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
+        torch_out = measure.torch_outputs(variant_module(run, target, entry), inputs.torch_features(), model.task or "")
+        result = checks.parity(graph_out, torch_out, model.task or "regression", settings.atol)
+        variant.update(parity_max_abs=result.max_abs, passed=result.ok, check=f"parity: {result.describe()}")
+        variant["reason"] = "" if result.ok else f"parity failed: {result.describe()}"
+    else:
+        variant.update(
+            passed=True,
+            check=f"int8, judged by {metric} on the validation split (drop {variant['val_drop']:.2f} points)",
+            reason="",
+        )
+    variant["latency_us"] = measure.ort_latency(session, inputs.feeds(session), BATCHES, settings.latency_repeats)
+    return variant
+
+
+def variant_module(run: Any, target: Any, entry: dict[str, Any]) -> Any:
+    """The torch module a fp32 variant was exported from: the best checkpoint's, or pruned weights."""
+    import torch
+
+    from kiln.compression.pipeline import COMPRESS_DIR
+    from kiln.compression.pruning import fit_to_state_dict
+
+    if not entry.get("weights"):
+        return target.eval()
+    state = torch.load(run.directory / COMPRESS_DIR / entry["weights"], map_location="cpu", weights_only=True)
+    return fit_to_state_dict(copy.deepcopy(target).cpu(), state).eval()
+
+
+def base_metadata(
+    run: Any, datamodule: Any, inputs: ModelInputs, model: Model, variant: str, opset: int
+) -> dict[str, Any]:
+    return {
+        "kiln.version": kiln.__version__,
+        "kiln.config_hash": run.config_hash,
+        "kiln.run": run.directory.name,
+        "kiln.variant": variant,
+        "kiln.task": model.task or "raw",
+        "kiln.class_names": model.class_names,
+        "kiln.feature_names": inputs.feature_names,
+        "kiln.input_kind": "table" if inputs.table is not None else "array",
+        "kiln.input_shape": model.input_shape,
+        "kiln.target": getattr(datamodule, "target_column", "") or "",
+        "kiln.monitor": run.monitor["metric"],
+        "kiln.monitor_mode": run.monitor["mode"],
+        "kiln.opset": str(opset),
+        **drift_metadata(run.directory),
+    }
+
+
+def drift_metadata(directory: Path) -> dict[str, str]:
+    """The training data's per-feature baseline (kiln.drift), for `kiln predict` to compare against."""
+    from kiln.drift import BASELINE_FILE, METADATA_KEY, to_metadata
+
+    path = directory / BASELINE_FILE
+    return {METADATA_KEY: to_metadata(json.loads(path.read_text()))} if path.is_file() else {}
+
+
+def ship(source: Path, target: Path) -> None:
+    """Copy to a temp name beside the target, then rename: model.onnx is whole or absent."""
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(source, temp)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def describe(variant: dict[str, Any], metric: str, test_metric: str) -> str:
+    status = "passed" if variant["passed"] else f"FAILED ({variant['reason']})"
+    return (
+        f"{variant['name']:<24} {variant['precision']}  {metric}={_fmt(variant['val_metrics'].get(metric))}  "
+        f"drop={variant['val_drop']:+.2f}  {test_metric}={_fmt(variant['test_metrics'].get(test_metric))}  "
+        f"{variant['size_bytes'] / 1024:.1f} KB  b1 {variant['latency_us']['1']:.0f} us  "
+        f"b256 {variant['latency_us']['256']:.0f} us  {status}"
+    )
+
+
+class ModelInputs:
+    """Real inputs for parity and latency, as the exported graph and the torch module take them.
+
+    kiln's tables: the graph takes raw rows (the test split plus two rows the training data never
+    showed: every value missing, and categories never seen), torch the preprocessed features.
+    Anything else: up to PARITY_ROWS inputs `x` from the datamodule's own test loader, for both.
+    """
+
+    def __init__(self, datamodule: Any, module: Any) -> None:
+        from kiln.export.from_run import raw_split, table_state
+
+        self.table = table_state(datamodule)
+        self.frame = None
+        self._x: np.ndarray | None = None
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        if self.table is not None:
+            self.frame = with_unseen_rows(raw_split(datamodule, "test"), self.table)
+            self.feature_names = list(self.table["numeric_columns"]) + list(self.table["categorical_columns"])
+        else:
+            self._x = test_inputs(datamodule, PARITY_ROWS)
+            self.feature_names = list(getattr(datamodule, "feature_names", None) or [])
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.torch_features().shape[1:])
+
+    def torch_features(self) -> Any:
+        import torch
+
+        if self.table is None:
+            assert self._x is not None
+            return torch.from_numpy(self._x)
+        from kiln.data.preprocessing import TablePreprocessor
+
+        return torch.as_tensor(TablePreprocessor.from_state(self.table).transform(self.frame))
+
+    def feeds(self, session: Any) -> dict[str, np.ndarray]:
+        from kiln.export.feeds import array_feeds, specs_of, table_feeds
+
+        key = id(session)
+        if key not in self._cache:
+            self._cache.clear()
+            specs = specs_of(session.get_inputs())
+            if self.table is not None:
+                self._cache[key] = table_feeds(self.frame, specs, source="test split")
+            else:
+                assert self._x is not None
+                self._cache[key] = array_feeds(self._x, specs[0])
+        return self._cache[key]
+
+
+def test_inputs(datamodule: Any, limit: int) -> np.ndarray:
+    """Up to `limit` model inputs from the datamodule's test loader, as float32."""
+    from kiln.contract import batch_input
+
+    datamodule.setup("test")
+    parts, rows = [], 0
+    for batch in datamodule.test_dataloader():
+        x = batch_input(batch).detach().float().cpu().numpy()
+        parts.append(x)
+        rows += len(x)
+        if rows >= limit:
+            break
+    if not parts:
+        raise KilnError("data: the test loader gave no batches; kiln checks the exported model on them")
+    return np.ascontiguousarray(np.concatenate(parts)[:limit])
+
+
+def with_unseen_rows(frame: Any, table: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    missing = {c: [np.nan] for c in frame.columns}
+    unseen = {c: [frame[c].iloc[0]] for c in frame.columns}
+    for column in table["categorical_columns"]:
+        unseen[column] = ["kiln-never-seen"]
+    return pd.concat([frame, pd.DataFrame(missing), pd.DataFrame(unseen)], ignore_index=True)
+
+
+def _drop(baseline: float | None, value: float | None, mode: str) -> float | None:
+    from kiln.compression.choose import metric_drop
+
+    return None if baseline is None or value is None else metric_drop(baseline, value, mode)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

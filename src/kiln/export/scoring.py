@@ -1,0 +1,99 @@
+"""Scoring with the user's own evaluation code: the module's `validation_step` / `test_step` on the
+datamodule's own loaders, run by Lightning, with the exported part's `forward` served by an
+onnxruntime session (or left in torch, for the baseline).
+
+kiln never needs to know the user's metric functions: whatever the module logs is what each
+variant is judged by. Measured on a plain LightningModule (DESIGN.md): the metrics of a patched
+forward equal the PyTorch ones to 6 decimals. A validation_step that calls submodules directly
+(`self.body(x)`) bypasses `forward`; the calls are counted, and none is one clear error rather
+than PyTorch's metrics reported as the graph's.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kiln.errors import KilnError
+
+EVALUATION_TRAINER = {
+    "accelerator": "cpu",  # onnxruntime answers on the CPU; the torch baseline is timed there too
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+def evaluate(module: Any, datamodule: Any, split: str) -> dict[str, float]:
+    """What the module logs over one split ("val" or "test"), by its own validation/test step."""
+    import lightning as L
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    trainer = L.Trainer(**EVALUATION_TRAINER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = trainer.validate if split == "val" else trainer.test
+        results = run(module, datamodule=datamodule, verbose=False)
+    module.eval()
+    return {name: float(value) for name, value in sorted(results[0].items())} if results else {}
+
+
+class OnnxForward:
+    """While active, `target.forward(x)` runs the ONNX graph at `session` (one tensor in, the
+    first output back as a tensor on x's device), and counts its calls."""
+
+    def __init__(self, target: nn.Module, session: Any) -> None:
+        self.target = target
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.calls = 0
+
+    def __call__(self, x: Any, *rest: Any, **keywords: Any) -> Tensor:
+        if rest or keywords or not isinstance(x, Tensor):
+            raise KilnError(
+                "the exported forward takes one tensor; this module's forward was called with more "
+                "(define kiln_export_module() returning the part that takes one tensor)"
+            )
+        self.calls += 1
+        feed = {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())}
+        out = self.session.run(None, feed)[0]
+        return torch.from_numpy(np.asarray(out)).to(x.device)
+
+    @contextmanager
+    def active(self) -> Iterator[OnnxForward]:
+        had_own = "forward" in self.target.__dict__
+        previous = self.target.__dict__.get("forward")
+        self.target.forward = self  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            if had_own:
+                self.target.forward = previous  # type: ignore[method-assign]
+            else:
+                del self.target.forward
+
+
+def evaluate_graph(
+    module: Any, target: nn.Module, session: Any, datamodule: Any, split: str, variant: str
+) -> dict[str, float]:
+    """The module's own metrics over a split with `target`'s forward served by `session`."""
+    patched = OnnxForward(target, session)
+    with patched.active():
+        metrics = evaluate(module, datamodule, split)
+    if patched.calls == 0:
+        raise KilnError(
+            f"scoring {variant}: the module's {'validation' if split == 'val' else 'test'}_step never "
+            f"called {type(target).__name__}.forward, so the exported graph cannot be scored; call self(x) "
+            "there, or define kiln_export_module() returning the module it does call"
+        )
+    return metrics
