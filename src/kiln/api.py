@@ -4,6 +4,8 @@
 
     run = api.train(["experiment=penguins_mlp", "trainer.max_epochs=5"])
     run.test_metrics, run.best_checkpoint, run.model_path, run.report
+    run.delivery                                         # after training: shipped, or failed and why
+    module = run.load_module()                           # the trained LightningModule (torch)
     again = api.load(run.directory)                      # any run directory, later
     api.compress(run.directory, ["compress=quantize_static"])
     api.predict(run.model_path, "rows.csv", "predictions.csv")
@@ -23,7 +25,8 @@ where the run went. Sweeps (`-m`) are for the CLI: one call, one run.
 
 A failing stage raises `StageError` (a `KilnError`) whose message is the stage's one-line error
 (the last `kiln <stage>: error: ...` line of its stderr); the whole stderr is kept on the
-exception. `predict` runs in this process: it is onnxruntime and numpy only, no Hydra, no torch.
+exception. One exception: `train` whose training completed but whose compression or export gate
+failed returns the run, with `status` completed and `delivery` failed with the reason. `predict` runs in this process: it is onnxruntime and numpy only, no Hydra, no torch.
 """
 
 from __future__ import annotations
@@ -86,9 +89,21 @@ class RunResult:
 
     @property
     def status(self) -> str | None:
-        """run.json's status: completed, running or failed."""
+        """run.json's status: completed, running or failed (the training's, not the export's)."""
         status = self.record.get("status")
         return str(status) if status is not None else None
+
+    @property
+    def delivery(self) -> dict[str, Any] | None:
+        """What happened after training: `{status: passed|failed, shipped, reason}`; None when
+        compression and export did not run. A failed gate leaves `status` completed."""
+        delivery = self.record.get("delivery")
+        return dict(delivery) if isinstance(delivery, dict) else None
+
+    def load_module(self) -> Any:
+        """The trained LightningModule (kiln's or your own) with the best checkpoint's weights, in
+        eval mode, built from the run's saved config. Imports torch."""
+        return load_module(self.directory)
 
 
 # -- running stages ----------------------------------------------------------------------------
@@ -113,7 +128,14 @@ def train(
         if not config_path.is_dir():
             raise KilnError(f"config_dir={config_dir}: no such directory")
         args = ["--config-dir", str(config_path), *args]
-    run_stage("train", args, echo=echo)
+    try:
+        run_stage("train", args, echo=echo)
+    except StageError:
+        # A compression gate that failed after a completed training: the result says both
+        # (`status` completed, `delivery` failed with the reason); any other failure raises.
+        record_path = directory / RUN_RECORD
+        if not record_path.is_file() or _read_json(record_path).get("status") != "completed":
+            raise
     result = load(directory)
     if result.status != "completed":  # the stage said it finished: the record must agree
         raise KilnError(f"{directory}: kiln train exited cleanly but run.json's status is {result.status!r}")
@@ -292,6 +314,15 @@ def _fresh_run_dir(output_dir: Path) -> Path:
 
 
 # -- reading a run directory -------------------------------------------------------------------
+
+
+def load_module(run_dir: str | os.PathLike[str]) -> Any:
+    """The trained LightningModule of a run directory (best checkpoint, eval mode): kiln's own or
+    the one your config names, rebuilt from the run's saved config. Imports torch."""
+    from kiln.export.from_run import load_trained, open_run
+
+    _, module = load_trained(open_run(Path(run_dir)))
+    return module
 
 
 def load(run_dir: str | os.PathLike[str]) -> RunResult:

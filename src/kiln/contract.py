@@ -54,7 +54,7 @@ def class_names(datamodule: Any, module: Any = None) -> list[str] | None:
 
 
 def task(datamodule: Any, module: Any = None) -> str | None:
-    """"classification" or "regression" when the datamodule or module says, or class names imply it."""
+    """ "classification" or "regression" when the datamodule or module says, or class names imply it."""
     for owner in (datamodule, module):
         if owner is None:
             continue
@@ -93,7 +93,9 @@ def batch_input(batch: Any) -> Any:
     raise TypeError(f"a batch of type {type(batch).__name__} has no input tensor kiln can find")
 
 
-def runtime_arguments(target: Any, offered: Mapping[str, Any], configured: Mapping[str, Any]) -> dict[str, Any]:
+def runtime_arguments(
+    target: Any, offered: Mapping[str, Any], configured: Mapping[str, Any]
+) -> dict[str, Any]:
     """The run-time arguments `target` names in its signature, except those the config already
     sets and those whose value is unknown (None). Never through **kwargs: a LightningModule's
     **kwargs usually end in nn.Module.__init__, which refuses them."""

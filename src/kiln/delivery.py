@@ -64,7 +64,9 @@ def deliver(
     try:
         manifest = read_manifest(run.directory) if recipe is None else None
         if manifest is None:
-            manifest = compress_run(run, datamodule, module, recipe or read_recipe({"recipe": "none"}), settings)
+            manifest = compress_run(
+                run, datamodule, module, recipe or read_recipe({"recipe": "none"}), settings
+            )
         if not export_after:
             return manifest
         report = export_run(run, datamodule, module, manifest, settings)
@@ -94,11 +96,18 @@ def compress_run(run: Any, datamodule: Any, module: Any, recipe: Any, settings: 
     )
 
 
-def export_run(run: Any, datamodule: Any, module: Any, manifest: dict[str, Any], settings: Any) -> dict[str, Any]:
+def export_run(
+    run: Any, datamodule: Any, module: Any, manifest: dict[str, Any], settings: Any
+) -> dict[str, Any]:
     from kiln.export.pipeline import export
 
     return export(
-        run, module, datamodule, manifest, settings, say=lambda line: print(f"kiln export: {line}", flush=True)
+        run,
+        module,
+        datamodule,
+        manifest,
+        settings,
+        say=lambda line: print(f"kiln export: {line}", flush=True),
     )
 
 

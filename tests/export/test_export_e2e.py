@@ -149,10 +149,10 @@ def test_an_operator_the_exporter_cannot_handle_is_named_with_its_module(tmp_pat
 
 
 def test_after_training_compresses_and_exports_with_the_runs_own_settings(penguins_run: Path, tmp_path: Path):
-    """What kiln train calls after testing (rank 0): kiln.stages.export.after_training(cfg, run_dir)."""
+    """What kiln train calls after testing (rank 0): kiln.delivery.after_training(cfg, run_dir)."""
     from omegaconf import OmegaConf
 
-    from kiln.stages.export import after_training
+    from kiln.delivery import after_training
 
     run = copy_run(penguins_run, tmp_path)
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")

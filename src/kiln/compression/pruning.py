@@ -190,7 +190,11 @@ def finetune(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=not shards_by_rank(datamodule),
-        callbacks=[EarlyStopping(monitor=monitor, mode=mode, patience=patience), keep, ScaleLearningRate(lr_scale)],
+        callbacks=[
+            EarlyStopping(monitor=monitor, mode=mode, patience=patience),
+            keep,
+            ScaleLearningRate(lr_scale),
+        ],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -67,7 +67,11 @@ def calibration_from_loader(datamodule: Any, batches: int, batch_size: int, seed
         if rows >= wanted:
             break
     del loader
-    require(bool(parts), "calibration_batches", "the calibration set is empty: the training loader gave no batches")
+    require(
+        bool(parts),
+        "calibration_batches",
+        "the calibration set is empty: the training loader gave no batches",
+    )
     return calibration_batches(np.concatenate(parts), batches, batch_size, seed)
 
 

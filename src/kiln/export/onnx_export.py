@@ -34,7 +34,9 @@ def example_input(module: Any, datamodule: Any) -> Tensor:
         except TypeError as exc:
             raise KilnError(f"export: {exc}") from exc
         except StopIteration as exc:
-            raise KilnError("export: the validation loader is empty; kiln takes an example input from it") from exc
+            raise KilnError(
+                "export: the validation loader is empty; kiln takes an example input from it"
+            ) from exc
     if not isinstance(example, Tensor):
         raise KilnError(
             f"export: the model input of a batch is a {type(example).__name__}, not a tensor; set the module's "

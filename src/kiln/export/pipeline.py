@@ -120,10 +120,13 @@ def export(
         baseline = {
             "name": "torch_fp32",
             "val_metrics": evaluate(module, datamodule, "val"),
-            "test_metrics": dict(run.record.get("test_metrics") or {}) or evaluate(module, datamodule, "test"),
+            "test_metrics": dict(run.record.get("test_metrics") or {})
+            or evaluate(module, datamodule, "test"),
             "params": sum(p.numel() for p in target.parameters()),
             "size_bytes": run.best_checkpoint.stat().st_size,
-            "latency_us": measure.torch_latency(target, inputs.torch_features(), BATCHES, settings.latency_repeats),
+            "latency_us": measure.torch_latency(
+                target, inputs.torch_features(), BATCHES, settings.latency_repeats
+            ),
             "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
         }
         if metric not in baseline["val_metrics"]:
@@ -138,7 +141,17 @@ def export(
             variants = []
             for entry in manifest["variants"]:
                 variant = export_variant(
-                    run, module, target, datamodule, inputs, model, entry, baseline, manifest, settings, staging
+                    run,
+                    module,
+                    target,
+                    datamodule,
+                    inputs,
+                    model,
+                    entry,
+                    baseline,
+                    manifest,
+                    settings,
+                    staging,
                 )
                 variants.append(variant)
                 say(describe(variant, metric, test_metric))
@@ -221,7 +234,9 @@ def export_variant(
     test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name)
 
     path = staging / f"{name}.onnx"
-    graph = assemble(onnx.load(str(net_path)), task=model.task, class_names=model.class_names, table=inputs.table)
+    graph = assemble(
+        onnx.load(str(net_path)), task=model.task, class_names=model.class_names, table=inputs.table
+    )
     set_metadata(
         graph,
         {
@@ -249,7 +264,9 @@ def export_variant(
     }
     if entry["precision"] == "fp32":
         graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
-        torch_out = measure.torch_outputs(variant_module(run, target, entry), inputs.torch_features(), model.task or "")
+        torch_out = measure.torch_outputs(
+            variant_module(run, target, entry), inputs.torch_features(), model.task or ""
+        )
         result = checks.parity(graph_out, torch_out, model.task or "regression", settings.atol)
         variant.update(parity_max_abs=result.max_abs, passed=result.ok, check=f"parity: {result.describe()}")
         variant["reason"] = "" if result.ok else f"parity failed: {result.describe()}"
@@ -259,7 +276,9 @@ def export_variant(
             check=f"int8, judged by {metric} on the validation split (drop {variant['val_drop']:.2f} points)",
             reason="",
         )
-    variant["latency_us"] = measure.ort_latency(session, inputs.feeds(session), BATCHES, settings.latency_repeats)
+    variant["latency_us"] = measure.ort_latency(
+        session, inputs.feeds(session), BATCHES, settings.latency_repeats
+    )
     return variant
 
 
@@ -369,6 +388,7 @@ class ModelInputs:
             self._cache.clear()
             specs = specs_of(session.get_inputs())
             if self.table is not None:
+                assert self.frame is not None
                 self._cache[key] = table_feeds(self.frame, specs, source="test split")
             else:
                 assert self._x is not None

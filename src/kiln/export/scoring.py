@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kiln.errors import KilnError
 
-EVALUATION_TRAINER = {
+EVALUATION_TRAINER: dict[str, Any] = {
     "accelerator": "cpu",  # onnxruntime answers on the CPU; the torch baseline is timed there too
     "devices": 1,
     "logger": False,
@@ -71,16 +71,18 @@ class OnnxForward:
 
     @contextmanager
     def active(self) -> Iterator[OnnxForward]:
-        had_own = "forward" in self.target.__dict__
-        previous = self.target.__dict__.get("forward")
-        self.target.forward = self  # type: ignore[method-assign]
+        # An instance attribute shadows the class's forward for this object only; nn.Module's
+        # __call__ looks `forward` up on the instance.
+        own = self.target.__dict__
+        had_own, previous = "forward" in own, own.get("forward")
+        own["forward"] = self
         try:
             yield self
         finally:
             if had_own:
-                self.target.forward = previous  # type: ignore[method-assign]
+                own["forward"] = previous
             else:
-                del self.target.forward
+                del own["forward"]
 
 
 def evaluate_graph(

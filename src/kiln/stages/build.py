@@ -61,7 +61,10 @@ def _check_nothing_missing(key: str, target: Any, supplied: set[str]) -> None:
     except (TypeError, ValueError):
         return
     for name, param in parameters.items():
-        required = param.default is param.empty and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        required = param.default is param.empty and param.kind in (
+            param.POSITIONAL_OR_KEYWORD,
+            param.KEYWORD_ONLY,
+        )
         if required and name not in supplied and name != "self":
             short = str(getattr(target, "__name__", target))
             raise KilnError(
@@ -87,7 +90,9 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
     runtime: dict[str, Any] = {}
     if isinstance(net_config, dict) and "_target_" in net_config:
         model_config.pop("net")
-        runtime["net"] = build("model.net", net_config, input_shape=facts["input_shape"], num_outputs=facts["num_outputs"])
+        runtime["net"] = build(
+            "model.net", net_config, input_shape=facts["input_shape"], num_outputs=facts["num_outputs"]
+        )
     shape = facts["input_shape"]
     return build(
         "model",

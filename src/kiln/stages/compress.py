@@ -47,7 +47,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     settings = read_settings(plain(cfg.export))
     result = deliver(cfg.run, recipe, settings, export_after=bool(cfg.export_after))
     if not cfg.export_after:
-        print(f"kiln compress: variants in {Path(str(cfg.run)) / COMPRESS_DIR}; next: kiln export run={cfg.run}")
+        print(
+            f"kiln compress: variants in {Path(str(cfg.run)) / COMPRESS_DIR}; next: kiln export run={cfg.run}"
+        )
     return result
 
 

@@ -388,8 +388,8 @@ def run_trial(
     import optuna
 
     from kiln.runs import Run, write_atomically
-    from kiln.stages.cross_validate import hydra_output_dir
-    from kiln.stages.train import train_once
+    from kiln.training.cross_validation import hydra_output_dir
+    from kiln.training.run import train_once
     from kiln.training.trial_pruning import TrialPruning
 
     values = {key: _value(suggest(trial, key, dist)) for key, dist in space.items()}

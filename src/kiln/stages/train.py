@@ -1,26 +1,22 @@
-"""`kiln train`: compose a config, train with early stopping, test the best checkpoint.
+"""`kiln train`: compose a config, train with early stopping, test the best checkpoint, then
+compress and export it.
 
     kiln train experiment=digits_cnn trainer.max_epochs=50
 
-Steps: start the run record -> build data, model, trainer -> fit (or resume) -> test the best
-checkpoint -> TensorBoard extras and feature importance (tables) -> record and print the result.
-Only rank 0 writes files. With `cv.folds=K` the run is K folds instead (stages/cross_validate.py),
-each one `train_once` in its own sub-directory.
+Steps: train once (kiln.training.run: build, fit, test the best checkpoint, record) or, with
+`cv.folds=K`, K folds (kiln.training.cross_validation) -> on rank 0, compress and export the
+tested checkpoint (kiln.delivery). Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from kiln.config import stage
-from kiln.errors import KilnError
-from kiln.stages.build import build, build_module, plain
 
 
 @stage("train")
@@ -30,7 +26,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if OmegaConf.select(cfg, "cv.folds") is not None:  # k-fold: one sub-run per fold, no export
-        from kiln.stages.cross_validate import REFIT_DIR, cross_validate
+        from kiln.training.cross_validation import REFIT_DIR, cross_validate
 
         means = cross_validate(cfg, run_dir)
         if cfg.cv.get("refit") and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
@@ -38,6 +34,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
             after_training(cfg, run_dir / REFIT_DIR)  # the refit is the model to ship
         return means
+    from kiln.training.run import train_once
+
     test_metrics = train_once(cfg, run_dir)
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         # The tested checkpoint is recorded and safe; compression and export follow as their own
@@ -46,410 +44,6 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
         after_training(cfg, run_dir)
     return test_metrics
-
-
-def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None = None) -> dict[str, float]:
-    """One run in `run_dir`: fit, test the best checkpoint, record it in run.json; its test metrics.
-
-    `extra_callbacks` join the trainer's (kiln search adds its trial pruning)."""
-    import lightning as L
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from kiln import slurm
-    from kiln.runs import Run, resume_checkpoint
-    from kiln.training.checkpoints import check_fits
-    from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
-
-    started = time.perf_counter()
-    quiet_lightning()
-    relaunch_ranks_as_this_job()
-    monitor = check_monitor_setting(cfg)
-    check_report_setting(cfg)
-    run = Run(run_dir, writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
-    run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
-    with one_distributed_job(), run.recording():
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = build("data", cfg.data)
-        datamodule.setup("fit")
-        run.update(data_fingerprint=getattr(datamodule, "fingerprint", None))
-        if OmegaConf.select(cfg, "report.group_by"):
-            from kiln.training.groups import check_group_column
-
-            check_group_column(datamodule, str(cfg.report.group_by))
-        module = build_module(cfg, datamodule)
-        check_trainable(module, datamodule)
-        check_monitor_logged(monitor["metric"], module)
-        # A requeued SLURM job continues its own run: same directory (named by the job), newest checkpoint.
-        requeued = cfg.resume is None and slurm.is_requeued()
-        checkpoint = resume_checkpoint(
-            "auto" if requeued else cfg.resume,
-            bool(cfg.run_dir) or requeued,
-            run,
-            check=lambda path, saved: check_fits(path, saved, module),
-        )
-        if checkpoint is not None:
-            run.update(resumed_from=str(checkpoint))
-        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule)
-
-        fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-        run.update(throughput=throughput(trainer, datamodule, first_epoch, time.perf_counter() - fit_started))
-        if trainer.interrupted:
-            raise KilnError(
-                f"training was interrupted; continue it with: kiln train run_dir={run.directory} resume=auto"
-            )
-        best = best_checkpoint(trainer, monitor)
-        tested = trainer.test(
-            module, datamodule=datamodule, ckpt_path=best["path"], weights_only=True, verbose=False
-        )
-        test_metrics = {name: float(value) for name, value in sorted(tested[0].items())}
-
-        if trainer.is_global_zero:
-            log_final_tensorboard(
-                trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]}
-            )
-            importance = feature_importance(trainer, module, datamodule, cfg, monitor)  # {} unless a table
-            baseline = save_drift_baseline(datamodule, run.directory)
-            groups = metrics_by_group(trainer, module, datamodule, cfg)  # {} without report.group_by
-            run.update(
-                drift_baseline=baseline,
-                status="completed",
-                finished=_now(),
-                epochs=trainer.current_epoch,
-                best_checkpoint=best,
-                test_metrics=test_metrics,
-                **importance,
-                **groups,
-            )
-            print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
-    return test_metrics
-
-
-# -- steps -------------------------------------------------------------------------------------
-
-
-def quiet_lightning() -> None:
-    """Lightning's start-up chatter (GPU available..., tips) and warnings that do not apply to
-    kiln's setup (epoch-level logging, in-memory batches). Its real warnings still show."""
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # Lightning's hint to prepend `srun` wherever srun is installed; a SLURM job is detected itself.
-    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system.*")
-    # kiln logs torchmetrics results, which each metric has already reduced over all ranks itself.
-    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
-    # kiln's loaders resume inside an epoch themselves (the position is in the checkpoint: ExactResume)
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-
-
-def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:
-    metric, mode = cfg.monitor.metric, cfg.monitor.mode
-    if mode not in ("min", "max"):
-        raise KilnError(f"monitor.mode={mode}: must be min or max")
-    if not isinstance(metric, str) or not metric:
-        raise KilnError("monitor.metric: name the metric to watch, e.g. monitor.metric=val/acc")
-    return {"metric": metric, "mode": mode}
-
-
-def check_monitor_logged(metric: str, module: Any) -> None:
-    """The monitored key must be one the module logs at epoch level (checked again after epoch 1)."""
-    logged = getattr(module, "logged_metric_names", None)
-    if logged is None:
-        return  # a user's own LightningModule: MonitorCheck verifies after the first validation
-    candidates = [name for name in logged() if not name.startswith("test/")]
-    if metric not in candidates:
-        raise KilnError(
-            f"monitor.metric={metric}: the model never logs it at epoch level; it logs: {', '.join(candidates)}"
-        )
-
-
-def check_trainable(module: Any, datamodule: Any) -> None:
-    """What kiln's run needs of any LightningModule and DataModule (kiln.contract), checked before
-    training: a missing piece is one line now, not a traceback after the fit."""
-    import lightning as L
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    needs = [
-        (module, L.LightningModule, "validation_step", "model", "it must log monitor.metric for early stopping and the best checkpoint"),
-        (module, L.LightningModule, "test_step", "model", "kiln tests the best checkpoint with it"),
-        (datamodule, L.LightningDataModule, "val_dataloader", "data", "validation picks the best checkpoint"),
-        (datamodule, L.LightningDataModule, "test_dataloader", "data", "kiln tests the best checkpoint on it"),
-    ]
-    for owner, base, hook, key, why in needs:
-        if not is_overridden(hook, owner, base):
-            raise KilnError(
-                f"{key}: {type(owner).__name__} has no {hook} ({why}); add one, as the Lightning docs show"
-            )
-
-
-def build_trainer(
-    cfg: DictConfig, run: Any, monitor: dict[str, str], extra_callbacks: list[Any], datamodule: Any
-) -> Any:
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    from kiln import slurm
-    from kiln.contract import shards_by_rank
-    from kiln.training.callbacks import EpochLines, MonitorCheck
-    from kiln.training.checkpoints import AtomicCheckpointIO
-    from kiln.training.hardware import with_resolved_precision
-    from kiln.training.preemption import ExactResume, Preemption
-
-    in_job = slurm.in_slurm_job()
-    callbacks: list[Any] = [
-        MonitorCheck(monitor["metric"]),
-        Preemption(run.checkpoints) if in_job else ExactResume(),
-    ]
-    for name, node in (cfg.callbacks or {}).items():
-        if node is not None:
-            callbacks.append(build(f"callbacks.{name}", node))
-    show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
-    callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
-    callbacks += extra_callbacks
-    logger = build("logger", cfg.logger) if cfg.logger is not None else False
-    trainer_config = with_resolved_precision(plain(cfg.trainer))
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if in_job:  # ranks from SLURM's tasks; requeue is kiln's (Preemption), not Lightning's
-        import torch
-
-        if threads := slurm.job_threads():
-            torch.set_num_threads(threads)
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-        trainer_config["devices"] = slurm.job_devices(trainer_config.get("devices", "auto"))
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return build(
-        "trainer",
-        trainer_config,
-        callbacks=callbacks,
-        logger=logger,
-        plugins=plugins,
-        enable_progress_bar=show_bar,
-        # kiln's loaders shard by rank themselves, without padding; any other DataModule gets
-        # Lightning's DistributedSampler, so that DDP ranks never train on the same rows
-        use_distributed_sampler=not shards_by_rank(datamodule),
-    )
-
-
-def throughput(trainer: Any, datamodule: Any, first_epoch: int, seconds: float) -> dict[str, Any]:
-    """Training rows per second of trainer.fit as a whole (validation and checkpointing included)."""
-    epochs = trainer.current_epoch - first_epoch
-    rows = training_rows(trainer, datamodule)
-    return {
-        "fit_seconds": round(seconds, 3),
-        "epochs": epochs,
-        "train_rows": rows,
-        "train_samples_per_second": round(rows * epochs / seconds, 1) if rows and seconds > 0 else None,
-    }
-
-
-def training_rows(trainer: Any, datamodule: Any) -> int | None:
-    """Rows in the training split: kiln's splits, or the size of any loader's dataset (None when
-    the dataset has no length, e.g. an IterableDataset)."""
-    if getattr(datamodule, "splits", None) is not None:
-        return len(datamodule.splits.train)
-    loader = trainer.train_dataloader
-    try:
-        return len(loader.dataset) if loader is not None else None
-    except TypeError:
-        return None
-
-
-def best_checkpoint(trainer: Any, monitor: dict[str, str]) -> dict[str, Any]:
-    """The best checkpoint by the monitor, or an error: testing the last weights instead would lie."""
-    callback = trainer.checkpoint_callback
-    path = getattr(callback, "best_model_path", "") if callback is not None else ""
-    if not path or not Path(path).exists():
-        raise KilnError(
-            f"no best checkpoint was saved for {monitor['metric']}: keep callbacks.model_checkpoint enabled "
-            "with monitor=${monitor.metric}, and let at least one validation epoch finish"
-        )
-    score = callback.best_model_score
-    return {
-        "path": str(path),
-        "score": float(score) if score is not None else None,
-        "epoch": _checkpoint_epoch(Path(path)),
-    }
-
-
-def _checkpoint_epoch(path: Path) -> int | None:
-    import torch
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    epoch = checkpoint.get("epoch")
-    return int(epoch) + 1 if epoch is not None else None  # 1-based, as the progress lines count
-
-
-def log_final_tensorboard(
-    trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]
-) -> None:
-    """The model graph, hparams with the real final metrics; on the test split, for classification
-    a confusion matrix, PR curves and ROC curves, for regression a residual plot."""
-    import torch
-
-    from kiln.training.tensorboard import (
-        flat_params,
-        log_classification_curves,
-        log_confusion_matrix,
-        log_hparams,
-        log_residuals,
-    )
-
-    writer = _tensorboard_writer(trainer)
-    if writer is None:
-        return
-    example = getattr(module, "example_input_array", None)
-    if isinstance(example, torch.Tensor):  # traced here, not at fit start: tracing is not training time
-        writer.add_graph(getattr(module, "net", module), example.to(module.device))
-    params = flat_params({key: plain(cfg[key]) for key in ("data", "model", "trainer") if key in cfg})
-    params["seed"] = cfg.seed
-    log_hparams(writer, params, metrics)
-    if not hasattr(datamodule, "split_tensors"):
-        return  # a user's own DataModule: kiln does not know how to get its test rows
-    features, targets = datamodule.split_tensors("test")
-    module.eval()
-    with torch.no_grad():
-        outputs = module(features.to(module.device)).float().cpu()
-    step = trainer.global_step
-    if datamodule.task == "classification":
-        predictions = outputs.argmax(dim=-1)
-        log_confusion_matrix(writer, targets.numpy(), predictions.numpy(), datamodule.class_names, step)
-        probabilities = outputs.softmax(dim=-1).numpy()
-        log_classification_curves(writer, targets.numpy(), probabilities, datamodule.class_names, step)
-    else:
-        log_residuals(writer, targets.numpy(), outputs.numpy(), step)
-
-
-def _tensorboard_writer(trainer: Any) -> Any:
-    logger = trainer.logger
-    return logger.experiment if logger is not None and hasattr(logger, "experiment") else None
-
-
-def check_report_setting(cfg: DictConfig) -> None:
-    """Checked at start-up: a bad setting must not surface only after the whole fit."""
-    repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise KilnError(f"report.importance_repeats={repeats}: must be an integer >= 1, e.g. 5")
-    gap = OmegaConf.select(cfg, "report.group_gap", default=0.1)
-    if not isinstance(gap, int | float) or isinstance(gap, bool) or gap < 0:
-        raise KilnError(
-            f"report.group_gap={gap}: must be a number >= 0 (a difference in metric units), e.g. 0.1"
-        )
-
-
-def feature_importance(
-    trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, monitor: dict[str, str]
-) -> dict[str, Any]:
-    """Permutation importance of each raw column on the validation split, for tables only (digits'
-    pixels or synthetic features are no columns a user would ask about): fields for run.json,
-    and a text table and a bar chart in TensorBoard."""
-    from kiln.data.table import TableDataModule
-    from kiln.training.importance import table_feature_importance
-    from kiln.training.tensorboard import log_feature_importance
-
-    if not OmegaConf.select(cfg, "report.feature_importance", default=True):
-        return {}
-    if not isinstance(datamodule, TableDataModule):
-        return {}
-    repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
-    result = table_feature_importance(
-        module, datamodule, monitor["metric"], monitor["mode"], repeats, cfg.seed
-    )
-    if result is None:
-        return {}
-    measure, importance = result
-    writer = _tensorboard_writer(trainer)
-    if writer is not None:
-        log_feature_importance(writer, importance, measure, trainer.global_step)
-    return {"feature_importance": importance, "feature_importance_measure": measure}
-
-
-def metrics_by_group(trainer: Any, module: Any, datamodule: Any, cfg: DictConfig) -> dict[str, Any]:
-    """report.group_by=<column>: test metrics per value of a table column, flagged when they differ
-    by more than report.group_gap (training/groups.py); for run.json, TensorBoard and the summary."""
-    from kiln.training.groups import group_metrics, log_group_metrics
-
-    column = OmegaConf.select(cfg, "report.group_by")
-    if not column:
-        return {}
-    result = group_metrics(module, datamodule, str(column), float(cfg.report.group_gap))
-    writer = _tensorboard_writer(trainer)
-    if writer is not None:
-        log_group_metrics(writer, result, trainer.global_step)
-    for key in result["flagged"]:
-        by_group = {name: g["metrics"].get(key) for name, g in result["groups"].items()}
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in by_group.items() if value is not None)
-        print(
-            f"kiln train: warning: {key} differs by {result['spread'][key]:.4f} across {column} "
-            f"(more than report.group_gap={result['gap_threshold']}): {shown}",
-            file=sys.stderr,
-        )
-    return {"group_metrics": result}
-
-
-def save_drift_baseline(datamodule: Any, directory: Path) -> str | None:
-    """Per-feature summaries of the training split, as `kiln predict` will see the features: a
-    table's raw columns, or an array model's flattened inputs (kiln.drift). None for a datamodule
-    that is not one of kiln's."""
-    import json
-
-    import numpy as np
-
-    from kiln.data.base import InMemoryDataModule
-    from kiln.data.table import TableDataModule
-    from kiln.drift import BASELINE_FILE, feature_baseline
-    from kiln.export.feeds import category_column, numeric_column
-    from kiln.runs import write_atomically
-
-    if not isinstance(datamodule, InMemoryDataModule) or datamodule.splits is None:
-        return None
-    rows = datamodule.splits.train
-    columns: dict[str, np.ndarray] = {}
-    if isinstance(datamodule, TableDataModule):
-        frame = datamodule.load().features.iloc[rows]
-        preprocessor = datamodule.preprocessor
-        for name in preprocessor.numeric_columns:
-            columns[name] = numeric_column(frame[name].to_numpy(dtype=object), name, "training data")
-        for name in preprocessor.categorical_columns:
-            columns[name] = category_column(frame[name].to_numpy(dtype=object))
-    else:
-        assert datamodule.features is not None
-        flat = datamodule.features[rows].reshape(len(rows), -1).numpy()
-        names = list(datamodule.feature_names)
-        if len(names) != flat.shape[1]:
-            names = [f"x{i}" for i in range(flat.shape[1])]
-        columns = {name: flat[:, i] for i, name in enumerate(names)}
-    write_atomically(directory / BASELINE_FILE, json.dumps(feature_baseline(columns)) + "\n")
-    return BASELINE_FILE
-
-
-def config_hash(cfg: DictConfig) -> str:
-    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def print_summary(
-    directory: Path, best: dict[str, Any], monitor: dict[str, str], metrics: dict[str, float], seconds: float
-) -> None:
-    tested = "  ".join(f"{name.removeprefix('test/')}={value:.4f}" for name, value in metrics.items())
-    print(
-        f"\nkiln train: done in {seconds:.1f} s\n"
-        f"  run dir      {directory}\n"
-        f"  best epoch   {best['epoch']}  {monitor['metric']}={best['score']:.4f}\n"
-        f"  test         {tested}",
-        flush=True,
-    )
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":  # how Lightning re-launches ranks > 0 of a DDP run

@@ -41,7 +41,7 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from kiln.runs import write_atomically
-    from kiln.stages.train import check_monitor_setting, train_once
+    from kiln.training.run import check_monitor_setting, train_once
 
     folds = check_folds_setting(cfg)
     monitor = check_monitor_setting(cfg)
@@ -100,7 +100,7 @@ def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bo
     """The final model: trained on the training and validation rows together, for the folds' mean
     best epoch (there is no held-out validation left to stop it early), tested on the same test
     split. It is an ordinary run in `<run>/refit/`, and the one compress and export ship."""
-    from kiln.stages.train import train_once
+    from kiln.training.run import train_once
 
     epochs = max(1, round(float(np.mean([r["best_epoch"] for r in runs if r["best_epoch"]]))))
     refit_dir = run_dir / REFIT_DIR
