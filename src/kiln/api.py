@@ -5,7 +5,7 @@
     run = api.train(["experiment=penguins_mlp", "trainer.max_epochs=5"])
     run.test_metrics, run.best_checkpoint, run.model_path, run.report
     run.delivery                                         # after training: shipped, or failed and why
-    module = run.load_module()                           # the trained LightningModule (torch)
+    module = api.load_module(run.directory)              # the trained LightningModule (torch)
     again = api.load(run.directory)                      # any run directory, later
     api.compress(run.directory, ["compress=quantize_static"])
     api.predict(run.model_path, "rows.csv", "predictions.csv")
@@ -31,27 +31,20 @@ failed returns the run, with `status` completed and `delivery` failed with the r
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from kiln.errors import KilnError
+from kiln.runs import RUN_RECORD, RunDirectory, read_json
 
-RUN_RECORD = "run.json"
-SAVED_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
-MODEL = "model.onnx"
-REPORT = "report.json"
 # Lines of a child's stderr kept for the error (a long run's progress lines are not all needed).
 STDERR_LINES_KEPT = 400
 
@@ -69,41 +62,9 @@ class StageError(KilnError):
         self.stderr = stderr
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a run directory holds, read once: a view, not a writer (that is `kiln.runs.Run`).
-
-    `record` is run.json as written; `test_metrics` its flat `name -> value` test results;
-    `best_checkpoint` the tested checkpoint (None until training finished); `model_path` the
-    shipped model.onnx and `report` the parsed report.json (None unless export ran); `config` the
-    run's saved `.hydra/config.yaml`, resolved (`${hydra:runtime.output_dir}` is the directory).
-    """
-
-    directory: Path
-    record: dict[str, Any] = field(repr=False)
-    config: Any = field(repr=False)  # omegaconf.DictConfig
-    test_metrics: dict[str, float]
-    best_checkpoint: Path | None
-    model_path: Path | None
-    report: dict[str, Any] | None = field(repr=False)
-
-    @property
-    def status(self) -> str | None:
-        """run.json's status: completed, running or failed (the training's, not the export's)."""
-        status = self.record.get("status")
-        return str(status) if status is not None else None
-
-    @property
-    def delivery(self) -> dict[str, Any] | None:
-        """What happened after training: `{status: passed|failed, shipped, reason}`; None when
-        compression and export did not run. A failed gate leaves `status` completed."""
-        delivery = self.record.get("delivery")
-        return dict(delivery) if isinstance(delivery, dict) else None
-
-    def load_module(self) -> Any:
-        """The trained LightningModule (kiln's or your own) with the best checkpoint's weights, in
-        eval mode, built from the run's saved config. Imports torch."""
-        return load_module(self.directory)
+# A run directory read back: kiln.runs.RunDirectory (record, config, test metrics, best
+# checkpoint, model.onnx, report, what happened after training), plus `load_module()` below.
+RunResult = RunDirectory
 
 
 # -- running stages ----------------------------------------------------------------------------
@@ -134,7 +95,7 @@ def train(
         # A compression gate that failed after a completed training: the result says both
         # (`status` completed, `delivery` failed with the reason); any other failure raises.
         record_path = directory / RUN_RECORD
-        if not record_path.is_file() or _read_json(record_path).get("status") != "completed":
+        if not record_path.is_file() or read_json(record_path).get("status") != "completed":
             raise
     result = load(directory)
     if result.status != "completed":  # the stage said it finished: the record must agree
@@ -326,92 +287,5 @@ def load_module(run_dir: str | os.PathLike[str]) -> Any:
 
 
 def load(run_dir: str | os.PathLike[str]) -> RunResult:
-    """An existing run directory as a RunResult; KilnError naming what is missing if it is not one."""
-    directory = Path(run_dir).expanduser().resolve()
-    if not directory.is_dir():
-        raise KilnError(f"{run_dir}: no such directory; give a run directory written by kiln train")
-    missing = [str(name) for name in (Path(RUN_RECORD), SAVED_CONFIG) if not (directory / name).is_file()]
-    if missing:
-        raise KilnError(
-            f"{directory}: not a kiln run directory ({' and '.join(missing)} missing); "
-            "give a directory written by kiln train (runs/train/<run>)"
-        )
-    record = _read_json(directory / RUN_RECORD)
-    report_path = directory / REPORT
-    model_path = directory / MODEL
-    return RunResult(
-        directory=directory,
-        record=record,
-        config=_saved_config(directory),
-        test_metrics={str(name): value for name, value in (record.get("test_metrics") or {}).items()},
-        best_checkpoint=_best_checkpoint(directory, record),
-        model_path=model_path if model_path.is_file() else None,
-        report=_read_json(report_path) if report_path.is_file() else None,
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KilnError(f"{path}: unreadable ({exc}); the file is damaged") from exc
-    if not isinstance(value, dict):
-        raise KilnError(f"{path}: expected a JSON object, found {type(value).__name__}; the file is damaged")
-    return value
-
-
-def _best_checkpoint(directory: Path, record: dict[str, Any]) -> Path | None:
-    """run.json's best checkpoint, found inside the directory first (a run may have been moved)."""
-    best = record.get("best_checkpoint")
-    if not isinstance(best, dict) or not best.get("path"):
-        return None
-    recorded = Path(str(best["path"]))
-    if not recorded.is_absolute():
-        recorded = Path(str(record.get("cwd", "."))) / recorded
-    for candidate in (directory / "checkpoints" / recorded.name, recorded):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-_HYDRA_INTERPOLATION = re.compile(r"\$\{hydra:([A-Za-z0-9_.]+)\}")
-
-
-def _saved_config(directory: Path) -> Any:
-    """`.hydra/config.yaml`, resolved. Outside Hydra `${hydra:...}` has no resolver, so those are
-    filled in first: runtime.output_dir is the run directory, anything else comes from
-    `.hydra/hydra.yaml`. A config that still does not resolve is returned as saved."""
-    from omegaconf import OmegaConf
-
-    path = directory / SAVED_CONFIG
-    try:
-        saved = OmegaConf.load(path)
-    except Exception as exc:
-        raise KilnError(f"{path}: unreadable ({exc}); the run's saved config is damaged") from exc
-    hydra_cfg = OmegaConf.load(directory / HYDRA_CONFIG) if (directory / HYDRA_CONFIG).is_file() else None
-
-    def hydra_value(match: re.Match[str]) -> str:
-        key = match.group(1)
-        if key == "runtime.output_dir":
-            return str(directory)
-        try:
-            value = OmegaConf.select(hydra_cfg, f"hydra.{key}") if hydra_cfg is not None else None
-        except Exception:  # itself an interpolation of a resolver registered only inside kiln's stages
-            value = None
-        return str(value) if isinstance(value, str | int | float) else match.group(0)
-
-    def fill(node: Any) -> Any:
-        if isinstance(node, str):
-            return _HYDRA_INTERPOLATION.sub(hydra_value, node)
-        if isinstance(node, dict):
-            return {key: fill(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [fill(value) for value in node]
-        return node
-
-    filled = OmegaConf.create(fill(OmegaConf.to_container(saved, resolve=False)))
-    try:
-        OmegaConf.resolve(filled)
-    except Exception:
-        return saved  # an interpolation only the run's own resolvers knew: keep it as written
-    return filled
+    """An existing run directory; KilnError naming what is missing if it is not one."""
+    return RunDirectory.read(Path(run_dir).expanduser().resolve(), key="run_dir")

@@ -90,8 +90,8 @@ def compress_run(run: Any, datamodule: Any, module: Any, recipe: Any, settings: 
         recipe,
         monitor=run.monitor,
         opset=settings.opset,
-        seed=int(run.cfg.seed),
-        finetune_trainer=finetune_trainer_settings(run.cfg),
+        seed=int(run.saved_config().seed),
+        finetune_trainer=finetune_trainer_settings(run.saved_config()),
         say=lambda line: print(f"kiln compress: {line}", flush=True),
     )
 
@@ -127,9 +127,7 @@ def record(directory: Path, outcome: dict[str, Any]) -> None:
     """run.json's `delivery` entry; the training's own status is left as it is."""
     from kiln.runs import Run
 
-    run = Run(directory)
-    run.record = Run.read_record(directory)
-    run.update(delivery=outcome)
+    Run.reopen(directory).update(delivery=outcome)
 
 
 def quiet() -> None:

@@ -1,11 +1,15 @@
-"""The run directory: provenance, run.json, resume, and writing files so none looks finished early.
+"""The run directory, its one owner: the layout, the record (written by `Run`, read by
+`RunDirectory`), the saved config, the best checkpoint, and writing files so none looks finished
+early (`replacing`, `write_atomically`, `swap_in`). No torch import: `kiln report`, the API and
+`kiln predict` read runs through it without loading a model.
 
     <run_dir>/
       .hydra/            resolved config, overrides, Hydra's own config (written by Hydra)
-      run.json           provenance, status, monitor, best checkpoint, test metrics
+      run.json           provenance, status, monitor, best checkpoint, test metrics, delivery
       checkpoints/       best.ckpt, last.ckpt
       tensorboard/       event files
       train.log          the log of the run
+      compress/ export/  the variants; model.onnx and report.{json,md,png}: the shipped model
 
 run.json is written when the run starts (status "running") and rewritten when it ends
 ("completed" or "failed" with the reason), always through a temp file and a rename.
@@ -13,10 +17,14 @@ run.json is written when the run starts (status "running") and rewritten when it
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +40,12 @@ from kiln.errors import KilnError
 
 RUN_RECORD = "run.json"
 CHECKPOINTS = "checkpoints"
+SAVED_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+BEST = Path(CHECKPOINTS) / "best.ckpt"
+MODEL = "model.onnx"
+REPORT = "report.json"
 TRACKED_PACKAGES = (
     "kiln",
     "torch",
@@ -48,20 +62,54 @@ TRACKED_PACKAGES = (
 )
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then rename: readers see the old file or the new one."""
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` to write; renamed onto `path` when the block ends without error,
+    removed otherwise. Readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temp = Path(name)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
+        yield temp
         os.chmod(temp, 0o644)
         os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename."""
+    with replacing(path) as temp, temp.open("w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy to a temp name beside `target`, then rename: `target` is whole or absent."""
+    with replacing(target) as temp:
+        shutil.copyfile(source, temp)
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Replace the directory `target` by the finished `staging` directory: whole or not at all."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or one KilnError naming the damaged file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KilnError(f"{path}: unreadable ({exc}); the file is damaged") from exc
+    if not isinstance(value, dict):
+        raise KilnError(f"{path}: expected a JSON object, found {type(value).__name__}; the file is damaged")
+    return value
 
 
 def git_state(directory: Path) -> dict[str, Any]:
@@ -173,11 +221,218 @@ class Run:
         path = directory / RUN_RECORD
         if not path.exists():
             raise KilnError(f"{directory}: not a kiln run directory (no {RUN_RECORD})")
+        return read_json(path)
+
+    @classmethod
+    def reopen(cls, directory: Path) -> Run:
+        """An existing run, to add to its record (e.g. what happened after training)."""
+        run = cls(directory)
+        run.record = cls.read_record(directory)
+        return run
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDirectory:
+    """A run directory, read once: its record, its saved config and what it holds. A view, never
+    a writer (that is `Run`). What the stages after training, `kiln report` and `kiln.api` see.
+
+    `record` is run.json as written; `test_metrics` its flat `name -> value` test results;
+    `best_checkpoint` the tested checkpoint (None until training finished); `model_path` the
+    shipped model.onnx and `report` the parsed report.json (None unless export ran).
+    """
+
+    directory: Path
+    record: dict[str, Any] = dataclasses.field(repr=False)
+    name: str = ""  # how a table names it (its path below the directory a report was asked for)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], key: str = "run") -> RunDirectory:
+        """The run at `path`, or one KilnError naming what is missing."""
+        if path is None or str(path) in ("", "None"):
+            raise KilnError(f"{key}: give the run directory written by kiln train, e.g. {key}=runs/train/<run>")
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise KilnError(
+                f"{key}={path}: no such directory; give a run directory written by kiln train (runs/train/<run>)"
+            )
+        missing = [str(name) for name in (Path(RUN_RECORD), SAVED_CONFIG) if not (directory / name).is_file()]
+        if missing:
+            raise KilnError(
+                f"{key}={path}: not a kiln run directory ({' and '.join(missing)} missing); "
+                "give a directory written by kiln train (runs/train/<run>)"
+            )
+        return cls(directory, read_json(directory / RUN_RECORD), directory.name)
+
+    # -- the record ------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str | None:
+        """The training's status: completed, running or failed (not the export's: see `delivery`)."""
+        status = self.record.get("status")
+        return str(status) if status is not None else None
+
+    @property
+    def delivery(self) -> dict[str, Any] | None:
+        """What happened after training: `{status: passed|failed, shipped, reason}`; None when
+        compression and export did not run. A failed gate leaves `status` completed."""
+        delivery = self.record.get("delivery")
+        return dict(delivery) if isinstance(delivery, dict) else None
+
+    @property
+    def monitor(self) -> dict[str, str]:
+        recorded = self.record.get("monitor")
+        if isinstance(recorded, dict) and recorded.get("metric"):
+            return {"metric": str(recorded["metric"]), "mode": str(recorded.get("mode", "min"))}
+        saved = self.saved_config().get("monitor") or {}
+        return {"metric": str(saved.get("metric", "val/loss")), "mode": str(saved.get("mode", "min"))}
+
+    @property
+    def config_hash(self) -> str:
+        import hashlib
+
+        recorded = self.record.get("config_hash")
+        return str(recorded) if recorded else hashlib.sha256((self.directory / SAVED_CONFIG).read_bytes()).hexdigest()[:16]
+
+    @property
+    def test_metrics(self) -> dict[str, float]:
+        metrics = self.record.get("test_metrics") or {}
+        return {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    @property
+    def best_score(self) -> float | None:
+        score = (self.record.get("best_checkpoint") or {}).get("score")
+        return float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
+
+    @property
+    def error(self) -> str | None:
+        error = self.record.get("error")
+        return str(error) if error else None
+
+    # -- what it holds ---------------------------------------------------------------------------
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        """The tested checkpoint: run.json's, found inside the directory first (a run may have been
+        moved); None until training finished."""
+        best = self.record.get("best_checkpoint")
+        if not isinstance(best, dict) or not best.get("path"):
+            fallback = self.directory / BEST
+            return fallback if fallback.is_file() and self.status == "completed" else None
+        recorded = Path(str(best["path"]))
+        if not recorded.is_absolute():
+            recorded = Path(str(self.record.get("cwd", "."))) / recorded
+        for candidate in (self.directory / CHECKPOINTS / recorded.name, recorded):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def require_best_checkpoint(self, key: str = "run") -> Path:
+        path = self.best_checkpoint or (self.directory / BEST if (self.directory / BEST).is_file() else None)
+        if path is None:
+            raise KilnError(
+                f"{key}={self.directory}: no best checkpoint ({BEST} missing; the run's status is "
+                f"{self.status!r}); finish training first: kiln train run_dir={self.directory} resume=auto"
+            )
+        return path
+
+    @property
+    def model_path(self) -> Path | None:
+        path = self.directory / MODEL
+        return path if path.is_file() else None
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        path = self.directory / REPORT
+        return read_json(path) if path.is_file() else None
+
+    def saved_config(self) -> Any:
+        """`.hydra/config.yaml` as saved (an OmegaConf DictConfig, interpolations unresolved)."""
+        from omegaconf import OmegaConf
+
+        path = self.directory / SAVED_CONFIG
         try:
-            record: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise KilnError(f"{path}: unreadable ({exc}); the run record is damaged") from exc
-        return record
+            return OmegaConf.load(path)
+        except Exception as exc:
+            raise KilnError(f"{path}: unreadable ({exc}); the run's saved config is damaged") from exc
+
+    @property
+    def config(self) -> Any:
+        """The saved config, resolved. Outside Hydra `${hydra:...}` has no resolver, so those are
+        filled in first: runtime.output_dir is the run directory, anything else comes from
+        `.hydra/hydra.yaml`. A config that still does not resolve is returned as saved."""
+        return _resolved(self.directory, self.saved_config())
+
+    @functools.cached_property
+    def overrides(self) -> dict[str, str]:
+        """`.hydra/overrides.yaml` as key -> value (`+key=v` and `key=v` alike; `~key` as `~`)."""
+        import yaml  # PyYAML comes with Hydra/OmegaConf; imported here to keep --help instant
+
+        path = self.directory / OVERRIDES
+        if not path.is_file():
+            return {}
+        try:
+            items = yaml.safe_load(path.read_text()) or []
+        except yaml.YAMLError:
+            return {}
+        overrides: dict[str, str] = {}
+        for item in items if isinstance(items, list) else []:
+            text = str(item)
+            if text.startswith("~"):
+                overrides[text[1:].split("=", 1)[0]] = "~"
+                continue
+            key, _, value = text.partition("=")
+            overrides[key.lstrip("+")] = value
+        return overrides
+
+
+def open_run(path: str | os.PathLike[str] | None, key: str = "run") -> RunDirectory:
+    """A trained run for the stages after training: a run directory with a best checkpoint."""
+    run = RunDirectory.read(path, key=key)  # type: ignore[arg-type]
+    cfg = run.saved_config()
+    if not hasattr(cfg, "keys") or "data" not in cfg or "model" not in cfg:
+        raise KilnError(f"{run.directory / SAVED_CONFIG}: has no data or model config; it is not a kiln train config")
+    run.require_best_checkpoint(key)
+    return run
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every directory at or below `root` holding a run.json."""
+    return sorted(path.parent for path in root.rglob(RUN_RECORD) if path.is_file())
+
+
+_HYDRA_INTERPOLATION = re.compile(r"\$\{hydra:([A-Za-z0-9_.]+)\}")
+
+
+def _resolved(directory: Path, saved: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    hydra_cfg = OmegaConf.load(directory / HYDRA_CONFIG) if (directory / HYDRA_CONFIG).is_file() else None
+
+    def hydra_value(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key == "runtime.output_dir":
+            return str(directory)
+        try:
+            value = OmegaConf.select(hydra_cfg, f"hydra.{key}") if hydra_cfg is not None else None
+        except Exception:  # itself an interpolation of a resolver registered only inside kiln's stages
+            value = None
+        return str(value) if isinstance(value, str | int | float) else match.group(0)
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, str):
+            return _HYDRA_INTERPOLATION.sub(hydra_value, node)
+        if isinstance(node, dict):
+            return {key: fill(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [fill(value) for value in node]
+        return node
+
+    filled = OmegaConf.create(fill(OmegaConf.to_container(saved, resolve=False)))
+    try:
+        OmegaConf.resolve(filled)
+    except Exception:
+        return saved  # an interpolation only the run's own resolvers knew: keep it as written
+    return filled
 
 
 def resume_checkpoint(

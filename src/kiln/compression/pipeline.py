@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from kiln.compression.recipes import FP32, Recipe, Step
+from kiln.runs import swap_in
 
 COMPRESS_DIR = "compress"
 MANIFEST = "manifest.json"
@@ -120,7 +121,7 @@ def compress(
             "seconds": round(time.perf_counter() - started, 1),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        swap_in(staging, directory / COMPRESS_DIR)
+        swap_in(staging, directory / COMPRESS_DIR)  # kiln.runs: whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -229,26 +230,17 @@ def save_onnx(model: Any, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` by the finished `staging` directory: whole or not at all."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     from kiln.errors import KilnError
+    from kiln.runs import read_json
 
     path = directory / COMPRESS_DIR / MANIFEST
     if not path.is_file():
         return None
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise KilnError(f"{path}: unreadable ({exc}); run kiln compress run={directory} again") from exc
-    return manifest
+        return read_json(path)
+    except KilnError as exc:
+        raise KilnError(f"{exc}; run kiln compress run={directory} again") from exc
 
 
 def _fmt(value: float | None) -> str:

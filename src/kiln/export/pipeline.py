@@ -93,13 +93,13 @@ def export(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export, check, score and measure every variant of `manifest`; ship the chosen one.
-    `run` is a kiln.runs.RunDirectory (directory, monitor, config_hash, record, best_checkpoint)."""
+    `run` is the kiln.runs.RunDirectory of the trained run."""
     from kiln import contract
     from kiln.compression.choose import choose
-    from kiln.compression.pipeline import swap_in
     from kiln.export import measure
     from kiln.export.report import log_tensorboard, write_report
     from kiln.export.scoring import evaluate
+    from kiln.runs import copy_atomically, swap_in
 
     started = time.perf_counter()
     monitor = manifest["monitor"]
@@ -123,7 +123,7 @@ def export(
             "test_metrics": dict(run.record.get("test_metrics") or {})
             or evaluate(module, datamodule, "test"),
             "params": sum(p.numel() for p in target.parameters()),
-            "size_bytes": run.best_checkpoint.stat().st_size,
+            "size_bytes": run.require_best_checkpoint().stat().st_size,
             "latency_us": measure.torch_latency(
                 target, inputs.torch_features(), BATCHES, settings.latency_repeats
             ),
@@ -182,7 +182,7 @@ def export(
         "seconds": round(time.perf_counter() - started, 1),
     }
     if choice.name:
-        ship(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
+        copy_atomically(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
     write_report(run.directory, report)
     try:
         log_tensorboard(run.directory, report)
@@ -322,16 +322,6 @@ def drift_metadata(directory: Path) -> dict[str, str]:
 
     path = directory / BASELINE_FILE
     return {METADATA_KEY: to_metadata(json.loads(path.read_text()))} if path.is_file() else {}
-
-
-def ship(source: Path, target: Path) -> None:
-    """Copy to a temp name beside the target, then rename: model.onnx is whole or absent."""
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(source, temp)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def describe(variant: dict[str, Any], metric: str, test_metric: str) -> str:

@@ -7,12 +7,10 @@ Every file is written to a temp name and renamed: a reader never sees half a rep
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from kiln.runs import write_atomically
+from kiln.runs import replacing, write_atomically
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
@@ -21,13 +19,10 @@ def write_report(directory: Path, report: dict[str, Any]) -> None:
     write_atomically(directory / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     write_atomically(directory / REPORT_MD, markdown(report) + run_sections(directory))
     figure = plot(report)
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{REPORT_PNG}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temp, dpi=110)
-        os.replace(temp, directory / REPORT_PNG)
+        with replacing(directory / REPORT_PNG) as temp:
+            figure.savefig(temp, dpi=110, format="png")
     finally:
-        Path(temp).unlink(missing_ok=True)
         import matplotlib.pyplot as plt
 
         plt.close(figure)

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import EXIT_USER_ERROR, KilnError, one_line
+from kiln.runs import RUN_RECORD, RunDirectory, find_runs, read_json  # no torch: the stage stays light
 
-RUN_RECORD = "run.json"  # kiln.runs.RUN_RECORD; not imported so that this stage stays light
 TABLE_MD = "runs.md"
 TABLE_CSV = "runs.csv"
 USAGE = """usage: kiln report dir=<sweep, cross-validation or runs directory>
@@ -38,18 +36,6 @@ USAGE = """usage: kiln report dir=<sweep, cross-validation or runs directory>
 Finds every kiln run under dir, prints one markdown table sorted by the monitored metric (best
 first, failed runs last with their error) with a column per override that differs between runs,
 writes it to <dir>/runs.md and <dir>/runs.csv, and names the best run."""
-
-
-@dataclass
-class RunRow:
-    directory: Path
-    name: str  # the run directory below `dir`
-    status: str
-    monitor: tuple[str, str] | None  # (metric, mode); None where run.json does not say
-    score: float | None
-    test_metrics: dict[str, float]
-    overrides: dict[str, str]
-    error: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +78,7 @@ def read_settings(args: list[str]) -> Path:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def find_runs(root: Path) -> list[Path]:
-    """Every directory at or below `root` holding a run.json."""
-    return sorted(path.parent for path in root.rglob(RUN_RECORD) if path.is_file())
-
-
-def read_runs(root: Path) -> tuple[list[RunRow], tuple[str, str]]:
+def read_runs(root: Path) -> tuple[list[RunDirectory], tuple[str, str]]:
     """Every run under `root`, and the (metric, mode) they all monitor."""
     directories = find_runs(root)
     if not directories:
@@ -106,10 +87,10 @@ def read_runs(root: Path) -> tuple[list[RunRow], tuple[str, str]]:
             "(runs/train_multirun/<sweep>) or of a cross-validation run (runs/train/<run> with fold_*)"
         )
     rows = [read_run(root, directory) for directory in directories]
-    monitors = {row.monitor for row in rows if row.monitor is not None}
+    monitors = {monitor for monitor in map(monitor_of, rows) if monitor is not None}
     if len(monitors) > 1:
         counts = ", ".join(
-            f"{metric} ({mode}): {_runs(sum(row.monitor == (metric, mode) for row in rows))}"
+            f"{metric} ({mode}): {_runs(sum(monitor_of(row) == (metric, mode) for row in rows))}"
             for metric, mode in sorted(monitors)
         )
         raise KilnError(
@@ -119,70 +100,36 @@ def read_runs(root: Path) -> tuple[list[RunRow], tuple[str, str]]:
     return rows, monitors.pop() if monitors else ("?", "min")
 
 
-def read_run(root: Path, directory: Path) -> RunRow:
+def read_run(root: Path, directory: Path) -> RunDirectory:
     name = directory.relative_to(root).as_posix() if directory != root else "."
-    path = directory / RUN_RECORD
     try:
-        record: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:  # one damaged run must not hide the others
-        return RunRow(directory, name, "unreadable", None, None, {}, {}, f"{RUN_RECORD}: {exc}")
-    monitor = record.get("monitor") or {}
-    best = record.get("best_checkpoint") or {}
-    return RunRow(
-        directory=directory,
-        name=name,
-        status=str(record.get("status") or "unknown"),
-        monitor=(str(monitor["metric"]), str(monitor.get("mode", "min"))) if monitor.get("metric") else None,
-        score=_number(best.get("score")),
-        test_metrics={
-            k: float(v) for k, v in (record.get("test_metrics") or {}).items() if _number(v) is not None
-        },
-        overrides=read_overrides(directory),
-        error=record.get("error"),
-    )
+        record = read_json(directory / RUN_RECORD)
+    except KilnError as exc:  # one damaged run must not hide the others
+        record = {"status": "unreadable", "error": str(exc)}
+    return RunDirectory(directory, record, name)
 
 
-def read_overrides(directory: Path) -> dict[str, str]:
-    """`.hydra/overrides.yaml` as key -> value (`+key=v` and `key=v` alike; `~key` as `~`)."""
-    import yaml  # PyYAML comes with Hydra/OmegaConf; imported here to keep --help instant
-
-    path = directory / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        items = yaml.safe_load(path.read_text()) or []
-    except yaml.YAMLError:
-        return {}
-    overrides: dict[str, str] = {}
-    for item in items if isinstance(items, list) else []:
-        text = str(item)
-        if text.startswith("~"):
-            overrides[text[1:].split("=", 1)[0]] = "~"
-            continue
-        key, _, value = text.partition("=")
-        overrides[key.lstrip("+")] = value
-    return overrides
+def monitor_of(run: RunDirectory) -> tuple[str, str] | None:
+    """(metric, mode) as the run recorded it; None where run.json does not say."""
+    monitor = run.record.get("monitor") or {}
+    return (str(monitor["metric"]), str(monitor.get("mode", "min"))) if monitor.get("metric") else None
 
 
 def _runs(count: int) -> str:
     return f"{count} run{'' if count == 1 else 's'}"
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 # -- the table ---------------------------------------------------------------------------------
 
 
-def sort_rows(rows: list[RunRow], monitor: tuple[str, str]) -> list[RunRow]:
+def sort_rows(rows: list[RunDirectory], monitor: tuple[str, str]) -> list[RunDirectory]:
     """Completed runs best first by the monitored score (mode says which way), ties by name; then
     the rest (failed, running) by name. A completed run without a finite score goes last of its group."""
     done = [row for row in rows if row.status == "completed"]
     rest = [row for row in rows if row.status != "completed"]
 
-    def key(row: RunRow) -> tuple[bool, float, str]:
-        score = row.score
+    def key(row: RunDirectory) -> tuple[bool, float, str]:
+        score = row.best_score
         missing = score is None or not math.isfinite(score)
         value = 0.0 if missing or score is None else (score if monitor[1] == "min" else -score)
         return (missing, value, row.name)
@@ -190,13 +137,13 @@ def sort_rows(rows: list[RunRow], monitor: tuple[str, str]) -> list[RunRow]:
     return sorted(done, key=key) + sorted(rest, key=lambda row: row.name)
 
 
-def differing_overrides(rows: list[RunRow]) -> list[str]:
+def differing_overrides(rows: list[RunDirectory]) -> list[str]:
     """Override keys whose value is not the same in every run (absent counts as a value)."""
     keys = sorted({key for row in rows for key in row.overrides})
     return [key for key in keys if len({row.overrides.get(key) for row in rows}) > 1]
 
 
-def build_table(rows: list[RunRow], monitor: tuple[str, str]) -> tuple[list[str], list[list[Any]]]:
+def build_table(rows: list[RunDirectory], monitor: tuple[str, str]) -> tuple[list[str], list[list[Any]]]:
     """Header and rows (plain values; None where a run has no value)."""
     metric = monitor[0]
     keys = differing_overrides(rows)
@@ -217,7 +164,7 @@ def build_table(rows: list[RunRow], monitor: tuple[str, str]) -> tuple[list[str]
         rank += row.status == "completed"
         cells: list[Any] = [rank if row.status == "completed" else None]
         cells += [row.overrides.get(key) for key in keys]
-        cells += [row.status, row.score, *(row.test_metrics.get(name) for name in tests), row.name]
+        cells += [row.status or "unknown", row.best_score, *(row.test_metrics.get(name) for name in tests), row.name]
         if with_error:
             cells.append(row.error)
         table.append(cells)
@@ -237,12 +184,12 @@ def to_markdown(header: list[str], table: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def best_line(rows: list[RunRow], monitor: tuple[str, str], root: Path) -> str:
+def best_line(rows: list[RunDirectory], monitor: tuple[str, str], root: Path) -> str:
     metric, mode = monitor
-    best = rows[0] if rows[0].status == "completed" and rows[0].score is not None else None
-    if best is None:
+    best = rows[0] if rows[0].status == "completed" else None
+    if best is None or best.best_score is None:
         return f"best run: none (no run under {root} completed with a {metric} score)"
-    return f"best run: {best.directory} ({metric}={best.score:.4f}, mode {mode})"
+    return f"best run: {best.directory} ({metric}={best.best_score:.4f}, mode {mode})"
 
 
 def write_outputs(root: Path, header: list[str], table: list[list[Any]], markdown: str) -> None:

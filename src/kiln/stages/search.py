@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     import optuna
     from hydra.core.hydra_config import HydraConfig
 
-    from kiln.stages.report import find_runs
+    from kiln.runs import find_runs
     from kiln.sweep import report_sweep
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Save to a temp file, then rename: a run killed mid-save keeps its previous last.ckpt."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        from kiln.runs import replacing
+
         path = Path(path)
         check_finite_weights(checkpoint, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, temp)
-        os.replace(temp, path)
+        with replacing(path) as temp:
+            torch.save(checkpoint, temp)
 
 
 def check_finite_weights(checkpoint: dict[str, Any], path: Path) -> None:
