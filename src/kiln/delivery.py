@@ -10,6 +10,7 @@ entry says what happened after it (shipped, or failed with the reason).
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def compress_run(run: Any, datamodule: Any, module: Any, recipe: Any, settings: 
         seed=int(run.saved_config().seed),
         finetune_trainer=finetune_trainer_settings(run.saved_config()),
         say=lambda line: print(f"kiln compress: {line}", flush=True),
+        warn=lambda line: print(f"kiln compress: warning: {line}", file=sys.stderr, flush=True),
     )
 
 

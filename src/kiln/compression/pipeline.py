@@ -42,9 +42,11 @@ def compress(
     seed: int,
     finetune_trainer: dict[str, Any],
     say: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build every variant's net as ONNX (fp32 always, then the recipe's candidates) in
-    <directory>/compress/, with manifest.json describing them. Returns the manifest."""
+    <directory>/compress/, with manifest.json describing them. Returns the manifest. `say`
+    tells progress, `warn` what the user should know (e.g. int8 that will be slow)."""
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
     from kiln.export.onnx_export import example_input, export_net
@@ -106,6 +108,7 @@ def compress(
                     seed,
                     calibration,
                     say,
+                    warn,
                 )
                 variant.update(precision="int8", net_onnx=result["net_onnx"])
                 variant["notes"] = [*variant["notes"], *result["warnings"]]
@@ -205,6 +208,7 @@ def quantize(
     seed: int,
     calibration: dict[tuple[int, int], list[np.ndarray]],
     say: Callable[[str], None],
+    warn: Callable[[str], None],
 ) -> dict[str, Any]:
     from kiln.compression import quantization
 
@@ -213,7 +217,7 @@ def quantize(
         say("quantize_dynamic: onnxruntime dynamic int8")
         warnings = quantization.quantize_dynamic(source, target, per_channel=s["per_channel"])
         for warning in warnings:
-            say(f"warning: {warning}")
+            warn(warning)
         return {"net_onnx": target.name, "warnings": warnings}
     shape = (s["calibration_batches"], s["calibration_batch_size"])
     if shape not in calibration:  # drawn once per setting: loading images costs more than quantizing

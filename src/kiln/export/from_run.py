@@ -24,7 +24,7 @@ def load_trained(run: RunDirectory) -> tuple[Any, Any]:
     from kiln.training.checkpoints import check_fits, load_checkpoint
 
     cfg = run.saved_config()
-    datamodule = build("data", cfg.data)
+    datamodule = build("data", cfg.data, seed=cfg.seed)  # the run's seed, if the datamodule takes one
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     best = run.require_best_checkpoint()

@@ -102,6 +102,12 @@ def find_unexportable(net: nn.Module, example: Tensor, opset: int) -> str | None
     sequential = net if isinstance(net, nn.Sequential) else getattr(net, "net", None)
     if not isinstance(sequential, nn.Sequential):
         return None
+    if sequential is not net:  # the fault may lie in forward itself: one export tells, not one per child
+        try:
+            _export(sequential, example, opset)
+            return None
+        except Exception:
+            pass
     x = example
     for name, child in sequential.named_children():
         try:

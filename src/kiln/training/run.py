@@ -43,7 +43,7 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
     run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
     with one_distributed_job(), run.recording():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = build("data", cfg.data)
+        datamodule = build("data", cfg.data, seed=cfg.seed)  # the run's seed, if the datamodule takes one
         datamodule.setup("fit")
         run.update(data_fingerprint=getattr(datamodule, "fingerprint", None))
         if OmegaConf.select(cfg, "report.group_by"):
