@@ -97,7 +97,9 @@ def test_each_recipe_ships_a_checked_model(
     if recipe.startswith("quantize") or extra:
         assert shipped["precision"] == "int8"
         assert shipped["size_bytes"] < by_name["fp32"]["size_bytes"]
-        assert "judged by val/loss on the validation split" in shipped["check"]  # the test split never decides
+        assert (
+            "judged by val/loss on the validation split" in shipped["check"]
+        )  # the test split never decides
     else:
         assert shipped["parity_max_abs"] <= 1e-4
 

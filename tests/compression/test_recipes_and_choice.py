@@ -21,6 +21,7 @@ from kiln.compression.pruning import (
 )
 from kiln.compression.quantization import calibration_batches
 from kiln.compression.recipes import read_recipe
+from kiln.compression.steps import PruneStructured, QuantizeStatic
 from kiln.config import config_dir
 from kiln.errors import KilnError
 from kiln.models.nets import cnn, mlp
@@ -40,10 +41,10 @@ def test_every_recipe_file_reads(path: Path):
     if path.stem == "none":
         assert recipe.candidates == []
     elif path.stem == "auto":
-        kinds = {tuple(s.kind for s in c.steps) for c in recipe.candidates}
+        kinds = {tuple(c.step_names) for c in recipe.candidates}
         assert ("prune_structured", "quantize_static") in kinds
     else:
-        assert [s.kind for c in recipe.candidates for s in c.steps] == [path.stem]
+        assert [name for c in recipe.candidates for name in c.step_names] == [path.stem]
 
 
 def test_the_recipe_files_cover_the_documented_ones():
@@ -62,7 +63,7 @@ def test_recipes_compose_prune_then_quantize():
     config["steps"] = ["prune_structured", "quantize_static"]
     (candidate,) = read_recipe(config).candidates
     assert candidate.name == "prune_structured+quantize_static"
-    assert candidate.quantize_step is not None and candidate.quantize_step.settings["per_channel"] is True
+    assert isinstance(candidate.quantize_step, QuantizeStatic) and candidate.quantize_step.per_channel is True
     config["steps"] = ["quantize_static", "prune_structured"]
     with pytest.raises(KilnError, match="quantize once, as the last step"):
         read_recipe(config)
@@ -91,13 +92,36 @@ def test_unknown_steps_and_settings_are_named():
     with pytest.raises(KilnError, match=r"compress\.steps\[0\]=prune_magic: no such compression step"):
         read_recipe({"recipe": "x", "steps": ["prune_magic"]})
     with pytest.raises(
-        KilnError, match=r"compress\.prune_structured\.ratoi: prune_structured has no setting"
+        KilnError, match=r"compress\.prune_structured\.ratoi: PruneStructured has no argument 'ratoi'"
     ):
         read_recipe(
             {"recipe": "prune_structured", "steps": ["prune_structured"], "prune_structured": {"ratoi": 0.5}}
         )
     with pytest.raises(KilnError, match="max_metric_drop=-1"):
         read_recipe({"recipe": "none", "max_metric_drop": -1})
+
+
+def test_a_step_is_a_target_config_and_a_candidate_may_override_its_settings():
+    recipe = read_recipe(
+        {
+            "recipe": "auto",
+            "candidates": {
+                "light": ["prune_heavy"],
+                "heavy": [{"prune_heavy": {"ratio": 0.8}}, "quantize_static"],
+            },
+            "prune_heavy": {"_target_": "kiln.compression.steps.PruneStructured", "ratio": 0.6},
+        }
+    )
+    light, heavy = recipe.candidates
+    assert light.steps == [("prune_heavy", PruneStructured(ratio=0.6))]
+    assert heavy.prune_steps == [("prune_heavy", PruneStructured(ratio=0.8))]
+    assert heavy.quantize_step == QuantizeStatic()  # a built-in step without a node: its defaults
+    with pytest.raises(
+        KilnError, match=r"compress\.not_a_step\._target_=kiln\.models\.nets\.mlp: not a compression step"
+    ):
+        read_recipe(
+            {"recipe": "x", "steps": ["not_a_step"], "not_a_step": {"_target_": "kiln.models.nets.mlp"}}
+        )
 
 
 def variant(name: str, drop: float, latency: float, size: int, passed: bool = True) -> dict:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.compression.recipes import FP32, Recipe, Step
+from kiln.compression.recipes import FP32, Recipe
+from kiln.compression.steps import Pruning
 from kiln.runs import swap_in
 
 COMPRESS_DIR = "compress"
@@ -73,11 +74,11 @@ def compress(
             }
         ]
         pruned: dict[tuple[Any, ...], dict[str, Any]] = {}  # candidates sharing pruning steps share the work
-        calibration: dict[tuple[int, int], list[np.ndarray]] = {}
+        calibration = Calibration(datamodule, seed)
         for candidate in recipe.candidates:
             source = variants[0]
             if candidate.prune_steps:
-                key = tuple(step.identity() for step in candidate.prune_steps)
+                key = tuple(candidate.prune_steps)  # frozen dataclasses: equal settings, equal key
                 if key not in pruned:
                     pruned[key] = prune(
                         module,
@@ -95,23 +96,18 @@ def compress(
             variant = {
                 **source,
                 "name": candidate.name,
-                "steps": [s.kind for s in candidate.steps],
+                "steps": candidate.step_names,
                 "notes": list(source["notes"]),
             }
-            step = candidate.quantize_step
-            if step is not None:
-                result = quantize(
-                    datamodule,
-                    step,
-                    staging / source["net_onnx"],
-                    staging / f"{candidate.name}.net.onnx",
-                    seed,
-                    calibration,
-                    say,
-                    warn,
-                )
-                variant.update(precision="int8", net_onnx=result["net_onnx"])
-                variant["notes"] = [*variant["notes"], *result["warnings"]]
+            quantizer = candidate.quantize_step
+            if quantizer is not None:
+                target_file = staging / f"{candidate.name}.net.onnx"
+                say(f"{candidate.step_names[-1]}: {type(quantizer).__name__} with onnxruntime")
+                warnings = quantizer.quantize(staging / source["net_onnx"], target_file, calibration)
+                for warning in warnings:
+                    warn(warning)
+                variant.update(precision="int8", net_onnx=target_file.name)
+                variant["notes"] = [*variant["notes"], *warnings]
             variants.append(variant)
         manifest = {
             "recipe": recipe.name,
@@ -133,7 +129,7 @@ def compress(
 def prune(
     module: Any,
     datamodule: Any,
-    steps: list[Step],
+    steps: list[tuple[str, Pruning]],
     staging: Path,
     name: str,
     *,
@@ -143,8 +139,8 @@ def prune(
     finetune_trainer: dict[str, Any],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Prune a copy of the module's exported part (fine-tuning the whole module after each step),
-    export it, save its weights."""
+    """Prune a copy of the module's exported part (fine-tuning the whole module through its own
+    training_step after each step), export it, save its weights."""
     import torch
 
     from kiln.compression import pruning
@@ -153,39 +149,21 @@ def prune(
 
     work = copy.deepcopy(module)
     notes = []
-    for step in steps:
-        s = step.settings
-        target = export_module(work)
-        before = pruning.count_parameters(target)
-        if step.kind == "prune_structured":
-            pruning.prune_structured_in_place(target, example, s["ratio"])
-        else:
-            pruning.prune_unstructured_in_place(target, s["amount"], s["scope"])
-        say(f"{step.kind}: fine-tuning up to {s['finetune_epochs']} epochs on {monitor['metric']}")
+    for step_name, step in steps:
+        before = pruning.count_parameters(export_module(work))
+        step.prune(export_module(work), example)
+        say(f"{step_name}: fine-tuning up to {step.finetune_epochs} epochs on {monitor['metric']}")
         tuned = pruning.finetune(
             work,
             datamodule,
-            epochs=s["finetune_epochs"],
-            patience=s["patience"],
+            epochs=step.finetune_epochs,
+            patience=step.patience,
             monitor=monitor["metric"],
             mode=monitor["mode"],
-            lr_scale=s["lr_scale"],
+            lr_scale=step.lr_scale,
             trainer_settings=finetune_trainer,
         )
-        target = export_module(work)
-        if step.kind == "prune_structured":
-            after = pruning.count_parameters(target)
-            notes.append(
-                f"prune_structured ratio {s['ratio']}: parameters {before} -> {after} "
-                f"({after / before:.0%}); fine-tuned {tuned['epochs']} epochs (best {monitor['metric']}={_fmt(tuned['best_score'])})"
-            )
-        else:
-            pruning.make_permanent(target)
-            notes.append(
-                f"prune_unstructured amount {s['amount']} ({s['scope']}): weight sparsity "
-                f"{pruning.weight_sparsity(target):.0%}, fine-tuned {tuned['epochs']} epochs; a dense ONNX file "
-                "keeps its size and speed (zeros are stored and multiplied like any weight)"
-            )
+        notes.append(step.note(before, export_module(work), tuned, monitor["metric"]))
     target = export_module(work).eval()
     save_onnx(export_net(target, example, opset), staging / f"{name}.net.onnx")
     torch.save(target.state_dict(), staging / f"{name}.pt")
@@ -200,32 +178,23 @@ def prune(
     }
 
 
-def quantize(
-    datamodule: Any,
-    step: Step,
-    source: Path,
-    target: Path,
-    seed: int,
-    calibration: dict[tuple[int, int], list[np.ndarray]],
-    say: Callable[[str], None],
-    warn: Callable[[str], None],
-) -> dict[str, Any]:
-    from kiln.compression import quantization
+class Calibration:
+    """Calibration inputs for static int8, drawn from the datamodule's training loader once per
+    (batches, batch size): loading images costs more than quantizing."""
 
-    s = step.settings
-    if step.kind == "quantize_dynamic":
-        say("quantize_dynamic: onnxruntime dynamic int8")
-        warnings = quantization.quantize_dynamic(source, target, per_channel=s["per_channel"])
-        for warning in warnings:
-            warn(warning)
-        return {"net_onnx": target.name, "warnings": warnings}
-    shape = (s["calibration_batches"], s["calibration_batch_size"])
-    if shape not in calibration:  # drawn once per setting: loading images costs more than quantizing
-        calibration[shape] = quantization.calibration_from_loader(datamodule, *shape, seed=seed)
-    batches = calibration[shape]
-    say(f"quantize_static: QDQ int8, calibrated on {sum(len(b) for b in batches)} training inputs")
-    quantization.quantize_static(source, target, "input", batches, per_channel=s["per_channel"])
-    return {"net_onnx": target.name, "warnings": []}
+    def __init__(self, datamodule: Any, seed: int) -> None:
+        self.datamodule = datamodule
+        self.seed = seed
+        self.drawn: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def __call__(self, batches: int, batch_size: int) -> list[np.ndarray]:
+        from kiln.compression.quantization import calibration_from_loader
+
+        if (batches, batch_size) not in self.drawn:
+            self.drawn[batches, batch_size] = calibration_from_loader(
+                self.datamodule, batches, batch_size, seed=self.seed
+            )
+        return self.drawn[batches, batch_size]
 
 
 def save_onnx(model: Any, path: Path) -> None:

@@ -1,65 +1,52 @@
-"""The recipes of conf/compress/, read into candidates: named lists of steps, checked up front.
+"""The recipes of conf/compress/, read into candidates: named lists of built, checked steps.
 
 A recipe file (`compress=<recipe>`) holds:
 
     recipe: prune_structured
     steps: [prune_structured]            # applied in order; compose: [prune_structured, quantize_static]
-    max_metric_drop: 1.0                 # points of monitor.metric a variant may lose
-    prune_structured: {ratio: 0.5, ...}  # settings of each step (defaults below for the rest)
+    max_metric_drop: 1.0                 # points of monitor.metric a variant may lose (validation split)
+    prune_structured:                    # a step: a config with a _target_ (kiln.compression.steps)
+      _target_: kiln.compression.steps.PruneStructured
+      ratio: 0.5
 
-`recipe: auto` has `candidates: {name: [steps...]}` instead of `steps`. A step is a name, or a
-one-key mapping that overrides that step's settings for one candidate:
-`{prune_structured: {ratio: 0.7}}`. Every mistake is reported before anything is loaded.
+`recipe: auto` has `candidates: {name: [steps...]}` instead of `steps`. A step is named by its
+key in the recipe; a built-in step's name (prune_structured, prune_unstructured, quantize_static,
+quantize_dynamic) works without a node of its own, with its defaults. A candidate may override
+a step's settings for itself: `{prune_structured: {ratio: 0.7}}`. Every mistake is reported,
+naming its key, before anything is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from kiln.compression.steps import BUILT_IN, Pruning, Quantization
 from kiln.errors import KilnError
 
-STEP_DEFAULTS: dict[str, dict[str, Any]] = {
-    "prune_unstructured": {
-        "amount": 0.5,
-        "scope": "global",
-        "finetune_epochs": 3,
-        "patience": 3,
-        "lr_scale": 0.3,
-    },
-    "prune_structured": {"ratio": 0.5, "finetune_epochs": 10, "patience": 3, "lr_scale": 0.3},
-    "quantize_dynamic": {"per_channel": False},
-    "quantize_static": {"calibration_batches": 8, "calibration_batch_size": 64, "per_channel": True},
-}
-PRUNING = ("prune_unstructured", "prune_structured")
-QUANTIZATION = ("quantize_dynamic", "quantize_static")
-RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", *STEP_DEFAULTS}
+RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop"}
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
-
-@dataclass(frozen=True)
-class Step:
-    kind: str
-    settings: dict[str, Any]
-    key: str  # where it came from, for messages: compress.prune_structured
-
-    def identity(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
-        return self.kind, tuple(sorted(self.settings.items()))
+Step = Pruning | Quantization
 
 
 @dataclass
 class Candidate:
     name: str
-    steps: list[Step]
+    steps: list[tuple[str, Step]]  # (the step's name in the recipe, the built step)
 
     @property
-    def prune_steps(self) -> list[Step]:
-        return [s for s in self.steps if s.kind in PRUNING]
+    def step_names(self) -> list[str]:
+        return [name for name, _ in self.steps]
 
     @property
-    def quantize_step(self) -> Step | None:
-        return next((s for s in self.steps if s.kind in QUANTIZATION), None)
+    def prune_steps(self) -> list[tuple[str, Pruning]]:
+        return [(name, step) for name, step in self.steps if isinstance(step, Pruning)]
+
+    @property
+    def quantize_step(self) -> Quantization | None:
+        return next((step for _, step in self.steps if isinstance(step, Quantization)), None)
 
 
 @dataclass
@@ -67,7 +54,6 @@ class Recipe:
     name: str
     candidates: list[Candidate]
     max_metric_drop: float
-    notes: list[str] = field(default_factory=list)
 
     @property
     def auto(self) -> bool:
@@ -76,27 +62,28 @@ class Recipe:
 
 def read_recipe(config: Mapping[str, Any]) -> Recipe:
     """The recipe from a plain `compress` config, every value checked (KilnError naming the key)."""
-    unknown = sorted(set(config) - RECIPE_KEYS)
-    if unknown:
-        raise KilnError(
-            f"compress.{unknown[0]}: no such recipe key; recipe keys: {', '.join(sorted(RECIPE_KEYS))}"
-        )
+    nodes = {str(key): value for key, value in config.items() if key not in RECIPE_KEYS}
+    for key, node in nodes.items():
+        if not isinstance(node, Mapping) or ("_target_" not in node and key not in BUILT_IN):
+            raise KilnError(
+                f"compress.{key}: no such recipe key; recipe keys: {', '.join(sorted(RECIPE_KEYS))}, "
+                f"and steps (a config with a _target_, or the settings of a built-in: {', '.join(BUILT_IN)})"
+            )
     name = str(config.get("recipe", "none"))
     drop = config.get("max_metric_drop", 1.0)
     if not isinstance(drop, int | float) or isinstance(drop, bool) or drop < 0:
         raise KilnError(
             f"compress.max_metric_drop={drop}: must be a number >= 0 (points of the monitored metric)"
         )
-    base = {
-        kind: _settings(kind, config.get(kind), f"compress.{kind}", STEP_DEFAULTS[kind])
-        for kind in STEP_DEFAULTS
-    }
+    known = sorted({*BUILT_IN, *nodes})
+    for key in nodes:  # every step node is checked, used or not: a typo must not wait for its turn
+        build_step(key, nodes, {}, f"compress.{key}", known)
     if name == "auto":
         raw = config.get("candidates") or {}
         if not isinstance(raw, Mapping) or not raw:
             raise KilnError("compress.candidates: auto needs candidates, e.g. {int8: [quantize_static]}")
         candidates = [
-            Candidate(str(cname), _steps(steps, f"compress.candidates.{cname}", base))
+            Candidate(str(cname), read_steps(steps, f"compress.candidates.{cname}", nodes, known))
             for cname, steps in raw.items()
         ]
         if any(c.name == FP32 for c in candidates):
@@ -104,82 +91,59 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
                 f"compress.candidates.{FP32}: the name is taken by the uncompressed model; rename it"
             )
     else:
-        steps = _steps(config.get("steps") or [], "compress.steps", base)
-        candidates = [Candidate("+".join(s.kind for s in steps), steps)] if steps else []
+        steps = read_steps(config.get("steps") or [], "compress.steps", nodes, known)
+        candidates = [Candidate("+".join(n for n, _ in steps), steps)] if steps else []
     return Recipe(name, candidates, float(drop))
 
 
-def _steps(raw: Any, key: str, base: dict[str, dict[str, Any]]) -> list[Step]:
+def read_steps(raw: Any, key: str, nodes: Mapping[str, Any], known: list[str]) -> list[tuple[str, Step]]:
     if not isinstance(raw, list | tuple):
         raise KilnError(f"{key}={raw!r}: expected a list of steps, e.g. [prune_structured, quantize_static]")
     steps = []
     for index, entry in enumerate(raw):
         if isinstance(entry, Mapping) and len(entry) == 1:
-            ((kind, overrides),) = entry.items()
+            ((name, overrides),) = entry.items()
+            if not isinstance(overrides, Mapping):
+                raise KilnError(
+                    f"{key}[{index}].{name}={overrides!r}: expected the step's settings, e.g. {{ratio: 0.7}}"
+                )
         else:
-            kind, overrides = entry, None
-        kind = str(kind)
-        if kind not in STEP_DEFAULTS:
-            raise KilnError(
-                f"{key}[{index}]={kind}: no such compression step; steps: {', '.join(STEP_DEFAULTS)}"
-            )
-        settings = _settings(kind, overrides, f"{key}[{index}].{kind}", base[kind])
-        steps.append(
-            Step(kind, settings, f"compress.{kind}" if overrides is None else f"{key}[{index}].{kind}")
-        )
-    kinds = [s.kind for s in steps]
-    quantizers = [k for k in kinds if k in QUANTIZATION]
-    if len(quantizers) > 1 or (quantizers and kinds[-1] not in QUANTIZATION):
-        raise KilnError(f"{key}={kinds}: quantize once, as the last step (prune first, then quantize)")
-    if len(set(kinds)) != len(kinds):
-        raise KilnError(f"{key}={kinds}: a step appears twice")
+            name, overrides = entry, {}
+        name = str(name)
+        where = f"{key}[{index}].{name}" if overrides else f"compress.{name}"
+        if name not in known:
+            raise KilnError(f"{key}[{index}]={name}: no such compression step; steps: {', '.join(known)}")
+        steps.append((name, build_step(name, nodes, overrides, where, known)))
+    quantizers = [isinstance(step, Quantization) for _, step in steps]
+    names = [name for name, _ in steps]
+    if sum(quantizers) > 1 or (any(quantizers) and not quantizers[-1]):
+        raise KilnError(f"{key}={names}: quantize once, as the last step (prune first, then quantize)")
+    if len(set(names)) != len(names):
+        raise KilnError(f"{key}={names}: a step appears twice")
     return steps
 
 
-def _settings(kind: str, given: Any, key: str, base: Mapping[str, Any]) -> dict[str, Any]:
-    settings = dict(base)
-    if given is None:
-        return settings
-    if not isinstance(given, Mapping):
-        raise KilnError(f"{key}={given!r}: expected the step's settings, e.g. {dict(STEP_DEFAULTS[kind])}")
-    for name, value in given.items():
-        if name not in STEP_DEFAULTS[kind]:
-            raise KilnError(
-                f"{key}.{name}: {kind} has no setting '{name}'; its settings: {', '.join(STEP_DEFAULTS[kind])}"
-            )
-        settings[str(name)] = value
-    _check(kind, settings, key)
-    return settings
+def build_step(
+    name: str, nodes: Mapping[str, Any], overrides: Mapping[str, Any], key: str, known: list[str]
+) -> Step:
+    """The step `name`: its node in the recipe (a `_target_`, or a built-in's settings), with a
+    candidate's `overrides`, built and checked; a built-in with its defaults when it has no node."""
+    from hydra.utils import get_object
 
+    from kiln.stages.build import build
 
-def _check(kind: str, s: dict[str, Any], key: str) -> None:
-    def number(name: str) -> Any:
-        value = s[name]
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise KilnError(f"{key}.{name}={value!r}: expected a number")
-        return value
-
-    if kind in PRUNING:
-        name = "ratio" if kind == "prune_structured" else "amount"
-        if not 0 < number(name) < 1:
-            raise KilnError(
-                f"{key}.{name}={s[name]}: must be between 0 and 1, exclusive (the fraction removed), e.g. 0.5"
-            )
-        if not isinstance(s["finetune_epochs"], int) or s["finetune_epochs"] < 0:
-            raise KilnError(f"{key}.finetune_epochs={s['finetune_epochs']}: must be an integer >= 0")
-        if not isinstance(s["patience"], int) or s["patience"] < 1:
-            raise KilnError(f"{key}.patience={s['patience']}: must be an integer >= 1")
-        if number("lr_scale") <= 0:
-            raise KilnError(f"{key}.lr_scale={s['lr_scale']}: must be > 0")
-        if kind == "prune_unstructured" and s["scope"] not in ("global", "layer"):
-            raise KilnError(f"{key}.scope={s['scope']}: must be global or layer")
-    if kind == "quantize_static":
-        batches, size = s["calibration_batches"], s["calibration_batch_size"]
-        if not isinstance(batches, int) or batches < 1:
-            raise KilnError(
-                f"{key}.calibration_batches={batches}: the calibration set would be empty; use 1 or more batches (8 is a good start)"
-            )
-        if not isinstance(size, int) or size < 1:
-            raise KilnError(
-                f"{key}.calibration_batch_size={size}: the calibration set would be empty; use 1 or more rows"
-            )
+    node = dict(nodes.get(name) or {})
+    if "_target_" not in node:
+        builtin = BUILT_IN[name]
+        node["_target_"] = f"{builtin.__module__}.{builtin.__qualname__}"
+    try:
+        target = get_object(str(node["_target_"]))
+    except Exception:
+        target = None  # build() names the import error
+    if target is not None and not (isinstance(target, type) and issubclass(target, Pruning | Quantization)):
+        raise KilnError(
+            f"compress.{name}._target_={node['_target_']}: not a compression step; subclass "
+            "kiln.compression.steps.Pruning or Quantization"
+        )
+    step: Step = build(key, {**node, **overrides})
+    return step
