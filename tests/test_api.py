@@ -10,7 +10,7 @@ import pytest
 
 from kiln import api
 from kiln.errors import KilnError
-from kilntest import QUICK, TINY_DIGITS, read_run
+from kilntest import NO_COMPRESSION, QUICK, TINY_DIGITS, read_run
 
 # -- reading run directories (fast) -----------------------------------------------------------
 
@@ -137,3 +137,42 @@ def test_a_failing_stage_raises_its_one_line(tmp_path: Path, monkeypatch: pytest
     assert "'abc'" in message and "expected an integer" in message
     assert "\n" not in message
     assert raised.value.returncode == 2
+
+
+@pytest.mark.slow
+def test_load_module_gives_back_the_trained_module(tiny_run: api.RunResult) -> None:
+    import torch
+
+    from kiln.data import DigitsDataModule
+    from kiln.models import KilnModule
+
+    module = api.load_module(tiny_run.directory)
+    assert isinstance(module, KilnModule) and not module.training
+    data = DigitsDataModule(seed=42)  # the run's data: data=digits with the default seed
+    data.setup("fit")
+    features, targets = data.split_tensors("test")
+    with torch.no_grad():
+        accuracy = (module(features).argmax(dim=1) == targets).float().mean().item()
+    assert accuracy == pytest.approx(tiny_run.test_metrics["test/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failed_gate_after_training_returns_the_completed_run(tmp_path: Path) -> None:
+    """The training completed; the compression gate then failed. The result says both."""
+    settings = [arg for arg in TINY_DIGITS if arg not in NO_COMPRESSION]
+    run = api.train(
+        [
+            *settings,
+            "compress=prune_structured",
+            "compress.prune_structured.ratio=0.8",
+            "compress.prune_structured.finetune_epochs=0",
+            "compress.max_metric_drop=0",
+            *QUICK,
+            f"paths.output_dir={tmp_path / 'runs'}",
+        ],
+        echo=False,
+    )
+    assert run.status == "completed" and run.best_checkpoint is not None
+    assert run.delivery is not None and run.delivery["status"] == "failed"
+    assert "over compress.max_metric_drop=0" in run.delivery["reason"]
+    assert run.model_path is None and run.report is not None and run.report["shipped"] is None

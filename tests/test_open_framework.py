@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import importlib
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from userproject import write_user_project
 EPOCHS = 12  # enough for the small CNN to separate the 3 shapes (val accuracy 1.0 with plain Lightning)
 COMMON = ["progress=lines", "export.latency_repeats=3"]
 ERROR_PREFIX = "kiln train: error: "
-PROGRESS_LINE = re.compile(r"^epoch \d+/\d+ ", re.MULTILINE)
 
 
 # -- running kiln as the user does -----------------------------------------------------------------
@@ -263,30 +261,86 @@ def test_unexportable_forward_is_one_line_after_a_completed_training(project, tm
     assert not (run_dir / "model.onnx").exists()
 
 
-@pytest.mark.slow
+def train_in_process(project: Path, run_dir: Path, *overrides: str, model: str, data: str) -> Any:
+    """The work of `kiln train --config-dir my_configs ...` in this process (kiln.config.compose and
+    the stage's `call`): no subprocess, no torch import to wait for. Mistakes raise KilnError."""
+    from kiln.config import compose
+    from kiln.stages import train as train_stage
+
+    for name in [m for m in sys.modules if m == "userpkg" or m.startswith("userpkg.")]:
+        del sys.modules[name]  # another test's project
+    sys.path.insert(0, str(project))
+    try:
+        cfg = compose(
+            "train",
+            [
+                f"model={model}",
+                f"data={data}",
+                "data.num_workers=0",
+                f"run_dir={run_dir}",
+                *COMMON,
+                *overrides,
+            ],
+            extra_config_dir=str(project / "my_configs"),
+        )
+        return train_stage.main.call(cfg)
+    finally:
+        sys.path.remove(str(project))
+
+
 def test_datamodule_without_test_loader_is_refused_before_training(project, tmp_path):
-    result = train(project, tmp_path / "runs", "trainer.max_epochs=1", data="no_test")
-    line = error_line(result)
-    assert "test_dataloader" in line, line
-    assert not PROGRESS_LINE.search(result.stdout + result.stderr)  # no epoch was trained
-    for run_dir in run_dirs(tmp_path / "runs"):
-        assert not list(run_dir.glob("checkpoints/*.ckpt"))
-        if (run_dir / "run.json").exists():
-            assert read_run(run_dir)["status"] != "completed"
+    from kiln.errors import KilnError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KilnError, match=r"^data: NoTestDataModule has no test_dataloader") as raised:
+        train_in_process(project, run_dir, "trainer.max_epochs=1", model="my_lit", data="no_test")
+    assert "\n" not in str(raised.value)
+    assert not list(run_dir.glob("checkpoints/*.ckpt"))  # refused before any epoch was trained
+    assert read_run(run_dir)["status"] == "failed"
+
+
+def test_monitored_key_never_logged_is_one_line_naming_what_is_logged(project, tmp_path):
+    from kiln.errors import KilnError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KilnError) as raised:
+        train_in_process(
+            project,
+            run_dir,
+            "trainer.max_epochs=2",
+            "monitor.metric=val/f1",
+            "monitor.mode=max",
+            "compress=none",
+            "export.after_training=false",
+            model="my_lit",
+            data="my_images",
+        )
+    line = str(raised.value)
+    assert line.startswith("monitor.metric=val/f1 is not logged") and "val/acc" in line and "\n" not in line
+    assert read_run(run_dir)["status"] == "failed"
 
 
 @pytest.mark.slow
-def test_monitored_key_never_logged_is_one_line_naming_what_is_logged(project, tmp_path):
-    result = train(
-        project,
-        tmp_path / "runs",
-        "trainer.max_epochs=2",
-        "compress=none",
-        "export.after_training=false",
-        monitor=("val/f1", "max"),
+def test_the_trained_user_module_comes_back_from_python(project_run):
+    """kiln.api.load_module: the user's own LitClassifier with the best weights, rebuilt from the
+    run's saved config; its predictions equal those of the shipped fp32 graph's test score."""
+    from kiln import api
+
+    sys.path.insert(0, str(project_run.project))
+    try:
+        module = api.load_module(project_run.run_dir)
+    finally:
+        sys.path.remove(str(project_run.project))
+    assert type(module).__name__ == "LitClassifier" and not module.training
+    checkpoint = torch.load(
+        project_run.run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
     )
-    line = error_line(result)
-    assert "val/f1" in line and "val/acc" in line, line
-    for run_dir in run_dirs(tmp_path / "runs"):
-        if (run_dir / "run.json").exists():
-            assert read_run(run_dir)["status"] != "completed"
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint["state_dict"][name])
+    datamodule = user_datamodule(project_run.project, project_run.run_dir)
+    right = total = 0
+    with torch.no_grad():
+        for x, y, _ in datamodule.test_dataloader():
+            right += int((module(x).argmax(dim=1) == y).sum())
+            total += len(y)
+    assert right / total == pytest.approx(project_run.record["test_metrics"]["test/acc"], abs=1e-6)

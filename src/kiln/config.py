@@ -153,6 +153,12 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
                 failures.append(line)
                 return None
 
+        def call(cfg: Any) -> Any:
+            """The stage's work in this process, on a config from `compose`: what the CLI runs
+            after composing. A user's mistake raises KilnError instead of printing it."""
+            check_config(cfg)
+            return task(cfg)
+
         def run() -> int:
             import hydra
 
@@ -190,9 +196,51 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
                 return EXIT_USER_ERROR
             return EXIT_USER_ERROR if failures else 0
 
+        run.call = call  # type: ignore[attr-defined]
         return run
 
     return wrap
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), extra_config_dir: str | None = None) -> Any:
+    """A stage's config composed as the CLI composes it (kiln's conf/, `extra_config_dir` as
+    `--config-dir`, then `overrides`), with Hydra's runtime set as for a run, so that the stage
+    can run in this process, without a subprocess:
+
+        cfg = compose("train", ["data=digits", "trainer.max_epochs=1", f"run_dir={path}"])
+        kiln.stages.train.main.call(cfg)          # the work of `kiln train ...`
+
+    As Hydra does for a run, the run directory is made and the composed config and the overrides
+    are saved in its `.hydra/` (unless the stage's config sets `hydra.output_subdir: null`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    register_resolvers()
+    _run_names.clear()
+    os.environ.pop(RUN_NAME_VARIABLE, None)
+    GlobalHydra.instance().clear()
+    arguments = list(overrides)
+    if extra_config_dir is not None:
+        arguments.append(f"hydra.searchpath=[file://{Path(extra_config_dir).resolve()}]")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=arguments, return_hydra_config=True)
+    output_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).resolve()
+    cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    subdir = cfg.hydra.output_subdir
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if subdir is not None:
+        import yaml
+
+        saved = output_dir / str(subdir)
+        saved.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, saved / "config.yaml")
+        (saved / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
