@@ -81,30 +81,6 @@ def _draw_run_name() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f") + f"_{os.getpid()}"
 
 
-def key_value_settings(
-    args: Sequence[str],
-    defaults: Mapping[str, Any],
-    stage: str,
-    usage: str,
-    *,
-    example_key: str | None = None,
-    parse: Callable[[str, str], Any] = lambda key, value: value,
-) -> dict[str, Any]:
-    """`key=value` arguments over `defaults`, for the stages that are not Hydra apps (predict,
-    report, tensorboard). An argument without `=` or an unknown key is one KilnError naming it."""
-    settings = dict(defaults)
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep or not key:
-            example = f", e.g. {example_key}={arg}" if example_key else ""
-            raise KilnError(f"{arg}: expected key=value{example}; {usage}")
-        if key not in settings:
-            raise KilnError(f"{key}: no such {stage} setting; settings: {', '.join(settings)}")
-        settings[key] = parse(key, value)
-    return settings
-
-
 def is_rank_zero() -> bool:
     """Rank 0 of a distributed run, however it was launched (Lightning, torchrun, SLURM), or no ranks."""
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))

@@ -249,7 +249,9 @@ class RunDirectory:
     def read(cls, path: str | os.PathLike[str], key: str = "run") -> RunDirectory:
         """The run at `path`, or one KilnError naming what is missing."""
         if path is None or str(path) in ("", "None"):
-            raise KilnError(f"{key}: give the run directory written by kiln train, e.g. {key}=runs/train/<run>")
+            raise KilnError(
+                f"{key}: give the run directory written by kiln train, e.g. {key}=runs/train/<run>"
+            )
         directory = Path(path).expanduser()
         if not directory.is_dir():
             raise KilnError(
@@ -291,12 +293,20 @@ class RunDirectory:
         import hashlib
 
         recorded = self.record.get("config_hash")
-        return str(recorded) if recorded else hashlib.sha256((self.directory / SAVED_CONFIG).read_bytes()).hexdigest()[:16]
+        return (
+            str(recorded)
+            if recorded
+            else hashlib.sha256((self.directory / SAVED_CONFIG).read_bytes()).hexdigest()[:16]
+        )
 
     @property
     def test_metrics(self) -> dict[str, float]:
         metrics = self.record.get("test_metrics") or {}
-        return {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return {
+            str(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
 
     @property
     def best_score(self) -> float | None:
@@ -390,7 +400,9 @@ def open_run(path: str | os.PathLike[str] | None, key: str = "run") -> RunDirect
     run = RunDirectory.read(path, key=key)  # type: ignore[arg-type]
     cfg = run.saved_config()
     if not hasattr(cfg, "keys") or "data" not in cfg or "model" not in cfg:
-        raise KilnError(f"{run.directory / SAVED_CONFIG}: has no data or model config; it is not a kiln train config")
+        raise KilnError(
+            f"{run.directory / SAVED_CONFIG}: has no data or model config; it is not a kiln train config"
+        )
     run.require_best_checkpoint(key)
     return run
 

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 def read_settings(args: list[str]) -> dict[str, Any]:
     import yaml
 
-    from kiln.config import config_dir, key_value_settings
+    from kiln.arguments import key_value_settings
+    from kiln.config import config_dir
 
     defaults = yaml.safe_load((config_dir() / "predict.yaml").read_text()) or {}
     settings = {key: value for key, value in defaults.items() if key not in ("defaults", "hydra")}

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_settings(args: list[str]) -> Path:
-    from kiln.config import key_value_settings
+    from kiln.arguments import key_value_settings
 
     settings = key_value_settings(args, {"dir": None}, "report", USAGE.splitlines()[0], example_key="dir")
     if not settings["dir"]:
@@ -164,7 +164,12 @@ def build_table(rows: list[RunDirectory], monitor: tuple[str, str]) -> tuple[lis
         rank += row.status == "completed"
         cells: list[Any] = [rank if row.status == "completed" else None]
         cells += [row.overrides.get(key) for key in keys]
-        cells += [row.status or "unknown", row.best_score, *(row.test_metrics.get(name) for name in tests), row.name]
+        cells += [
+            row.status or "unknown",
+            row.best_score,
+            *(row.test_metrics.get(name) for name in tests),
+            row.name,
+        ]
         if with_error:
             cells.append(row.error)
         table.append(cells)

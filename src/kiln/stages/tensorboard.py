@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_settings(args: list[str]) -> dict[str, Any]:
-    from kiln.config import key_value_settings
+    from kiln.arguments import key_value_settings
 
     settings = key_value_settings(args, DEFAULTS, "tensorboard", USAGE.splitlines()[0], example_key="dir")
     if not settings["dir"]:

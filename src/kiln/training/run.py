@@ -172,6 +172,35 @@ def check_trainable(module: Any, datamodule: Any) -> None:
             raise KilnError(
                 f"{key}: {type(owner).__name__} has no {hook} ({why}); add one, as the Lightning docs show"
             )
+    warn_if_not_exportable(module)
+
+
+def warn_if_not_exportable(module: Any) -> None:
+    """A forward of more than one input cannot become kiln's one-input ONNX graph: said before
+    training (the training and its test still run; export then fails with the reason)."""
+    import inspect
+
+    from kiln.contract import export_module
+
+    if callable(getattr(module, "kiln_export_module", None)):
+        return
+    try:
+        parameters = inspect.signature(export_module(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    inputs = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(inputs) > 1:
+        print(
+            f"kiln train: warning: {type(module).__name__}.forward takes {len(inputs)} inputs "
+            f"({', '.join(p.name for p in inputs)}); kiln exports one-tensor forwards, so this run will train "
+            "and test but not export: define kiln_export_module() returning the part to deploy",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_trainer(
