@@ -89,8 +89,8 @@ def train(experiment: str, output: Path) -> Path:
 
 
 def ensure_compressed(run: Path) -> None:
-    """kiln train compresses and exports at its end once train.py calls kiln.stages.export.after_training;
-    until then (or for a run trained with another recipe) this runs kiln compress compress=auto."""
+    """kiln train compresses and exports at its end (kiln.delivery.after_training); for a run
+    trained with another recipe this runs kiln compress compress=auto."""
     report = run / "report.json"
     if (
         report.is_file()

@@ -322,22 +322,17 @@ class RunDirectory:
 
     @property
     def best_checkpoint(self) -> Path | None:
-        """The tested checkpoint: run.json's, found inside the directory first (a run may have been
-        moved); None until training finished."""
+        """The tested checkpoint, inside this directory (a run may have been moved or copied: the
+        path run.json recorded is only used for its file name); None until training finished."""
         best = self.record.get("best_checkpoint")
-        if not isinstance(best, dict) or not best.get("path"):
-            fallback = self.directory / BEST
-            return fallback if fallback.is_file() and self.status == "completed" else None
-        recorded = Path(str(best["path"]))
-        if not recorded.is_absolute():
-            recorded = Path(str(self.record.get("cwd", "."))) / recorded
-        for candidate in (self.directory / CHECKPOINTS / recorded.name, recorded):
-            if candidate.is_file():
-                return candidate
-        return None
+        name = Path(str(best["path"])).name if isinstance(best, dict) and best.get("path") else None
+        if name is None and self.status != "completed":
+            return None
+        path = self.directory / CHECKPOINTS / (name or BEST.name)
+        return path if path.is_file() else None
 
     def require_best_checkpoint(self, key: str = "run") -> Path:
-        path = self.best_checkpoint or (self.directory / BEST if (self.directory / BEST).is_file() else None)
+        path = self.best_checkpoint
         if path is None:
             raise KilnError(
                 f"{key}={self.directory}: no best checkpoint ({BEST} missing; the run's status is "
