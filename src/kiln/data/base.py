@@ -148,9 +148,7 @@ class InMemoryDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader[Batch]:
         return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
 
-    def _loader(
-        self, split: str, *, shuffle: bool, batch_size: int, chunks: bool = False
-    ) -> DataLoader[Any]:
+    def _loader(self, split: str, *, shuffle: bool, batch_size: int, chunks: bool = False) -> DataLoader[Any]:
         assert self.features is not None and self.targets is not None and self.splits is not None
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -16,6 +16,7 @@ padded, so no row is counted twice (the bias of DistributedSampler, Lightning #7
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,7 +102,8 @@ class ChunkDataset(Dataset[Chunk | Batch]):
         return Chunk(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
 
 
-def _as_is(item: Chunk | Batch) -> Chunk | Batch:
+def _as_is(item: Any) -> Any:
+    """No collate: the dataset already returns a whole Chunk or batch."""
     return item
 
 
