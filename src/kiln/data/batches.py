@@ -29,12 +29,6 @@ class Chunk(list[Batch]):
     """Mini-batches trained one after another in one Lightning step (KilnModule only). Its own
     type, so that a default collate's `[x, y]` list is never mistaken for one."""
 
-    def to(self, device: torch.device | str) -> Chunk:
-        """Lightning moves a batch that has a `to` method with that one call (its documented
-        transfer_batch_to_device), instead of its generic walk over 2 x batches_per_chunk tensors:
-        30 us a chunk instead of 240 us on CPU."""
-        return Chunk((x.to(device), y.to(device)) for x, y in self)
-
 
 class ChunkSampler(Sampler[Tensor]):
     """Yields index tensors of up to `chunk_rows` rows; reshuffled per epoch from `seed + epoch`."""

@@ -5,12 +5,10 @@ Lightning step runs `len(chunk)` optimizer steps. Each optimizer step is the idi
 (zero_grad, forward, loss, backward, step) at the configured batch size; only Lightning's
 bookkeeping is amortized. Metrics are logged at epoch level only.
 
-On one device in 32-bit or bf16-mixed precision, Lightning's manual_backward only calls hooks
-around a plain `loss.backward()`; when nothing implements those hooks, kiln calls `loss.backward()`
-directly. Every optimizer step goes through Lightning's public `LightningOptimizer.step()`, which
-counts it (global_step, checkpoints, resume) and calls `on_before_optimizer_step` hooks: Lightning
-has no public way to count a step without those calls, which cost about 7% of a small MLP's step
-on 2 CPU cores (a call per callback per step).
+On one device in 32-bit or bf16-mixed precision, Lightning's per-step wrappers (manual_backward,
+LightningOptimizer.step) only call hooks around plain `loss.backward()` and `optimizer.step()`;
+when no callback implements those hooks, kiln calls the two directly (about a tenth of a small
+MLP's step time on CPU) and still counts each step where Lightning does (global_step).
 """
 
 from __future__ import annotations
@@ -82,7 +80,7 @@ class KilnModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.seed = seed
         self.automatic_optimization = False
-        self._direct_backward = False  # decided at on_train_start (see _direct_backward_allowed)
+        self._direct_steps = False  # decided at on_train_start (see _direct_steps_allowed)
         self.loss_fn: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
         num_classes = len(self.class_names)
         self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
@@ -114,7 +112,7 @@ class KilnModule(L.LightningModule):
     # -- training ---------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        self._direct_backward = _direct_backward_allowed(self)
+        self._direct_steps = _direct_steps_allowed(self)
 
     def on_train_epoch_start(self) -> None:
         scheduler = self._scheduler()
@@ -128,11 +126,10 @@ class KilnModule(L.LightningModule):
         assert not isinstance(optimizer, list), "KilnModule uses one optimizer"
         scheduler = self._scheduler() if self.scheduler_interval == "step" else None
         batches = _batches(chunk)
-        direct = self._direct_backward
-        first_step = self.global_step  # each optimizer.step() below counts one
+        direct = self._direct_steps
         losses, outputs, targets = [], [], []
-        for step, (x, y) in enumerate(batches, start=first_step):
-            self._seed_step(step)
+        for x, y in batches:
+            self._seed_step()
             out = self(x)
             loss = self.loss_fn(out, y)
             optimizer.zero_grad(set_to_none=True)
@@ -146,7 +143,12 @@ class KilnModule(L.LightningModule):
                     gradient_clip_val=self.gradient_clip_val,
                     gradient_clip_algorithm="norm",
                 )
-            optimizer.step()  # Lightning's public step: counts it in global_step
+            if direct:  # the step counting of LightningOptimizer.step, without its hook calls
+                optimizer._on_before_step()
+                optimizer.optimizer.step()
+                optimizer._on_after_step()
+            else:
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             losses.append(loss.detach())
@@ -169,12 +171,12 @@ class KilnModule(L.LightningModule):
             # progress lines) see this epoch's values: they run before the module's own hook
             self._log_epoch("train")
 
-    def _seed_step(self, step: int) -> None:
-        """Randomness in optimizer step `step` (global_step before it; dropout) depends on (seed,
-        step) only, not on what drew from the generator before (data loader set-up does, differently
-        on resume) nor on how steps are chunked: a resumed run replays an unbroken one exactly. Only
-        this device's generator: torch.manual_seed visits every backend (0.4 ms a call, against 2 us)."""
-        seed = self.seed * 1_000_003 + step
+    def _seed_step(self) -> None:
+        """Randomness in an optimizer step (dropout) depends on (seed, step) only, not on what drew
+        from the generator before (data loader set-up does, differently on resume) nor on how steps
+        are chunked: a resumed run replays an unbroken one exactly. Only this device's generator:
+        torch.manual_seed visits every backend (0.4 ms a call here, against 2 us)."""
+        seed = self.seed * 1_000_003 + self.global_step
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
@@ -200,11 +202,9 @@ class KilnModule(L.LightningModule):
         metrics = self._train_epoch_metrics()
         for name, state in checkpoint.get(_EPOCH_STATE_KEY, {}).items():  # absent from older checkpoints
             if name in metrics:
-                # added to the fresh (zero) state: exactly the saved sums. The epoch's remaining
-                # steps update the metric before it is computed (a save after an epoch's last step
-                # keeps no state: the metrics were reset when logged).
-                metrics[name].reset()
-                metrics[name].merge_state({key: value.to(self.device) for key, value in state.items()})
+                for attribute, value in state.items():
+                    setattr(metrics[name], attribute, value.to(self.device))
+                metrics[name]._update_count = 1  # it has been updated: compute() without a warning
 
     def _train_epoch_metrics(self) -> dict[str, Metric]:
         return {"loss": self.train_loss, **dict(self.train_metrics.items(keep_base=True))}
@@ -305,14 +305,14 @@ def _state_over_ranks(metric: Metric) -> dict[str, Tensor]:
         return {name: value.detach().clone() for name, value in state.items() if isinstance(value, Tensor)}
 
 
-# Hooks Lightning's manual_backward exists to call.
-_BACKWARD_HOOKS = ("on_before_backward", "on_after_backward")
+# Hooks Lightning's manual_backward and LightningOptimizer.step exist to call.
+_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 
-def _direct_backward_allowed(module: KilnModule) -> bool:
-    """True when Lightning's manual_backward would add nothing but calls to unimplemented hooks:
+def _direct_steps_allowed(module: KilnModule) -> bool:
+    """True when Lightning's per-step wrappers would add nothing but calls to unimplemented hooks:
     one device (DDP's backward prepares gradient reduction), 32-bit or bf16-mixed precision (no
-    gradient scaler to apply), and no callback or module overriding a backward hook or `backward`."""
+    gradient scaler to apply), and no callback or module overriding a step hook or `backward`."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -323,6 +323,6 @@ def _direct_backward_allowed(module: KilnModule) -> bool:
     )
     callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
     hooked = any(
-        is_overridden(hook, module, L.LightningModule) for hook in ("backward", *_BACKWARD_HOOKS)
-    ) or any(is_overridden(hook, callback, L.Callback) for callback in callbacks for hook in _BACKWARD_HOOKS)
+        is_overridden(hook, module, L.LightningModule) for hook in ("backward", *_STEP_HOOKS)
+    ) or any(is_overridden(hook, callback, L.Callback) for callback in callbacks for hook in _STEP_HOOKS)
     return type(trainer.strategy) is SingleDeviceStrategy and plain_precision and not hooked
