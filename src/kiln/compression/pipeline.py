@@ -214,7 +214,3 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return read_json(path)
     except KilnError as exc:
         raise KilnError(f"{exc}; run kiln compress run={directory} again") from exc
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
