@@ -24,6 +24,11 @@ Optional, used when present:
     task                            "classification" or "regression", where the names are absent
     datamodule.shards_by_rank       True when its loaders split the rows by rank themselves
                                     (kiln's do); otherwise DDP gets Lightning's DistributedSampler
+    datamodule.image_input          {"size": [h, w], "channels": c, "mean": [...], "std": [...]}
+                                    when `x` is an image resized to `size`, scaled to [0, 1] and
+                                    normalized: the exported model then takes uint8 images
+                                    (batch, height, width, channels) of any size and does that
+                                    inside its graph
 
 Arguments kiln knows at run time (`net`, `task`, `input_shape`, `num_outputs`, `class_names`,
 `seed`) are passed only to a `_target_` whose signature names them, only when the datamodule
@@ -67,6 +72,26 @@ def task(datamodule: Any, module: Any = None) -> str | None:
 def shards_by_rank(datamodule: Any) -> bool:
     """Do this datamodule's loaders give each DDP rank its own rows? (Else Lightning's sampler does.)"""
     return bool(getattr(datamodule, "shards_by_rank", False))
+
+
+def image_input(datamodule: Any) -> dict[str, Any] | None:
+    """How the datamodule makes `x` from an image (see above), checked; None when it does not say."""
+    value = getattr(datamodule, "image_input", None)
+    if not isinstance(value, Mapping):
+        return None
+    missing = [key for key in ("size", "channels", "mean", "std") if key not in value]
+    if missing:
+        raise ValueError(
+            f"datamodule.image_input lacks {', '.join(missing)}; it needs size, channels, mean and std"
+        )
+    channels = int(value["channels"])
+    size = [int(s) for s in value["size"]]
+    mean, std = [float(v) for v in value["mean"]], [float(v) for v in value["std"]]
+    if len(size) != 2 or len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"datamodule.image_input={dict(value)}: size needs 2 values, mean and std one per channel"
+        )
+    return {"size": size, "channels": channels, "mean": mean, "std": std}
 
 
 def export_module(module: Any) -> Any:

@@ -1,6 +1,7 @@
 """The deployable graph around an exported net: raw-row preprocessing in front, a head behind.
 
     table:  raw columns --[impute, scale, one-hot, select]--> features --net--> logits --head-->
+    image:  uint8 (batch, height, width, channels) --[resize, scale, normalize]--> x --net--> ...
     array:                                              input --net--> logits --head-->
 
 The head of a classifier gives `label` (the class name), `probabilities` and `logits`; a
@@ -36,8 +37,10 @@ def assemble(
     task: str | None,
     class_names: Sequence[str],
     table: Mapping[str, Any] | None = None,
+    image: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
-    """A copy of `net` (one input, one output) with the preprocessing (tables) and the head added."""
+    """A copy of `net` (one input, one output) with the preprocessing (tables, images) and the head
+    added. `image` is a datamodule's `image_input` (kiln.contract.image_input)."""
     model = onnx.ModelProto()
     model.CopyFrom(net)
     graph = model.graph
@@ -45,6 +48,9 @@ def assemble(
     (net_output,) = list(graph.output)
     if table is not None:
         _add_table_preprocessing(graph, net_input.name, table)
+        graph.input.remove(net_input)
+    elif image is not None:
+        _add_image_preprocessing(graph, net_input.name, image)
         graph.input.remove(net_input)
     else:
         net_input.type.tensor_type.shape.dim[0].dim_param = BATCH
@@ -164,6 +170,63 @@ def _add_table_preprocessing(graph: onnx.GraphProto, features: str, state: Mappi
     for position, node in enumerate(nodes):
         graph.node.insert(position, node)
     graph.initializer.extend(inits)
+
+
+# -- images ------------------------------------------------------------------------------------
+
+IMAGE = "image"
+
+
+def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str, Any]) -> None:
+    """uint8 (batch, height, width, channels) of any height and width -> the net's input `x`:
+
+        Cast float -> Transpose to NCHW -> Resize to `size` (bilinear, half-pixel centres, as
+        OpenCV's INTER_LINEAR resizes the training images) -> x * 1/(255 std) - mean/std
+
+    One multiply and one subtract instead of /255, -mean, /std: the same values within float
+    rounding (parity is checked on real images at export)."""
+    height, width = (int(s) for s in image["size"])
+    channels = int(image["channels"])
+    mean = np.asarray(image["mean"], dtype=np.float32).reshape(1, channels, 1, 1)
+    std = np.asarray(image["std"], dtype=np.float32).reshape(1, channels, 1, 1)
+    graph.input.append(
+        helper.make_tensor_value_info(IMAGE, TensorProto.UINT8, [BATCH, "height", "width", channels])
+    )
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([height, width], dtype=np.int64), "kiln_image_size"),
+            numpy_helper.from_array((1.0 / (255.0 * std)).astype(np.float32), "kiln_image_scale"),
+            numpy_helper.from_array((mean / std).astype(np.float32), "kiln_image_shift"),
+        ]
+    )
+    nodes = [
+        helper.make_node(
+            "Cast", [IMAGE], ["kiln_image_float"], to=TensorProto.FLOAT, name="kiln_image_float"
+        ),
+        helper.make_node(
+            "Transpose", ["kiln_image_float"], ["kiln_image_nchw"], perm=[0, 3, 1, 2], name="kiln_nchw"
+        ),
+        # full (batch, channels, height, width) sizes: Resize's `axes` needs opset 18, and an int8
+        # graph may import an older one
+        helper.make_node("Shape", ["kiln_image_nchw"], ["kiln_image_shape"], end=2, name="kiln_image_shape"),
+        helper.make_node(
+            "Concat", ["kiln_image_shape", "kiln_image_size"], ["kiln_image_sizes"], axis=0, name="kiln_sizes"
+        ),
+        helper.make_node(
+            "Resize",
+            ["kiln_image_nchw", "", "", "kiln_image_sizes"],
+            ["kiln_image_resized"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+            name="kiln_resize",
+        ),
+        helper.make_node(
+            "Mul", ["kiln_image_resized", "kiln_image_scale"], ["kiln_image_scaled"], name="kiln_scale"
+        ),
+        helper.make_node("Sub", ["kiln_image_scaled", "kiln_image_shift"], [x], name="kiln_normalize"),
+    ]
+    for position, node in enumerate(nodes):
+        graph.node.insert(position, node)
 
 
 # -- heads -------------------------------------------------------------------------------------

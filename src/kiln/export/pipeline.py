@@ -235,7 +235,11 @@ def export_variant(
 
     path = staging / f"{name}.onnx"
     graph = assemble(
-        onnx.load(str(net_path)), task=model.task, class_names=model.class_names, table=inputs.table
+        onnx.load(str(net_path)),
+        task=model.task,
+        class_names=model.class_names,
+        table=inputs.table,
+        image=inputs.image,
     )
     set_metadata(
         graph,
@@ -306,8 +310,9 @@ def base_metadata(
         "kiln.task": model.task or "raw",
         "kiln.class_names": model.class_names,
         "kiln.feature_names": inputs.feature_names,
-        "kiln.input_kind": "table" if inputs.table is not None else "array",
+        "kiln.input_kind": inputs.kind,
         "kiln.input_shape": model.input_shape,
+        **({"kiln.image_input": inputs.image} if inputs.image is not None else {}),
         "kiln.target": getattr(datamodule, "target_column", "") or "",
         "kiln.monitor": run.monitor["metric"],
         "kiln.monitor_mode": run.monitor["mode"],
@@ -339,13 +344,22 @@ class ModelInputs:
 
     kiln's tables: the graph takes raw rows (the test split plus two rows the training data never
     showed: every value missing, and categories never seen), torch the preprocessed features.
+    Images (a datamodule with `image_input`): torch takes up to PARITY_ROWS inputs `x` from the
+    test loader, the graph the same images as uint8 (x un-normalized, rounded: exact for images
+    that were resized as uint8 and then scaled, as kiln's are).
     Anything else: up to PARITY_ROWS inputs `x` from the datamodule's own test loader, for both.
     """
 
     def __init__(self, datamodule: Any, module: Any) -> None:
+        from kiln import contract
         from kiln.export.from_run import raw_split, table_state
 
         self.table = table_state(datamodule)
+        try:
+            self.image = contract.image_input(datamodule) if self.table is None else None
+        except ValueError as exc:
+            raise KilnError(f"export: {exc}") from exc
+        self.kind = "table" if self.table is not None else "image" if self.image is not None else "array"
         self.frame = None
         self._x: np.ndarray | None = None
         self._cache: dict[int, dict[str, np.ndarray]] = {}
@@ -380,6 +394,9 @@ class ModelInputs:
             if self.table is not None:
                 assert self.frame is not None
                 self._cache[key] = table_feeds(self.frame, specs, source="test split")
+            elif self.image is not None and specs[0].type == "tensor(uint8)":
+                assert self._x is not None
+                self._cache[key] = {specs[0].name: as_uint8_images(self._x, self.image)}
             else:
                 assert self._x is not None
                 self._cache[key] = array_feeds(self._x, specs[0])
@@ -401,6 +418,15 @@ def test_inputs(datamodule: Any, limit: int) -> np.ndarray:
     if not parts:
         raise KilnError("data: the test loader gave no batches; kiln checks the exported model on them")
     return np.ascontiguousarray(np.concatenate(parts)[:limit])
+
+
+def as_uint8_images(x: np.ndarray, image: dict[str, Any]) -> np.ndarray:
+    """Normalized float (batch, channels, height, width) -> the uint8 (batch, height, width,
+    channels) images they were made from."""
+    mean = np.asarray(image["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(image["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    pixels = np.clip(np.rint((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
 def with_unseen_rows(frame: Any, table: dict[str, Any]) -> Any:

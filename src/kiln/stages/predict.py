@@ -2,14 +2,17 @@
 
     kiln predict model=runs/train/<run>/model.onnx input=penguins.csv output=predictions.csv
     kiln predict model=runs/train/<run>/model.onnx input=digits.npy output=predictions.csv
+    kiln predict model=runs/train/<run>/model.onnx input=photos/ output=predictions.csv
 
 Steps: open the model (a damaged file is one clear error) -> read the rows (CSV, Parquet, or .npy
-for array models) and check them against the model's inputs (missing or extra columns, text in a
-numeric column, an empty file) -> run in batches -> write the predicted class (or value) and each
-class's probability to a temp file, then rename it to `output`.
+for array models; image files, a folder of them, or a .npy batch for image models) and check them
+against the model's inputs (missing or extra columns, text in a numeric column, an empty file) ->
+run in batches -> write the predicted class (or value) and each class's probability to a temp
+file, then rename it to `output`.
 
-Only numpy, pandas and onnxruntime are imported (and kiln modules that import nothing else):
-a table model carries its preprocessing inside the graph.
+Only numpy, pandas and onnxruntime are imported (and kiln modules that import nothing else), and
+Pillow for image files: a table model carries its preprocessing inside the graph, an image model
+its resizing and normalization.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 from kiln.errors import EXIT_USER_ERROR, KilnError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
-USAGE = """usage: kiln predict model=<file.onnx> input=<rows.csv|.parquet|.npy> output=<predictions.csv> [batch_size=1024]
+USAGE = """usage: kiln predict model=<file.onnx> input=<rows.csv|.parquet|.npy|image files or folder> output=<predictions.csv> [batch_size=1024]
 
 Serves a model written by kiln export with onnxruntime alone. The defaults are in conf/predict.yaml;
 `kiln predict --cfg job` prints them with your overrides applied."""
@@ -80,12 +83,23 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise KilnError(f"batch_size={batch_size}: must be an integer >= 1, e.g. batch_size=1024")
     session, meta = load_model(model)
-    feeds = read_feeds(source, session, meta)
     threshold = settings.get("drift_threshold")
     if threshold is not None and (not isinstance(threshold, int | float) or threshold <= 0):
         raise KilnError(
             f"drift_threshold={threshold}: must be a positive PSI, e.g. 0.2, or null to skip the check"
         )
+    if meta.get("kiln.input_kind") == "image":
+        from kiln.export.images import predict_images
+
+        results, files = predict_images(session, source, batch_size)
+        rows = write_predictions(output, results, meta, files=files)
+        print(
+            f"kiln predict: {rows} images -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
+            f"model {meta.get('kiln.variant', model.name)})",
+            flush=True,
+        )
+        return {"rows": rows, "output": str(output), "drift": None}
+    feeds = read_feeds(source, session, meta)
     results = predict(session, feeds, batch_size)
     rows = write_predictions(output, results, meta)
     drift = check_drift(feeds, meta, threshold, output) if threshold is not None else None
@@ -166,8 +180,8 @@ def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:
     model_path, source_path, output_path = Path(str(model)), Path(str(source)), Path(str(output))
     if not model_path.is_file():
         raise KilnError(f"model={model}: no such file; give an .onnx file written by kiln export")
-    if not source_path.is_file():
-        raise KilnError(f"input={source}: no such file")
+    if not source_path.exists():
+        raise KilnError(f"input={source}: no such file or folder")
     if not output_path.parent.is_dir():
         raise KilnError(f"output={output}: the directory {output_path.parent} does not exist")
     return model_path, source_path, output_path
@@ -188,6 +202,8 @@ def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, An
 
     specs = specs_of(session.get_inputs())
     key = f"input={source}"
+    if source.is_dir():
+        raise KilnError(f"{key}: a folder, but this model takes rows; give a CSV, Parquet or .npy file")
     suffix = source.suffix.lower()
     if suffix == ".npy":
         if is_table(specs):
@@ -257,7 +273,11 @@ def predict(session: Any, feeds: dict[str, Any], batch_size: int) -> dict[str, A
     return run_batched(session, feeds, batch_size)
 
 
-def write_predictions(output: Path, results: dict[str, Any], meta: dict[str, str]) -> int:
+def write_predictions(
+    output: Path, results: dict[str, Any], meta: dict[str, str], files: list[str] | None = None
+) -> int:
+    """The predictions as CSV (written to a temp file, then renamed); for images, the file of
+    each prediction in a first column `file`."""
     import csv
 
     if "label" in results:
@@ -274,6 +294,9 @@ def write_predictions(output: Path, results: dict[str, Any], meta: dict[str, str
         values = results["prediction"] if "prediction" in results else next(iter(results.values()))
         values = values.reshape(len(values), -1)[:, 0]
         header, rows, count = ["prediction"], ([f"{v:.7g}"] for v in values), len(values)
+    if files is not None:
+        header = ["file", *header]
+        rows = ([name, *row] for name, row in zip(files, rows, strict=True))
     handle, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", newline="") as stream:

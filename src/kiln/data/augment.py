@@ -1,0 +1,165 @@
+"""Image transforms from plain settings, built on albumentations (uint8 HWC arrays in and out).
+
+Training images get the configured augmentation and then come out at the training size;
+evaluation images are only resized. Normalization (mean and std) is not done here: it happens on
+the tensor (kiln.data.images) and again inside the exported graph, so the graph and training
+apply the same arithmetic.
+
+    crop_scale       random resized crop keeping this share of the image's area, e.g. [0.8, 1.0]
+    horizontal_flip  probability of a left-right flip (never for digits or text)
+    color_jitter     strength of random brightness, contrast and saturation, e.g. 0.2
+    policy           "trivial" (TrivialAugment: one random operation at a random strength) or
+                     "rand" (RandAugment: `rand_ops` operations at strength `rand_magnitude` of 10)
+    extra            any albumentations transforms, given as `_target_` config nodes
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kiln.errors import KilnError, require
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI at import otherwise
+
+POLICIES = ("trivial", "rand")
+AUGMENT_KEYS = (
+    "crop_scale",
+    "horizontal_flip",
+    "color_jitter",
+    "policy",
+    "rand_ops",
+    "rand_magnitude",
+    "extra",
+)
+
+
+def check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings with defaults filled in; a wrong key or value is an InvalidArgument naming it."""
+    settings: dict[str, Any] = {
+        "crop_scale": None,
+        "horizontal_flip": 0.0,
+        "color_jitter": 0.0,
+        "policy": None,
+        "rand_ops": 2,
+        "rand_magnitude": 9,
+        "extra": [],
+    }
+    for key, value in dict(augment or {}).items():
+        require(key in settings, f"augment.{key}", f"no such setting; settings: {', '.join(AUGMENT_KEYS)}")
+        settings[key] = value
+    scale = settings["crop_scale"]
+    require(
+        scale is None
+        or (isinstance(scale, Sequence) and len(scale) == 2 and 0 < float(scale[0]) <= float(scale[1]) <= 1),
+        "augment.crop_scale",
+        f"must be null or [low, high] with 0 < low <= high <= 1, got {scale}",
+    )
+    flip = settings["horizontal_flip"]
+    if isinstance(flip, bool):
+        settings["horizontal_flip"] = flip = 0.5 if flip else 0.0
+    require(0 <= float(flip) <= 1, "augment.horizontal_flip", f"must be a probability in [0, 1], got {flip}")
+    jitter = settings["color_jitter"]
+    require(0 <= float(jitter) < 1, "augment.color_jitter", f"must be in [0, 1), e.g. 0.2, got {jitter}")
+    require(
+        settings["policy"] in (None, *POLICIES),
+        "augment.policy",
+        f"must be null, trivial or rand, got {settings['policy']!r}",
+    )
+    require(
+        isinstance(settings["rand_ops"], int) and settings["rand_ops"] >= 1,
+        "augment.rand_ops",
+        f"must be an integer >= 1, got {settings['rand_ops']}",
+    )
+    require(
+        0 <= settings["rand_magnitude"] <= 10,
+        "augment.rand_magnitude",
+        f"must be in 0..10, got {settings['rand_magnitude']}",
+    )
+    require(
+        isinstance(settings["extra"], Sequence) and not isinstance(settings["extra"], str),
+        "augment.extra",
+        "must be a list of albumentations transforms as _target_ nodes",
+    )
+    return settings
+
+
+def train_transform(size: tuple[int, int], augment: Mapping[str, Any]) -> Any:
+    """Augmentation, then exactly `size` (height, width)."""
+    import albumentations as A
+
+    settings = check_augment(augment)
+    steps: list[Any] = []
+    if settings["crop_scale"] is not None:
+        steps.append(A.RandomResizedCrop(size=size, scale=tuple(float(s) for s in settings["crop_scale"])))
+    else:
+        steps.append(A.Resize(*size))
+    if settings["horizontal_flip"]:
+        steps.append(A.HorizontalFlip(p=float(settings["horizontal_flip"])))
+    if settings["color_jitter"]:
+        strength = float(settings["color_jitter"])
+        steps.append(
+            A.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=0.0, p=0.8)
+        )
+    if settings["policy"] == "trivial":
+        steps.append(A.OneOf(_operations(None), p=1.0))
+    elif settings["policy"] == "rand":
+        steps.append(A.SomeOf(_operations(settings["rand_magnitude"] / 10), n=settings["rand_ops"], p=1.0))
+    steps.extend(_extra(settings["extra"]))
+    steps.append(A.Resize(*size))  # whatever `extra` did to the size, training sees `size`
+    return A.Compose(steps)
+
+
+def eval_transform(size: tuple[int, int]) -> Any:
+    import albumentations as A
+
+    return A.Compose([A.Resize(*size)])
+
+
+def _operations(magnitude: float | None) -> list[Any]:
+    """The operations of TrivialAugment and RandAugment (Müller & Hutter 2021; Cubuk et al. 2020),
+    as albumentations transforms. `magnitude` in [0, 1] fixes the strength (RandAugment); None
+    draws it uniformly up to the maximum each time (TrivialAugment)."""
+    import albumentations as A
+
+    def upto(maximum: float) -> tuple[float, float]:
+        top = maximum if magnitude is None else maximum * magnitude
+        return (-top, top)
+
+    return [
+        A.NoOp(),
+        A.Affine(rotate=upto(30), p=1.0),
+        A.Affine(shear={"x": upto(17), "y": (0, 0)}, p=1.0),
+        A.Affine(shear={"x": (0, 0), "y": upto(17)}, p=1.0),
+        A.Affine(translate_percent={"x": upto(0.3), "y": (0, 0)}, p=1.0),
+        A.Affine(translate_percent={"x": (0, 0), "y": upto(0.3)}, p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=upto(0.9), contrast_limit=(0, 0), p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=(0, 0), contrast_limit=upto(0.9), p=1.0),
+        A.Sharpen(p=1.0),
+        A.Posterize(num_bits=(4, 8), p=1.0),
+        A.Solarize(p=1.0),
+        A.Equalize(p=1.0),
+        A.AutoContrast(p=1.0),
+    ]
+
+
+def _extra(nodes: Sequence[Any]) -> list[Any]:
+    from hydra.utils import instantiate
+
+    transforms = []
+    for index, node in enumerate(nodes):
+        if not isinstance(node, Mapping) or "_target_" not in node:
+            raise KilnError(
+                f"data.augment.extra[{index}]: expected an albumentations transform as a _target_ node, "
+                f"e.g. {{_target_: albumentations.GaussNoise, p: 0.2}}, got {node!r}"
+            )
+        try:
+            transforms.append(instantiate(dict(node)))
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise KilnError(
+                f"data.augment.extra[{index}] ({node['_target_']}): {type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else ''}; fix its arguments"
+            ) from exc
+    return transforms

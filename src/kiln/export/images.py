@@ -1,0 +1,110 @@
+"""Image files -> an image model's predictions, with onnxruntime, numpy and Pillow only (no torch).
+
+An image model (kiln.export.graphs, `image_input`) takes uint8 (batch, height, width, channels) of
+any height and width and resizes and normalizes inside its graph. `kiln predict` gives it:
+
+    input=photo.jpg             one image file
+    input=photos/               every image file under the folder (sorted; other files are skipped)
+    input=batch.npy             uint8 (N, H, W, C) or (H, W, C) as the model takes it, or float
+                                (N, C, H, W) / (C, H, W) in [0, 1] (a tensor as torch holds it)
+
+Images of one size run together in batches; images of different sizes run in groups by size.
+Each file is decoded and converted to the model's channels (RGB or grayscale) as at training.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def predict_images(session: Any, source: Path, batch_size: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every output of the model for every image in `source`, in order, and each image's name."""
+    from kiln.export.checks import run_batched
+
+    spec = session.get_inputs()[0]
+    channels = int(spec.shape[3]) if isinstance(spec.shape[3], int) else 3
+    names, images = read_images(source, channels)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        by_size.setdefault(image.shape, []).append(position)
+    outputs: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for positions in by_size.values():
+        batch = np.stack([images[p] for p in positions])
+        for name, values in run_batched(session, {spec.name: batch}, batch_size).items():
+            outputs.setdefault(name, []).extend(zip(positions, values, strict=True))
+    results = {
+        name: np.stack([value for _, value in sorted(pairs, key=lambda pair: pair[0])])
+        for name, pairs in outputs.items()
+    }
+    return results, names
+
+
+def read_images(source: Path, channels: int) -> tuple[list[str], list[np.ndarray]]:
+    """(names, uint8 (height, width, channels) arrays) from a file, a folder or a .npy batch."""
+    key = f"input={source}"
+    if source.suffix.lower() == ".npy":
+        return _from_npy(source, channels, key)
+    if source.is_dir():
+        files = sorted(f for f in source.rglob("*") if f.is_file() and not f.name.startswith("."))
+        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise KilnError(f"{key}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        if len(images) < len(files):
+            print(
+                f"kiln predict: skipped {len(files) - len(images)} file(s) that are not images in {source}",
+                file=sys.stderr,
+            )
+        return [str(f.relative_to(source)) for f in images], [decode(f, channels) for f in images]
+    if source.suffix.lower() not in IMAGE_SUFFIXES:
+        raise KilnError(
+            f"{key}: this model takes images; give an image file ({', '.join(IMAGE_SUFFIXES)}), a folder of them, or a .npy batch"
+        )
+    return [source.name], [decode(source, channels)]
+
+
+def decode(path: Path, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise KilnError(
+            f"input: {path} cannot be read as an image ({type(exc).__name__}: {exc}); remove or replace it"
+        ) from exc
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _from_npy(source: Path, channels: int, key: str) -> tuple[list[str], list[np.ndarray]]:
+    try:
+        values = np.load(source, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise KilnError(f"{key}: cannot read it as a .npy array ({exc})") from exc
+    if values.ndim == 3:
+        values = values[None]
+    if values.ndim != 4 or len(values) == 0:
+        raise KilnError(
+            f"{key}: expected images shaped (N, H, W, {channels}) uint8 or (N, {channels}, H, W) float, got {values.shape}"
+        )
+    if values.dtype == np.uint8 and values.shape[3] == channels:
+        batch = values
+    elif values.dtype.kind == "f" and values.shape[1] == channels:
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise KilnError(
+                f"{key}: float images must hold values in [0, 1] (a tensor before normalization); scale them, or give uint8"
+            )
+        batch = np.rint(values.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+    else:
+        raise KilnError(
+            f"{key}: {values.dtype} {values.shape} is not an image batch this model takes: give uint8 (N, H, W, "
+            f"{channels}) or float (N, {channels}, H, W) in [0, 1]"
+        )
+    return [f"{source.name}[{i}]" for i in range(len(batch))], list(np.ascontiguousarray(batch))

@@ -1,0 +1,236 @@
+"""`kiln.models.backbones`: every architecture builds for small and grayscale images; weights load
+strictly from files and save_pretrained directories (the wrong ones name the first tensor that does
+not fit); resnet18 exports to ONNX with parity and survives structured pruning. Offline: transformers
+builds the nets from configs, nothing downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from kiln.compression.pruning import count_parameters, prune_structured
+from kiln.errors import InvalidArgument, KilnError
+from kiln.export.onnx_export import export_net
+from kiln.models.backbones import ARCHS, Backbone, _import_error, backbone
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # transformers is imported lazily, after this
+TIMM_IMPORTS = _import_error("timm") is None
+SHAPE = (3, 32, 32)
+
+
+def images(rows: int = 2, shape: tuple[int, ...] = SHAPE, seed: int = 0) -> torch.Tensor:
+    return torch.rand(rows, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def features(net: Backbone, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net.eval().backbone(x)
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> Backbone:
+    torch.manual_seed(0)
+    return backbone(SHAPE, 5, name="resnet18").eval()
+
+
+def weights_error(**config: object) -> str:
+    with pytest.raises(KilnError) as info:
+        backbone(SHAPE, 3, **config)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_every_architecture_maps_images_to_logits(name: str):
+    net = backbone(SHAPE, 7, name=name).eval()
+    x = images()
+    with torch.no_grad():
+        pooled = net.backbone(x)
+        out = net(x)
+    assert type(pooled) is torch.Tensor and pooled.shape == (2, net.feature_size)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    assert net.head[-1].in_features == net.feature_size and net.head[-1].out_features == 7
+    assert (net.name, net.library) == (name, "timm" if TIMM_IMPORTS else "transformers")
+
+
+@pytest.mark.skipif(TIMM_IMPORTS, reason="the sizes are transformers' modules")
+@pytest.mark.parametrize(
+    ("name", "parameters", "feature_size"),
+    # published sizes less the 1000-class head: resnet18 11.69M, resnet50 25.56M, convnext_tiny 28.59M
+    [("resnet18", 11_176_512, 512), ("resnet50", 23_508_032, 2048), ("convnext_tiny", 27_820_128, 768)],
+)
+def test_the_architectures_have_their_published_sizes(name: str, parameters: int, feature_size: int):
+    net = backbone(SHAPE, 2, name=name)
+    assert count_parameters(net.backbone) == parameters
+    assert net.feature_size == feature_size
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "vit_tiny"])
+def test_grayscale_images_work(name: str):
+    net = backbone((1, 32, 32), 3, name=name).eval()
+    stem = next(m for m in net.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert stem.in_channels == 1
+    with torch.no_grad():
+        assert net(images(shape=(1, 32, 32))).shape == (2, 3)
+
+
+def test_vit_picks_a_patch_that_tiles_the_image_and_takes_the_cls_token():
+    net = backbone((1, 28, 28), 10, name="vit_tiny").eval()  # digits: 16 does not divide 28, 14 does
+    patch = next(m for m in net.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert patch.kernel_size == (14, 14)
+    wide = backbone((3, 32, 16), 4, name="vit_tiny", patch_size=8).eval()
+    x = images(shape=(3, 32, 16))
+    with torch.no_grad():
+        hidden = wide.backbone.model(pixel_values=x).last_hidden_state
+        assert hidden.shape == (2, 1 + 4 * 2, 192)  # CLS + a 4x2 grid of patches
+        assert torch.equal(wide.backbone(x), hidden[:, 0])
+    with pytest.raises(InvalidArgument, match=r"patch_size: must divide the image size 32x32, got 5"):
+        backbone(SHAPE, 2, name="vit_tiny", patch_size=5)
+    with pytest.raises(InvalidArgument, match="only ViT backbones take a patch size"):
+        backbone(SHAPE, 2, name="resnet18", patch_size=8)
+
+
+def test_dropout_goes_before_the_head_and_bad_values_are_refused():
+    net = backbone(SHAPE, 2, name="convnext_atto", dropout=0.3)
+    assert isinstance(net.head[0], nn.Dropout) and net.head[0].p == 0.3
+    assert isinstance(net.head[1], nn.Linear)
+    with pytest.raises(InvalidArgument, match=r"dropout: must be in \[0, 1\), got 1.5"):
+        backbone(SHAPE, 2, dropout=1.5)
+
+
+def test_an_unknown_name_lists_near_matches():
+    with pytest.raises(KilnError) as info:
+        backbone(SHAPE, 2, name="resnt18")
+    assert str(info.value).startswith(
+        "model.net.name=resnt18: not a backbone kiln knows; did you mean resnet18"
+    )
+    assert "known: resnet18, resnet34, resnet50, convnext_atto" in str(info.value)
+
+
+def test_convnext_refuses_images_it_would_shrink_to_nothing():
+    with pytest.raises(KilnError, match=r"at least 32x32 pixels .* the data has 16x16"):
+        backbone((3, 16, 16), 2, name="convnext_atto")
+
+
+@pytest.mark.skipif(TIMM_IMPORTS, reason="timm imports here")
+def test_a_forced_library_that_does_not_import_says_why():
+    with pytest.raises(KilnError) as info:
+        backbone(SHAPE, 2, library="timm")
+    message = str(info.value)
+    assert message.startswith("model.net.library=timm: timm does not import here (")
+    assert "set model.net.library=transformers" in message and "\n" not in message
+    with pytest.raises(InvalidArgument, match="library: must be one of auto, transformers, timm"):
+        backbone(SHAPE, 2, library="keras")
+
+
+def test_weights_round_trip_through_pt_safetensors_ckpt_and_save_pretrained(
+    resnet18: Backbone, tmp_path: Path
+):
+    x = images()
+    expected = features(resnet18, x)
+    inner = resnet18.backbone.model.state_dict()
+    # a Backbone's own state dict, head included: the head stays new, sized to the data
+    torch.save(resnet18.state_dict(), tmp_path / "own.pt")
+    # transformers' ResNetForImageClassification keys, with its classifier
+    hf = {f"resnet.{k}": v for k, v in inner.items()} | {"classifier.1.weight": torch.zeros(1000, 512)}
+    save_file({k: v.contiguous() for k, v in hf.items()}, tmp_path / "hf.safetensors")
+    # a Lightning checkpoint of a KilnModule (net.backbone.model.*, net.head.*, other entries)
+    checkpoint = {f"net.{k}": v for k, v in resnet18.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": checkpoint}, tmp_path / "run.ckpt")
+    resnet18.backbone.model.save_pretrained(tmp_path / "pretrained")
+    for weights in ("own.pt", "hf.safetensors", "run.ckpt", "pretrained"):
+        torch.manual_seed(1)  # another initialization: only the file can make them equal
+        loaded = backbone(SHAPE, 3, name="resnet18", weights=str(tmp_path / weights))
+        assert torch.equal(features(loaded, x), expected), weights
+        assert loaded.head[-1].out_features == 3
+    assert not torch.equal(features(backbone(SHAPE, 3, name="resnet18"), x), expected)
+
+
+def test_weights_of_another_architecture_name_the_first_tensor_that_does_not_fit(tmp_path: Path):
+    torch.save(backbone(SHAPE, 2, name="resnet50").state_dict(), tmp_path / "r50.pt")
+    message = weights_error(name="resnet18", weights=str(tmp_path / "r50.pt"))
+    assert message == (
+        f"model.net.weights={tmp_path / 'r50.pt'}: tensor encoder.stages.0.layers.0.layer.0.convolution.weight "
+        "has shape (64, 64, 1, 1) in the file but (64, 64, 3, 3) in resnet18; these weights are for another "
+        "architecture: set model.net.name to theirs"
+    )
+    torch.save(backbone(SHAPE, 2, name="resnet34").state_dict(), tmp_path / "r34.pt")
+    message = weights_error(name="resnet18", weights=str(tmp_path / "r34.pt"))
+    assert (
+        "tensor encoder.stages.0.layers.2.layer.0.convolution.weight (64, 64, 3, 3) in the file " in message
+    )
+    assert "has no place in resnet18" in message
+    # RGB weights for grayscale data
+    torch.save(backbone(SHAPE, 2, name="convnext_atto").state_dict(), tmp_path / "rgb.pt")
+    with pytest.raises(KilnError) as info:
+        backbone((1, 32, 32), 2, name="convnext_atto", weights=str(tmp_path / "rgb.pt"))
+    assert (
+        "tensor embeddings.patch_embeddings.weight has shape (40, 3, 4, 4) in the file but (40, 1, 4, 4)"
+        in str(info.value)
+    )
+    assert "these weights are for 3-channel images and the data has 1" in str(info.value)
+    message = weights_error(name="vit_tiny", weights=str(tmp_path / "rgb.pt"))
+    assert "of vit_tiny is not in the file" in message or "none of its" in message
+
+
+def test_a_save_pretrained_directory_of_another_architecture_says_so(tmp_path: Path):
+    backbone(SHAPE, 2, name="resnet34").backbone.model.save_pretrained(tmp_path / "r34")
+    message = weights_error(name="resnet18", weights=str(tmp_path / "r34"))
+    assert message == (
+        f"model.net.weights={tmp_path / 'r34'}: its config.json is for a resnet (ResNetModel) that is not "
+        "resnet18; set model.net.name=resnet34"
+    )
+    backbone(SHAPE, 2, name="convnext_atto").backbone.model.save_pretrained(tmp_path / "atto")
+    message = weights_error(name="vit_tiny", weights=str(tmp_path / "atto"))
+    assert (
+        "its config.json is for a convnext (ConvNextModel) that is not vit_tiny; set model.net.name=convnext_atto"
+        in message
+    )
+
+
+def test_files_that_are_not_state_dicts_are_one_line_naming_the_file(tmp_path: Path):
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled object: weights_only refuses it
+    (tmp_path / "notes.pt").write_text("these are not weights\n")
+    torch.save({"lr": 0.1, "epoch": 3}, tmp_path / "settings.pt")
+    (tmp_path / "weights.txt").write_text("1 2 3\n")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "module.pt": "cannot be read as a state dict (UnpicklingError: ",
+        "notes.pt": "cannot be read as a state dict (UnpicklingError: ",
+        "settings.pt": "not a state dict of tensors (its entry 'lr' is a float)",
+        "weights.txt": "not a weights file (expected .safetensors, .pt, .pth, .bin, .ckpt)",
+        "missing.pt": "no such file or directory",
+        "empty": "the directory has no model.safetensors or pytorch_model.bin",
+    }
+    for name, reason in cases.items():
+        message = weights_error(weights=str(tmp_path / name))
+        assert message.startswith(f"model.net.weights={tmp_path / name}: {reason}"), message
+        assert "give a state dict saved with torch.save(net.state_dict())" in message
+
+
+def test_resnet18_exports_to_onnx_with_parity(resnet18: Backbone):
+    model = export_net(resnet18, images(), opset=20)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = images(rows=3, seed=1)  # another batch size than the traced one
+    with torch.no_grad():
+        expected = resnet18(x).numpy()
+    (out,) = session.run(None, {"input": x.numpy()})
+    assert out.shape == (3, 5)
+    assert np.abs(out - expected).max() <= 1e-4
+
+
+def test_structured_pruning_makes_resnet18_smaller_and_it_still_runs(resnet18: Backbone):
+    pruned = prune_structured(resnet18, SHAPE, 0.5)
+    assert count_parameters(pruned) < 0.35 * count_parameters(resnet18)  # half the channels: about a quarter
+    assert pruned.head[-1].out_features == 5
+    with torch.no_grad():
+        out = pruned.eval()(images())
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
