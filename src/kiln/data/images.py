@@ -193,7 +193,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def list_images(self) -> ImageList:
         """The readable images and their classes, from the folder or the index file."""
         entries = self._index_entries() if self.index is not None else self._folder_entries()
-        class_names = sorted({label for _, label in entries})
+        class_names = sorted({label for _, label in entries if label is not None})
         if len(class_names) < 2:
             found = f"only class {class_names[0]!r}" if class_names else "no images"
             raise KilnError(
@@ -314,7 +314,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         if images.smallest is None:
             return
         try:
-            train_transform(self.image_size, self.augment)(image=_decode(images.smallest, self.channels))
+            pixels = _decode(images.smallest, self.channels)
+        except Exception:  # damaged past its header: the loaders leave it out and say so
+            return
+        try:
+            train_transform(self.image_size, self.augment)(image=pixels)
         except KilnError:
             raise
         except Exception as exc:
