@@ -1,6 +1,7 @@
 """Drift: does new data still look like the training data? Per-feature baselines and PSI.
 
-At training, `feature_baseline` summarizes each input feature over the training split: a numeric
+At training, `feature_baseline` summarizes each input feature over the training split (for
+images: per-image colour, contrast and sharpness statistics, `image_statistics`): a numeric
 feature by its deciles (the bin edges) and the share of rows in each bin, a categorical one by the
 share of each category (the 30 most frequent; the rest pooled), both with the share missing. The
 baseline is saved with the run (drift_baseline.json) and embedded in every exported ONNX file
@@ -44,6 +45,26 @@ def feature_baseline(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
         features[name] = _numeric(values) if values.dtype.kind in "fiub" else _categorical(values)
     rows = len(next(iter(columns.values()))) if columns else 0
     return {"rows": rows, "features": features}
+
+
+def image_statistics(images: list[np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+    """What drift means for images, per image: each channel's mean and spread (colour, brightness,
+    contrast) and the mean gradient magnitude (sharpness: blur and noise move it), from uint8
+    (height, width, channels) arrays. Per-pixel features would say nothing: pixels move with the
+    subject, and their PSI is noise."""
+    names = {1: ["gray"], 3: ["red", "green", "blue"]}
+    columns: dict[str, list[float]] = {}
+    for image in images:
+        pixels = np.asarray(image, dtype=np.float32)
+        channels = names.get(pixels.shape[-1], [f"channel{i}" for i in range(pixels.shape[-1])])
+        for index, name in enumerate(channels):
+            plane = pixels[:, :, index]
+            columns.setdefault(f"{name}_mean", []).append(float(plane.mean()))
+            columns.setdefault(f"{name}_std", []).append(float(plane.std()))
+        gray = pixels.mean(axis=-1)
+        sharpness = np.abs(np.diff(gray, axis=0)).mean() + np.abs(np.diff(gray, axis=1)).mean()
+        columns.setdefault("sharpness", []).append(float(sharpness))
+    return {name: np.asarray(values) for name, values in columns.items()}
 
 
 def _numeric(values: np.ndarray) -> dict[str, Any]:

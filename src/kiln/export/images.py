@@ -25,13 +25,11 @@ from kiln.errors import KilnError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def predict_images(session: Any, source: Path, batch_size: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every output of the model for every image in `source`, in order, and each image's name."""
+def predict_images(session: Any, images: list[np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Every output of the model for every image, in order; images of one size run together."""
     from kiln.export.checks import run_batched
 
     spec = session.get_inputs()[0]
-    channels = int(spec.shape[3]) if isinstance(spec.shape[3], int) else 3
-    names, images = read_images(source, channels)
     by_size: dict[tuple[int, ...], list[int]] = {}
     for position, image in enumerate(images):
         by_size.setdefault(image.shape, []).append(position)
@@ -40,11 +38,15 @@ def predict_images(session: Any, source: Path, batch_size: int) -> tuple[dict[st
         batch = np.stack([images[p] for p in positions])
         for name, values in run_batched(session, {spec.name: batch}, batch_size).items():
             outputs.setdefault(name, []).extend(zip(positions, values, strict=True))
-    results = {
+    return {
         name: np.stack([value for _, value in sorted(pairs, key=lambda pair: pair[0])])
         for name, pairs in outputs.items()
     }
-    return results, names
+
+
+def model_channels(session: Any) -> int:
+    shape = session.get_inputs()[0].shape
+    return int(shape[3]) if len(shape) == 4 and isinstance(shape[3], int) else 3
 
 
 def read_images(source: Path, channels: int) -> tuple[list[str], list[np.ndarray]]:

@@ -89,20 +89,26 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             f"drift_threshold={threshold}: must be a positive PSI, e.g. 0.2, or null to skip the check"
         )
     if meta.get("kiln.input_kind") == "image":
-        from kiln.export.images import predict_images
+        from kiln.drift import image_statistics
+        from kiln.export.images import model_channels, predict_images, read_images
 
-        results, files = predict_images(session, source, batch_size)
+        files, images = read_images(source, model_channels(session))
+        results = predict_images(session, images, batch_size)
         rows = write_predictions(output, results, meta, files=files)
+        columns = image_statistics(images)
+        drift = check_drift(columns, meta, threshold, output) if threshold is not None else None
         print(
             f"kiln predict: {rows} images -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
             f"model {meta.get('kiln.variant', model.name)})",
             flush=True,
         )
-        return {"rows": rows, "output": str(output), "drift": None}
+        return {"rows": rows, "output": str(output), "drift": drift}
     feeds = read_feeds(source, session, meta)
     results = predict(session, feeds, batch_size)
     rows = write_predictions(output, results, meta)
-    drift = check_drift(feeds, meta, threshold, output) if threshold is not None else None
+    drift = (
+        check_drift(feature_columns(feeds, meta), meta, threshold, output) if threshold is not None else None
+    )
     print(
         f"kiln predict: {rows} rows -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
         f"model {meta.get('kiln.variant', model.name)})",
@@ -111,8 +117,20 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "output": str(output), "drift": drift}
 
 
+def feature_columns(feeds: dict[str, Any], meta: dict[str, str]) -> dict[str, Any]:
+    """The features a drift baseline describes: a table's raw columns, an array's flat values."""
+    if meta.get("kiln.input_kind") == "table":
+        return {name: values[:, 0] for name, values in feeds.items()}
+    flat = next(iter(feeds.values()))
+    flat = flat.reshape(len(flat), -1)
+    names = json.loads(meta.get("kiln.feature_names", "[]"))
+    if len(names) != flat.shape[1]:
+        names = [f"x{i}" for i in range(flat.shape[1])]
+    return {name: flat[:, i] for i, name in enumerate(names)}
+
+
 def check_drift(
-    feeds: dict[str, Any], meta: dict[str, str], threshold: float, output: Path
+    columns: dict[str, Any], meta: dict[str, str], threshold: float, output: Path
 ) -> dict[str, Any] | None:
     """PSI of each feature against the training data's baseline in the model; a warning line per
     feature past `threshold`, all of them in `<output>.drift.json`."""
@@ -131,15 +149,6 @@ def check_drift(
             f"kiln predict: no drift check: {exc}; export the model again with kiln export", file=sys.stderr
         )
         return None
-    if meta.get("kiln.input_kind") == "table":
-        columns = {name: values[:, 0] for name, values in feeds.items()}
-    else:
-        flat = next(iter(feeds.values()))
-        flat = flat.reshape(len(flat), -1)
-        names = json.loads(meta.get("kiln.feature_names", "[]"))
-        if len(names) != flat.shape[1]:
-            names = [f"x{i}" for i in range(flat.shape[1])]
-        columns = {name: flat[:, i] for i, name in enumerate(names)}
     absent = [name for name in baseline["features"] if name not in columns]
     if absent:
         raise KilnError(f"drift: the rows lack the feature(s) {', '.join(absent)} the model was trained on")
