@@ -18,6 +18,7 @@ import difflib
 import functools
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -160,13 +161,16 @@ def backbone(
             f"only ViT backbones take a patch size; {name} is a {arch.family}",
         )
     library = _resolve_library(library)
+    path = None if weights is None else Path(str(weights)).expanduser()
+    # read before building: a wrong file fails before the seconds a build takes
+    state = None if path is None else _read_weights(path, f"model.net.weights={path}", name, arch, library)
     if library == "timm":
         features, feature_size = _timm_features(arch, channels, height, width, patch_size)
     else:
         features, feature_size = _transformers_features(arch, channels, height, width, patch_size)
-    if weights is not None:
+    if path is not None and state is not None:
         target = features.model if isinstance(features, HFFeatures) else features
-        load_weights(target, Path(str(weights)).expanduser(), name, arch, library, channels)
+        load_weights(target, state, f"model.net.weights={path}", name, library, channels)
     return Backbone(features, feature_size, num_outputs, dropout, name, library)
 
 
@@ -205,12 +209,12 @@ def _resolve_library(library: str) -> str:
         return "timm" if _import_error("timm") is None else "transformers"
     reason = _import_error(library)
     if reason is not None:
-        fix = (
-            "timm needs a torchvision built for this torch (DESIGN.md, 'Vision libraries with the CPU torch'); "
-            "set model.net.library=transformers"
-            if library == "timm"
-            else "install it (pip install transformers), or set model.net.library=auto"
-        )
+        if library == "timm":  # timm imports torchvision, which must be built for this torch
+            fix = (
+                "install timm with a torchvision built for this torch, or set model.net.library=transformers"
+            )
+        else:
+            fix = f"install it (pip install {library}), or set model.net.library=auto"
         raise KilnError(f"model.net.library={library}: {library} does not import here ({reason}); {fix}")
     return library
 
@@ -233,6 +237,7 @@ def _transformers_features(
     else:
         from transformers import ViTConfig, ViTModel
 
+        assert patch_size is not None  # backbone() picked one
         config = ViTConfig(
             num_channels=channels, image_size=(height, width), patch_size=patch_size, **arch.config
         )
@@ -254,14 +259,14 @@ def _timm_features(
     return model, int(model.num_features)
 
 
-def load_weights(target: nn.Module, path: Path, name: str, arch: Arch, library: str, channels: int) -> None:
-    """Load the backbone tensors of the file or directory at `path` into `target`, strictly.
+def load_weights(
+    target: nn.Module, state: dict[str, Tensor], key: str, name: str, library: str, channels: int
+) -> None:
+    """Load the backbone tensors of `state` (a file's, `key` names it) into `target`, strictly.
 
     Keys may carry the prefix of a larger model around the backbone (transformers' `resnet.`,
     a Backbone's `backbone.model.`, a KilnModule checkpoint's `net.backbone.model.`): the prefix under
     which most keys fit is taken, and the rest of that larger model (its head) is ignored."""
-    key = f"model.net.weights={path}"
-    state = _read_weights(path, key, name, arch, library)
     expected = target.state_dict()
     prefix = _common_prefix(state, expected)
     if prefix is None:
@@ -292,7 +297,11 @@ def load_weights(target: nn.Module, path: Path, name: str, arch: Arch, library: 
             )
         theirs = found[tensor_key]
         if theirs.shape != tensor.shape:
-            if tensor_key == stem and theirs.dim() == 4 and theirs.shape[0] == tensor.shape[0]:
+            drop_channels = (0, *range(2, theirs.dim()))  # every dimension but the input channels
+            only_channels = theirs.dim() == 4 and all(
+                theirs.shape[d] == tensor.shape[d] for d in drop_channels
+            )
+            if tensor_key == stem and only_channels:
                 why = (
                     f"these weights are for {theirs.shape[1]}-channel images and the data has {channels}: "
                     "convert the images, or train without model.net.weights"
@@ -372,10 +381,7 @@ def _read_file(path: Path, key: str) -> dict[str, Tensor]:
         else:
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise KilnError(
-            f"{key}: cannot be read as a state dict ({type(exc).__name__}: {first}); {GIVE_INSTEAD}"
-        ) from exc
+        raise KilnError(f"{key}: {_unreadable(path, exc)}; {GIVE_INSTEAD}") from exc
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]  # a Lightning checkpoint
     if not isinstance(loaded, dict) or not loaded:
@@ -387,6 +393,27 @@ def _read_file(path: Path, key: str) -> dict[str, Tensor]:
                 f"{key}: not a state dict of tensors (its entry {entry!r} is a {type(value).__name__}); {GIVE_INSTEAD}"
             )
     return {str(entry): value for entry, value in loaded.items()}
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why a weights file could not be read, in words (torch.load's own errors on a text file are
+    `IndexError: pop from empty list` and the like)."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    try:
+        text = b"\0" not in head and bool(head.decode("utf-8").strip())
+    except UnicodeDecodeError:  # a multi-byte character cut at 512 bytes reads as binary: fine here
+        text = False
+    if text:
+        return "a text file, not a state dict"
+    message = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if refused:
+        return f"pickles a {refused.group(1)} object, which torch.load(weights_only=True) refuses; not a state dict"
+    if "WeightsUnpickler error" in message:
+        return "not a file torch.save wrote"
+    first = (message.strip().splitlines() or [""])[0][:160]
+    return f"cannot be read as a state dict ({type(exc).__name__}: {first})".replace(": )", ")")
 
 
 def _check_config(directory: Path, key: str, name: str, arch: Arch) -> None:
