@@ -269,3 +269,19 @@ def test_structured_pruning_makes_resnet18_smaller_and_it_still_runs(resnet18: B
     with torch.no_grad():
         out = pruned.eval()(images())
     assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny"])
+def test_structured_pruning_of_convnext_and_vit_runs_and_rebuilds_from_its_state_dict(name: str):
+    """Depthwise convs and LayerNorms (ConvNeXt) rebuild at their pruned sizes; a ViT's attention
+    projections keep their heads while its MLPs shrink."""
+    from kiln.compression.pruning import fit_to_state_dict
+
+    net = backbone(SHAPE, 7, name=name).eval()
+    pruned = prune_structured(net, SHAPE, 0.5).eval()
+    assert count_parameters(pruned) < 0.8 * count_parameters(net)
+    with torch.no_grad():
+        out = pruned(images())
+        rebuilt = fit_to_state_dict(backbone(SHAPE, 7, name=name), pruned.state_dict()).eval()
+        assert torch.equal(rebuilt(images()), out)
+    assert out.shape == (len(images()), 7)

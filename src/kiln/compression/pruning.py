@@ -61,10 +61,23 @@ def prune_structured_in_place(net: nn.Module, example: torch.Tensor, ratio: floa
             example[:2].detach().to(next(net.parameters()).device),
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=ratio,
-            ignored_layers=[layers[-1]],
+            ignored_layers=[layers[-1], *attention_projections(net)],
         )
         pruner.step()
     net.train(training)
+
+
+def attention_projections(net: nn.Module) -> list[nn.Module]:
+    """The query/key/value/output layers of attention blocks (a ViT's): their outputs are split into
+    heads of a size fixed at build time, so their channels stay; the MLPs between them and the
+    residual stream are pruned."""
+    return [
+        layer
+        for module in net.modules()
+        if "attention" in type(module).__name__.lower()
+        for layer in module.modules()
+        if isinstance(layer, nn.Linear)
+    ]
 
 
 def prune_unstructured(net: nn.Module, amount: float, scope: str) -> nn.Module:
@@ -116,9 +129,11 @@ def weight_sparsity(net: nn.Module) -> float:
 
 
 def fit_to_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Resize the Linear/Conv/BatchNorm layers of a freshly built net to a pruned state dict's shapes.
+    """Resize the layers of a freshly built net to a pruned state dict's shapes.
 
-    A structurally pruned net is saved as a plain state dict (no pickled modules); this rebuilds it.
+    A structurally pruned net is saved as a plain state dict (no pickled modules); this rebuilds
+    it: Linear, Conv (grouped and depthwise too) and BatchNorm layers are rebuilt at their pruned
+    sizes, and any other tensor (a LayerNorm's, a ConvNeXt's layer scale) is resized in place.
     """
     for name, module in list(net.named_modules()):
         weight = state.get(f"{name}.weight" if name else "weight")
@@ -127,14 +142,17 @@ def fit_to_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
         if isinstance(module, nn.Linear):
             replacement: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
         elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            # a depthwise conv keeps one group per channel: pruning channels prunes groups
+            outputs_per_group = module.out_channels // module.groups
+            groups = max(1, weight.shape[0] // outputs_per_group)
             replacement = type(module)(
-                weight.shape[1] * module.groups,
+                weight.shape[1] * groups,
                 weight.shape[0],
                 module.kernel_size,  # type: ignore[arg-type]
                 stride=module.stride,  # type: ignore[arg-type]
                 padding=module.padding,  # type: ignore[arg-type]
                 dilation=module.dilation,  # type: ignore[arg-type]
-                groups=module.groups,
+                groups=groups,
                 bias=module.bias is not None,
             )
         elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
@@ -142,8 +160,25 @@ def fit_to_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
         else:
             continue
         _set_module(net, name, replacement)
+    _resize_other_tensors(net, state)
     net.load_state_dict(state)
     return net
+
+
+def _resize_other_tensors(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, tensor in list(net.state_dict(keep_vars=True).items()):
+        saved = state.get(name)
+        if saved is None or saved.shape == tensor.shape:
+            continue
+        owner_name, _, attribute = name.rpartition(".")
+        owner = net.get_submodule(owner_name) if owner_name else net
+        empty = torch.empty(saved.shape, dtype=tensor.dtype)
+        if isinstance(tensor, nn.Parameter):
+            setattr(owner, attribute, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+        else:
+            owner.register_buffer(attribute, empty)
+        if attribute == "weight" and hasattr(owner, "normalized_shape"):  # LayerNorm and look-alikes
+            owner.normalized_shape = tuple(saved.shape)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
