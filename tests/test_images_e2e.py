@@ -1,0 +1,110 @@
+"""The image workflow end to end, in this process: a folder of PNG files of mixed sizes (one of them
+unreadable) -> a ResNet-18 from the backbone library -> tested, structurally pruned and int8
+quantized -> a model.onnx that takes uint8 images of any size -> kiln predict on the image files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from kilntest import read_run
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 30)}
+
+
+def colour_folder(root: Path, per_class: int = 24) -> Path:
+    """Classes told apart by colour, at sizes from 20 to 40 pixels, with noise and a random patch."""
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            height, width = (int(s) for s in rng.integers(20, 41, size=2))
+            pixels = np.asarray(colour) + rng.normal(0, 25, size=(height, width, 3))
+            top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+            pixels[top : top + height // 3, left : left + width // 3] = rng.integers(0, 256, size=3)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{index}.png")
+    (root / "red" / "broken.png").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    from kiln.config import compose
+    from kiln.stages import train as train_stage
+
+    base = tmp_path_factory.mktemp("images")
+    folder = colour_folder(base / "photos")
+    run_dir = base / "run"
+    cfg = compose(
+        "train",
+        [
+            "data=image_folder",
+            f"data.path={folder}",
+            "data.image_size=16",
+            "data.num_workers=1",
+            "data.batch_size=16",
+            "model=backbone",
+            "model.net.name=resnet18",
+            "model.optimizer.lr=0.003",
+            "trainer.max_epochs=4",
+            "compress=prune_structured",
+            "compress.steps=[prune_structured,quantize_static]",
+            "compress.prune_structured.finetune_epochs=1",
+            "compress.max_metric_drop=100",
+            "export.latency_repeats=3",
+            "progress=lines",
+            f"run_dir={run_dir}",
+        ],
+    )
+    train_stage.main.call(cfg)
+    return run_dir
+
+
+def test_a_resnet_trains_on_image_files_and_ships_a_pruned_int8_model(image_run):
+    record = read_run(image_run)
+    assert record["status"] == "completed"
+    assert record["test_metrics"]["test/acc"] >= 0.9  # colours: an easy task, but from PNG files via workers
+    report = json.loads((image_run / "report.json").read_text())
+    variants = {v["name"]: v for v in report["variants"]}
+    assert set(variants) == {"fp32", "prune_structured+quantize_static"}
+    compressed = variants["prune_structured+quantize_static"]
+    assert compressed["precision"] == "int8"
+    assert compressed["params"] < 0.4 * variants["fp32"]["params"]  # half the channels: about a quarter
+    assert report["shipped"] == "prune_structured+quantize_static"  # the recipe's variant, within its budget
+    assert compressed["latency_us"]["256"] < variants["fp32"]["latency_us"]["256"]  # smaller and faster for real
+    assert variants["fp32"]["passed"] and variants["fp32"]["parity_max_abs"] <= 1e-3
+
+
+def test_the_shipped_model_takes_uint8_images_and_predict_reads_the_files(image_run, tmp_path):
+    from kiln.stages.predict import run
+
+    session = ort.InferenceSession(str(image_run / "model.onnx"))
+    (spec,) = session.get_inputs()
+    assert spec.type == "tensor(uint8)" and spec.shape[1:] == ["height", "width", 3]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["kiln.image_input"])["size"] == [16, 16]
+    # the user's images as files, minus the one that is not an image (predict refuses that one)
+    folder = tmp_path / "photos"
+    shutil.copytree(image_run.parent / "photos", folder, ignore=shutil.ignore_patterns("broken.png"))
+    output = tmp_path / "preds.csv"
+    result = run(
+        {
+            "model": str(image_run / "model.onnx"),
+            "input": str(folder),
+            "output": str(output),
+            "batch_size": 32,
+            "drift_threshold": None,
+        }
+    )
+    with output.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert result["rows"] == len(rows) == 4 * 24
+    correct = sum(row["file"].split("/")[0] == row["prediction"] for row in rows)
+    assert correct / len(rows) >= 0.9
