@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kilntest import TINY_DIGITS_CNN, TINY_PENGUINS, run_kiln, trained_run
+
+# Nothing downloads at run time (no internet here); built-in data sets (data=digit_images) are
+# written once per test session to a fresh cache, never to the user's ~/.cache/kiln.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-cache-"))
 
 
 @pytest.fixture
