@@ -78,7 +78,9 @@ def test_a_resnet_trains_on_image_files_and_ships_a_pruned_int8_model(image_run)
     assert compressed["precision"] == "int8"
     assert compressed["params"] < 0.4 * variants["fp32"]["params"]  # half the channels: about a quarter
     assert report["shipped"] == "prune_structured+quantize_static"  # the recipe's variant, within its budget
-    assert compressed["latency_us"]["256"] < variants["fp32"]["latency_us"]["256"]  # smaller and faster for real
+    assert (
+        compressed["latency_us"]["256"] < variants["fp32"]["latency_us"]["256"]
+    )  # smaller and faster for real
     assert variants["fp32"]["passed"] and variants["fp32"]["parity_max_abs"] <= 1e-3
 
 
@@ -108,3 +110,44 @@ def test_the_shipped_model_takes_uint8_images_and_predict_reads_the_files(image_
     assert result["rows"] == len(rows) == 4 * 24
     correct = sum(row["file"].split("/")[0] == row["prediction"] for row in rows)
     assert correct / len(rows) >= 0.9
+
+
+def test_image_drift_compares_colour_and_sharpness_not_pixels(image_run, tmp_path):
+    from kiln.stages.predict import run
+
+    baseline = json.loads((image_run / "drift_baseline.json").read_text())
+    assert set(baseline["features"]) == {
+        *(f"{c}_{s}" for c in ("red", "green", "blue") for s in ("mean", "std")),
+        "sharpness",
+    }
+    same, dark = tmp_path / "same", tmp_path / "dark"
+    shutil.copytree(image_run.parent / "photos", same, ignore=shutil.ignore_patterns("broken.png"))
+    dark.mkdir()
+    for index, file in enumerate(sorted(same.rglob("*.png"))):  # the same photos, at a third of the light
+        pixels = np.asarray(Image.open(file), dtype=np.float32) / 3
+        Image.fromarray(pixels.astype(np.uint8)).save(dark / f"{index}.png")
+    model = str(image_run / "model.onnx")
+    calm = run(
+        {
+            "model": model,
+            "input": str(same),
+            "output": str(tmp_path / "a.csv"),
+            "batch_size": 32,
+            "drift_threshold": 0.25,
+        }
+    )
+    shifted = run(
+        {
+            "model": model,
+            "input": str(dark),
+            "output": str(tmp_path / "b.csv"),
+            "batch_size": 32,
+            "drift_threshold": 0.25,
+        }
+    )
+    means = {"red_mean", "green_mean", "blue_mean"}
+    assert means <= set(shifted["drift"]["drifted"])
+    # the same photos (the training split is 70% of them): colour and sharpness as at training
+    assert calm["drift"]["drifted"] == []
+    assert max(calm["drift"]["psi"].values()) < 0.2 < min(shifted["drift"]["psi"].values())
+    assert (tmp_path / "b.drift.json").is_file()

@@ -242,3 +242,17 @@ def test_memory_does_not_hold_the_pixels(tmp_path):
     dataset = dm.train_dataloader().dataset
     held = [value for value in vars(dataset).values() if isinstance(value, torch.Tensor | np.ndarray)]
     assert sum(getattr(v, "nbytes", 0) or v.numel() * v.element_size() for v in held) < 1024
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_augmented_batches_repeat_with_the_seed(tmp_path, workers):
+    root = image_folder(tmp_path / "imgs", {"a": 10, "b": 10})
+    augment = {"crop_scale": [0.3, 0.6], "policy": "trivial"}
+
+    def first_batch(seed: int) -> torch.Tensor:
+        dm = datamodule(root, augment=augment, num_workers=workers, seed=seed, persistent_workers=False)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))[0]
+
+    assert torch.equal(first_batch(1), first_batch(1))
+    assert not torch.equal(first_batch(1), first_batch(2))

@@ -366,6 +366,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
         workers = self.num_workers
+        # albumentations draws from its own generator: seeded here (in-process loading) and in each
+        # worker from the worker's torch seed (_worker_init), so a run's augmentations repeat
+        transform.set_random_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
@@ -477,8 +480,13 @@ def _inspect(path: Path, *, decode: bool) -> tuple[str | None, str | None, int]:
 
 
 def _worker_init(worker_id: int) -> None:
-    """One thread per worker: workers run side by side, and torch or OpenCV threads would fight."""
+    """One thread per worker (workers run side by side, and torch or OpenCV threads would fight),
+    and the worker's augmentations seeded from its torch seed (which the loader derives from the
+    run's seed): different in each worker, the same in every run."""
     torch.set_num_threads(1)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, ImageDataset):
+        info.dataset.transform.set_random_seed(info.seed % 2**32)
     try:
         import cv2
 
@@ -528,3 +536,38 @@ def _fingerprint(images: ImageList) -> str:
         stat = path.stat()
         digest.update(f"{path.name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def drift_columns(datamodule: Any, image: dict[str, Any], limit: int = 2000) -> dict[str, np.ndarray]:
+    """Per-image statistics (kiln.drift.image_statistics) of up to `limit` training images as the
+    model sees them, resized and not augmented: kiln's own image folders read their training
+    split; any other datamodule with `image_input` gives its validation loader's inputs, turned
+    back into uint8 images."""
+    from kiln.drift import image_statistics
+
+    if isinstance(datamodule, ImageFolderDataModule) and datamodule.images is not None:
+        from kiln.data.augment import eval_transform
+
+        assert datamodule.splits is not None
+        rows = datamodule.splits.train[:limit]
+        resize = eval_transform(datamodule.image_size)
+        images = []
+        for row in rows:
+            try:
+                images.append(
+                    resize(image=_decode(datamodule.images.paths[row], datamodule.channels))["image"]
+                )
+            except Exception:  # damaged past its header: training left it out too
+                continue
+        return image_statistics(images)
+    mean = np.asarray(image["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(image["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    parts, count = [], 0
+    for batch in datamodule.val_dataloader():
+        x = (batch[0] if isinstance(batch, list | tuple) else batch).detach().float().cpu().numpy()
+        pixels = np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        parts.append(pixels)
+        count += len(pixels)
+        if count >= limit:
+            break
+    return image_statistics(list(np.concatenate(parts)[:limit])) if parts else {}

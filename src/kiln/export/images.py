@@ -14,6 +14,7 @@ Each file is decoded and converted to the model's channels (RGB or grayscale) as
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,37 @@ def predict_images(session: Any, images: list[np.ndarray], batch_size: int) -> d
         name: np.stack([value for _, value in sorted(pairs, key=lambda pair: pair[0])])
         for name, pairs in outputs.items()
     }
+
+
+def at_training_size(images: list[np.ndarray], meta: dict[str, str]) -> list[np.ndarray]:
+    """The images resized to the size the model was trained at (its `kiln.image_input`), as the
+    drift baseline's were: sharpness and contrast depend on the size."""
+    try:
+        height, width = (int(s) for s in json.loads(meta.get("kiln.image_input", "{}"))["size"])
+    except (ValueError, KeyError, TypeError):
+        return images
+    return [
+        pixels if pixels.shape[:2] == (height, width) else bilinear(pixels, height, width)
+        for pixels in images
+    ]
+
+
+def bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres and no antialiasing, rounded to uint8: OpenCV's
+    INTER_LINEAR, which resized the training images (Pillow's resize antialiases: other statistics)."""
+
+    def axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        position = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+        low = np.floor(position).astype(np.int64)
+        return low, np.minimum(low + 1, size_in - 1), (position - low).astype(np.float32)
+
+    y0, y1, wy = axis(pixels.shape[0], height)
+    x0, x1, wx = axis(pixels.shape[1], width)
+    image = pixels.astype(np.float32)
+    top = image[y0][:, x0] * (1 - wx)[None, :, None] + image[y0][:, x1] * wx[None, :, None]
+    bottom = image[y1][:, x0] * (1 - wx)[None, :, None] + image[y1][:, x1] * wx[None, :, None]
+    mixed = top * (1 - wy)[:, None, None] + bottom * wy[:, None, None]
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def model_channels(session: Any) -> int:

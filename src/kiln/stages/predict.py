@@ -90,13 +90,16 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         )
     if meta.get("kiln.input_kind") == "image":
         from kiln.drift import image_statistics
-        from kiln.export.images import model_channels, predict_images, read_images
+        from kiln.export.images import at_training_size, model_channels, predict_images, read_images
 
         files, images = read_images(source, model_channels(session))
         results = predict_images(session, images, batch_size)
         rows = write_predictions(output, results, meta, files=files)
-        columns = image_statistics(images)
-        drift = check_drift(columns, meta, threshold, output) if threshold is not None else None
+        drift = (
+            check_drift(image_statistics(at_training_size(images, meta)), meta, threshold, output)
+            if threshold is not None
+            else None
+        )
         print(
             f"kiln predict: {rows} images -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
             f"model {meta.get('kiln.variant', model.name)})",
