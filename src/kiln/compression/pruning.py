@@ -178,7 +178,7 @@ def _resize_other_tensors(net: nn.Module, state: dict[str, torch.Tensor]) -> Non
         else:
             owner.register_buffer(attribute, empty)
         if attribute == "weight" and hasattr(owner, "normalized_shape"):  # LayerNorm and look-alikes
-            owner.normalized_shape = tuple(saved.shape)
+            owner.normalized_shape = tuple(saved.shape)  # type: ignore[assignment]
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -215,7 +215,11 @@ def finetune(
     keep = KeepBest(monitor, mode)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    settings = {"accelerator": "cpu", "devices": 1, **(trainer_settings or {})}
+    from kiln.training.run import hand_accumulation_to_module
+
+    settings = hand_accumulation_to_module(
+        {"accelerator": "cpu", "devices": 1, **(trainer_settings or {})}, module
+    )
     trainer = L.Trainer(
         **settings,
         max_epochs=epochs,

@@ -42,6 +42,8 @@ _Module = TypeVar("_Module", bound=nn.Module)
 class KilnModule(L.LightningModule):
     # kiln's in-memory loaders may hand this module a Chunk of mini-batches per Lightning step.
     trains_on_chunks = True
+    # torch.compile's backend (compile=True); tests choose "eager": seconds, no C++ compiler
+    compile_backend: str | Callable[..., Any] = "inductor"
 
     def __init__(
         self,
@@ -138,6 +140,7 @@ class KilnModule(L.LightningModule):
         self._dropped_grads: list[nn.Parameter] = []
         # the open accumulation window: mini-batches and rows so far, rows of its first mini-batch
         self._window_batches = self._window_rows = self._window_unit = 0
+        self._restored_grads: dict[str, Tensor] = {}
         # torch.compile's callable; deliberately not a registered submodule (see _compiled)
         object.__setattr__(self, "_compiled_net", None)
         num_classes = len(self.class_names)
@@ -218,9 +221,6 @@ class KilnModule(L.LightningModule):
             object.__setattr__(self, "_compiled_net", compiled)
         return compiled
 
-    # torch.compile's backend; tests choose "eager" (a compile check in seconds, no C++ compiler)
-    compile_backend: str | Callable[..., Any] = "inductor"
-
     @contextlib.contextmanager
     def _compile_errors(self) -> Iterator[None]:
         """torch.compile compiles on first call (and again for new shapes), forward and backward: a
@@ -283,6 +283,11 @@ class KilnModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._direct_steps = _direct_steps_allowed(self)
+        # a resumed accumulation window's gradients: here, after Lightning's zero_grad at fit start
+        parameters = dict(self.named_parameters())
+        for name, grad in self._restored_grads.items():
+            parameters[name].grad = grad.to(parameters[name])
+        self._restored_grads = {}
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_backbone_epochs:  # by the epoch, so a resumed run freezes (or not) as it should
@@ -420,6 +425,10 @@ class KilnModule(L.LightningModule):
         self._discard_window()
         self._freeze_backbone(False)  # the module leaves fit() as trainable as it came
 
+    def on_validation_model_zero_grad(self) -> None:
+        if not self._window_batches:  # a validation inside an epoch keeps an open window's gradients
+            super().on_validation_model_zero_grad()
+
     def _discard_window(self) -> None:
         """A window still open after the epoch's last step: training stopped inside it (max_steps);
         its gradients are dropped, as Lightning's own accumulation does."""
@@ -460,9 +469,7 @@ class KilnModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         window = checkpoint.get(_WINDOW_KEY)
         if window is not None:  # every rank: the saved gradients are already the mean over ranks
-            parameters = dict(self.named_parameters())
-            for name, grad in window["grads"].items():
-                parameters[name].grad = grad.to(parameters[name])
+            self._restored_grads = window["grads"]  # set at on_train_start
             self._window_batches, self._window_rows = window["batches"], window["rows"]
             self._window_unit = window["unit"]
         if self.global_rank != 0:  # the saved state is every rank's sum: counted once
@@ -595,7 +602,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _compile_error(exc: BaseException) -> KilnError:
-    reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    cause = getattr(exc, "inner_exception", None) or exc  # dynamo's wrapper names only the backend
+    text = f"{type(cause).__name__}: {cause}"
+    reason = next((line for line in text.splitlines() if line.strip()), type(cause).__name__)
     return KilnError(
         f"model.compile=true: torch.compile cannot compile the net here ({one_line(reason)}); "
         "set model.compile=false"

@@ -63,7 +63,7 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
         )
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
-        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule)
+        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule, module)
 
         fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -204,7 +204,12 @@ def warn_if_not_exportable(module: Any) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig, run: Any, monitor: dict[str, str], extra_callbacks: list[Any], datamodule: Any
+    cfg: DictConfig,
+    run: Any,
+    monitor: dict[str, str],
+    extra_callbacks: list[Any],
+    datamodule: Any,
+    module: Any = None,
 ) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -227,7 +232,7 @@ def build_trainer(
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
     callbacks += extra_callbacks
     logger = build("logger", cfg.logger) if cfg.logger is not None else False
-    trainer_config = with_resolved_precision(plain(cfg.trainer))
+    trainer_config = hand_accumulation_to_module(with_resolved_precision(plain(cfg.trainer)), module)
     plugins: list[Any] = [AtomicCheckpointIO()]
     if in_job:  # ranks from SLURM's tasks; requeue is kiln's (Preemption), not Lightning's
         import torch
@@ -249,6 +254,24 @@ def build_trainer(
         # Lightning's DistributedSampler, so that DDP ranks never train on the same rows
         use_distributed_sampler=not shards_by_rank(datamodule),
     )
+
+
+def hand_accumulation_to_module(trainer_config: dict[str, Any], module: Any) -> dict[str, Any]:
+    """Trainer settings for `module`: Lightning refuses accumulate_grad_batches > 1 under manual
+    optimization, so a module that trains on kiln's chunks (KilnModule, which optimizes manually)
+    accumulates itself and the Trainer gets 1. A user's own module (automatic optimization) keeps
+    Lightning's accumulation."""
+    k = trainer_config.get("accumulate_grad_batches", 1)
+    if not getattr(module, "trains_on_chunks", False) or not isinstance(k, int) or k <= 1:
+        return trainer_config
+    own = getattr(module, "accumulate_grad_batches", 1)
+    if own not in (1, k):
+        raise KilnError(
+            f"trainer.accumulate_grad_batches={k} and model.accumulate_grad_batches={own}: "
+            "set only one of them"
+        )
+    module.accumulate_grad_batches = k
+    return {**trainer_config, "accumulate_grad_batches": 1}
 
 
 def throughput(trainer: Any, datamodule: Any, first_epoch: int, seconds: float) -> dict[str, Any]:
@@ -409,18 +432,28 @@ def metrics_by_group(trainer: Any, module: Any, datamodule: Any, cfg: DictConfig
 
 def save_drift_baseline(datamodule: Any, directory: Path) -> str | None:
     """Per-feature summaries of the training split, as `kiln predict` will see the features: a
-    table's raw columns, or an array model's flattened inputs (kiln.drift). None for a datamodule
-    that is not one of kiln's."""
+    table's raw columns, an array model's flattened inputs, or per-image statistics for a
+    datamodule with `image_input` (kiln.drift). None for any other datamodule."""
     import json
 
     import numpy as np
 
+    from kiln import contract
     from kiln.data.base import InMemoryDataModule
     from kiln.data.table import TableDataModule
     from kiln.drift import BASELINE_FILE, feature_baseline
     from kiln.export.feeds import category_column, numeric_column
     from kiln.runs import write_atomically
 
+    image = contract.image_input(datamodule) if hasattr(datamodule, "image_input") else None
+    if image is not None:  # images: colour, contrast and sharpness per image, not pixels
+        from kiln.data.images import drift_columns
+
+        statistics = drift_columns(datamodule, image)
+        if not statistics:
+            return None
+        write_atomically(directory / BASELINE_FILE, json.dumps(feature_baseline(statistics)) + "\n")
+        return BASELINE_FILE
     if not isinstance(datamodule, InMemoryDataModule) or datamodule.splits is None:
         return None
     rows = datamodule.splits.train
