@@ -256,3 +256,62 @@ def test_augmented_batches_repeat_with_the_seed(tmp_path, workers):
 
     assert torch.equal(first_batch(1), first_batch(1))
     assert not torch.equal(first_batch(1), first_batch(2))
+
+
+def test_mixup_and_cutmix_give_soft_targets_and_mixed_images():
+    """Image i is a constant plane of value i with label i: the mixed pixels must agree with the soft
+    labels exactly (mixup: the value is the labels' weighted mean; CutMix: the pasted area is the
+    label share that moved)."""
+    from kiln.data.augment import MixCollate
+    from kiln.data.images import collate_readable
+
+    torch.manual_seed(0)
+    items = [(torch.full((3, 8, 8), float(i)), i) for i in range(6)]
+    plain = torch.stack([x for x, _ in items])
+    own = torch.arange(6)
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
+        x, y = MixCollate(6, mixup, cutmix, collate_readable)([*items, None])  # None: an undecodable image
+        assert x.shape == (6, 3, 8, 8) and y.shape == (6, 6)
+        assert torch.allclose(y.sum(dim=1), torch.ones(6))
+        if mixup:
+            assert torch.allclose(x.mean(dim=(1, 2, 3)), y @ own.float(), atol=1e-5)
+            assert torch.allclose(x.amax(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3)))  # blended, not pasted
+        else:
+            changed = (x != plain).flatten(1).float().mean(dim=1)
+            assert torch.allclose(changed, 1 - y[own, own], atol=1e-6)
+        assert not torch.equal(x, plain)
+
+
+def test_kiln_module_trains_on_mixed_batches(tmp_path):
+    import functools
+
+    import lightning as L
+
+    from kiln.models.module import KilnModule
+    from kiln.models.nets import cnn
+
+    root = image_folder(tmp_path / "imgs", {"a": 12, "b": 12, "c": 12})
+    dm = datamodule(root, batch_size=8, augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0})
+    dm.setup()
+    _, y = next(iter(dm.train_dataloader()))
+    assert y.shape == (8, 3) and y.is_floating_point()
+    _, y_val = next(iter(dm.val_dataloader()))
+    assert y_val.dtype == torch.int64  # evaluation batches are never mixed
+    module = KilnModule(
+        cnn((3, 16, 16), 3, channels=[4], hidden_size=8),
+        "classification",
+        (3, 16, 16),
+        dm.class_names,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+        label_smoothing=0.1,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    logged = trainer.callback_metrics
+    assert torch.isfinite(logged["train/loss"]) and 0 <= float(logged["train/acc"]) <= 1

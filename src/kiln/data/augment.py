@@ -11,6 +11,12 @@ apply the same arithmetic.
     policy           "trivial" (TrivialAugment: one random operation at a random strength) or
                      "rand" (RandAugment: `rand_ops` operations at strength `rand_magnitude` of 10)
     extra            any albumentations transforms, given as `_target_` config nodes
+    mixup_alpha      > 0: blend pairs of training images and their labels (mixup, Zhang et al. 2018)
+    cutmix_alpha     > 0: paste a box of one training image into another, labels by area (CutMix,
+                     Yun et al. 2019); with both set, each batch takes one of them at random
+Mixup and CutMix work on whole batches, after the per-image transforms (`MixCollate`): training
+batches then carry soft targets, (batch, classes) probabilities, which cross-entropy takes as
+they are; KilnModule's training metrics score the larger share.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
         "rand_ops": 2,
         "rand_magnitude": 9,
         "extra": [],
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
     }
     for key, value in dict(augment or {}).items():
         require(key in settings, f"augment.{key}", f"no such setting; settings: {', '.join(AUGMENT_KEYS)}")
@@ -82,7 +90,63 @@ def check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
         "augment.extra",
         "must be a list of albumentations transforms as _target_ nodes",
     )
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        value = settings[key]
+        require(
+            isinstance(value, int | float) and not isinstance(value, bool) and value >= 0,
+            f"augment.{key}",
+            f"must be a number >= 0 (0: off; 0.2 to 1 are usual), got {value}",
+        )
     return settings
+
+
+class MixCollate:
+    """Collates a training batch (items that failed to decode are left out), then applies mixup or
+    CutMix to the whole batch: x mixed with a shuffled copy of itself, y as soft targets."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, collate: Any) -> None:
+        self.num_classes = num_classes
+        self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
+        self.collate = collate
+        self._rng: Any = None
+        self._seed: int | None = None
+
+    def rng(self) -> Any:
+        """A generator per process, seeded from torch's seed there (a worker's own, derived from
+        the run's seed): batches repeat from run to run and differ between workers."""
+        import numpy as np
+        import torch
+
+        seed = torch.initial_seed() % 2**32
+        if self._rng is None or seed != self._seed:
+            self._rng, self._seed = np.random.default_rng(seed), seed
+        return self._rng
+
+    def __call__(self, items: list[Any]) -> Any:
+        import torch
+        from torch.nn import functional as F
+
+        x, y = self.collate(items)
+        if len(y) == 0:
+            return [x, y]
+        rng = self.rng()
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < 0.5)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        share = float(rng.beta(alpha, alpha))
+        partner = torch.from_numpy(rng.permutation(len(y)))
+        if use_cutmix:
+            height, width = x.shape[-2:]
+            cut_h, cut_w = int(height * (1 - share) ** 0.5), int(width * (1 - share) ** 0.5)
+            top, left = int(rng.integers(0, height - cut_h + 1)), int(rng.integers(0, width - cut_w + 1))
+            x = x.clone()
+            x[..., top : top + cut_h, left : left + cut_w] = x[partner][
+                ..., top : top + cut_h, left : left + cut_w
+            ]
+            share = 1 - cut_h * cut_w / (height * width)  # the labels follow the pasted area exactly
+        else:
+            x = share * x + (1 - share) * x[partner]
+        targets = F.one_hot(y, self.num_classes).float()
+        return [x, share * targets + (1 - share) * targets[partner]]
 
 
 def train_transform(size: tuple[int, int], augment: Mapping[str, Any]) -> Any:

@@ -351,6 +351,17 @@ class ImageFolderDataModule(L.LightningDataModule):
 
         return self._loader(split, eval_transform(self.image_size), self.eval_batch_size, shuffle=False)
 
+    def _collate(self, split: str) -> Any:
+        """Training batches get mixup/CutMix when configured; evaluation batches never do."""
+        from kiln.data.augment import MixCollate
+
+        mixing = self.augment["mixup_alpha"] > 0 or self.augment["cutmix_alpha"] > 0
+        if split != "train" or not mixing:
+            return collate_readable
+        return MixCollate(
+            len(self.class_names), self.augment["mixup_alpha"], self.augment["cutmix_alpha"], collate_readable
+        )
+
     def _loader(self, split: str, transform: Any, batch_size: int, *, shuffle: bool) -> DataLoader[Any]:
         assert self.images is not None and self.splits is not None, "call setup() first"
         rows = getattr(self.splits, split)
@@ -377,7 +388,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=collate_readable,
+            collate_fn=self._collate(split),
             worker_init_fn=_worker_init if workers > 0 else None,
             generator=generator if shuffle else None,
             drop_last=False,

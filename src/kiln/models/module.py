@@ -336,7 +336,10 @@ class KilnModule(L.LightningModule):
         rows = torch.tensor([float(len(y)) for y in targets], device=batch_losses.device)
         self.train_loss.update(batch_losses, rows)
         outputs_all = torch.cat(outputs).float()  # logits: accuracy takes their argmax
-        self.train_metrics.update(outputs_all, torch.cat(targets))
+        labels = torch.cat(targets)
+        if labels.is_floating_point() and labels.dim() == 2:  # soft targets (mixup, CutMix): the larger share
+            labels = labels.argmax(dim=-1)
+        self.train_metrics.update(outputs_all, labels)
         if chunk_index == self.trainer.num_training_batches - 1:
             # logged from the epoch's last step, so callbacks' on_train_epoch_end (checkpointing,
             # progress lines) see this epoch's values: they run before the module's own hook
