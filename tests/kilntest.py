@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +113,15 @@ def copy_run(run: Path, destination: Path) -> Path:
         run, target, ignore=shutil.ignore_patterns("compress", "export", "model.onnx", "report.*")
     )
     return target
+
+
+class PreemptAt(L.Callback):
+    """Plays SLURM: SIGTERM reaches the Preemption callback (kiln.training.preemption) after a given
+    step of a given epoch."""
+
+    def __init__(self, preemption: Any, epoch: int, chunk: int) -> None:
+        self.preemption, self.epoch, self.chunk = preemption, epoch, chunk
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if (trainer.current_epoch, args[-1]) == (self.epoch, self.chunk):
+            self.preemption.received = signal.SIGTERM

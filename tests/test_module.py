@@ -6,7 +6,6 @@ implementation."""
 
 from __future__ import annotations
 
-import signal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from kiln.models import KilnModule
 from kiln.models.module import build_optimizer
 from kiln.models.nets import mlp
 from kiln.training.preemption import PREEMPTED_CHECKPOINT, ExactResume, Preemption
+from kilntest import PreemptAt
 
 ROWS, FEATURES, CLASSES, BATCH = 300, 6, 3, 32  # 300 rows: the last batch of 32 is partial
 
@@ -216,17 +216,6 @@ def test_the_fused_kernel_trains_what_torchs_default_loop_trains():
     for (name, a), (_, b) in zip(fused.state_dict().items(), default.state_dict().items(), strict=True):
         if a.is_floating_point():
             assert torch.allclose(a, b, atol=1e-5), name  # the same algorithm, up to rounding
-
-
-class PreemptAt(L.Callback):
-    """Plays SLURM: SIGTERM reaches the Preemption callback after a given step of a given epoch."""
-
-    def __init__(self, preemption: Preemption, epoch: int, chunk: int) -> None:
-        self.preemption, self.epoch, self.chunk = preemption, epoch, chunk
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if (trainer.current_epoch, args[-1]) == (self.epoch, self.chunk):
-            self.preemption.received = signal.SIGTERM
 
 
 def fit_synthetic(callbacks: list[L.Callback], ckpt_path: Path | None = None) -> None:

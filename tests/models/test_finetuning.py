@@ -6,7 +6,6 @@ ends and a resume inside a window), channels_last and torch.compile."""
 from __future__ import annotations
 
 import copy
-import signal
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from kiln.models import KilnModule
 from kiln.models.nets import mlp
 from kiln.training.preemption import PREEMPTED_CHECKPOINT, ExactResume, Preemption
 from kiln.training.run import hand_accumulation_to_module
+from kilntest import PreemptAt
 
 ROWS, FEATURES, CLASSES = 300, 6, 3
 
@@ -309,17 +309,6 @@ def test_the_run_hands_trainer_accumulation_to_kilns_module_and_leaves_a_users_t
     assert hand_accumulation_to_module({"max_epochs": 2}, new_module()) == {"max_epochs": 2}
     with pytest.raises(KilnError, match=r"model\.accumulate_grad_batches=2: set only one of them"):
         hand_accumulation_to_module(settings, new_module(accumulate_grad_batches=2))
-
-
-class PreemptAt(L.Callback):
-    """Plays SLURM: SIGTERM reaches the Preemption callback after a given step of a given epoch."""
-
-    def __init__(self, preemption: Preemption, epoch: int, chunk: int) -> None:
-        self.preemption, self.epoch, self.chunk = preemption, epoch, chunk
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if (trainer.current_epoch, args[-1]) == (self.epoch, self.chunk):
-            self.preemption.received = signal.SIGTERM
 
 
 def fit_synthetic(

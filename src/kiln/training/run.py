@@ -445,7 +445,10 @@ def save_drift_baseline(datamodule: Any, directory: Path) -> str | None:
     from kiln.export.feeds import category_column, numeric_column
     from kiln.runs import write_atomically
 
-    image = contract.image_input(datamodule) if hasattr(datamodule, "image_input") else None
+    try:
+        image = contract.image_input(datamodule)
+    except ValueError as exc:  # the datamodule's own attribute, malformed: its author's fix
+        raise KilnError(f"data: {exc}") from exc
     if image is not None:  # images: colour, contrast and sharpness per image, not pixels
         from kiln.data.images import drift_columns
 
