@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from kilntest import read_run
+from kilntest import kiln_cli, ok, read_run, run_dirs
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 30)}
 
@@ -151,3 +151,50 @@ def test_image_drift_compares_colour_and_sharpness_not_pixels(image_run, tmp_pat
     assert calm["drift"]["drifted"] == []
     assert max(calm["drift"]["psi"].values()) < 0.2 < min(shifted["drift"]["psi"].values())
     assert (tmp_path / "b.drift.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_commands_with_local_weights_and_predict_on_a_folder(image_run, tmp_path):
+    """The README's image commands through the real CLI, shortened: a pretrained ConvNeXt from a
+    local weights file (saved here first: nothing downloads) on a folder of images, and kiln
+    predict on a folder of image files."""
+    import torch
+
+    from kiln.models.backbones import backbone
+
+    weights = tmp_path / "convnext_tiny.pt"
+    torch.save(backbone((3, 32, 32), 1000, name="convnext_tiny").state_dict(), weights)
+    folder = colour_folder(tmp_path / "pets", per_class=6)
+    ok(
+        kiln_cli(
+            "train",
+            "data=image_folder",
+            f"data.path={folder}",
+            "model=backbone",
+            "model.net.name=convnext_tiny",
+            f"model.net.weights={weights}",
+            "data.image_size=32",
+            "data.augment.horizontal_flip=0.5",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+            "export.after_training=false",
+            f"paths.output_dir={tmp_path / 'runs'}",
+            cwd=tmp_path,
+        )
+    )
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    assert read_run(run_dir)["status"] == "completed"
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos, ignore=shutil.ignore_patterns("broken.png"))
+    result = ok(
+        kiln_cli(
+            "predict",
+            f"model={image_run / 'model.onnx'}",
+            "input=photos/",
+            "output=predictions.csv",
+            cwd=tmp_path,
+        )
+    )
+    assert "kiln predict: 24 images -> predictions.csv" in result.stdout
+    with (tmp_path / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 24
