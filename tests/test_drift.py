@@ -89,3 +89,49 @@ def test_a_damaged_baseline_in_model_metadata_is_one_value_error(entry: str, say
 
     with pytest.raises(ValueError, match=f"kiln.drift_baseline metadata {says}"):
         from_metadata(entry)
+
+
+def test_a_baseline_that_inflates_to_hundreds_of_megabytes_is_refused_without_expanding_it():
+    import base64
+    import resource
+    import zlib
+
+    from kiln.drift import PACKED, from_metadata
+
+    bomb = PACKED + base64.b64encode(zlib.compress(b" " * (400 * 2**20), 9)).decode()
+    assert len(bomb) < 2**20  # a few hundred KB in a model file
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="inflates past 32 MB"):
+        from_metadata(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: not 400 MB
+
+
+def test_an_embedding_baseline_projects_new_rows_and_sees_a_shift_of_content():
+    from kiln.drift import embedding_baseline, embedding_columns, from_metadata, to_metadata
+
+    rng = np.random.default_rng(0)
+    directions = np.linalg.qr(rng.normal(size=(64, 3)))[0].T  # three orthonormal directions
+
+    def embeddings(rows: int, shift: float = 0.0) -> np.ndarray:
+        return rng.normal(size=(rows, 3)) * [5, 3, 1] @ directions + rng.normal(shift, 0.1, size=(rows, 64))
+
+    training = embeddings(800)
+    projection = embedding_baseline(training, "pooled")
+    columns = embedding_columns(training, projection)
+    assert set(columns) == {
+        "embedding_pc1",
+        "embedding_pc2",
+        "embedding_pc3",
+        "embedding_pc4",
+        "embedding_distance",
+    }
+    assert np.std(columns["embedding_pc1"]) == pytest.approx(5, rel=0.1)  # the widest direction first
+    assert np.median(columns["embedding_distance"]) == pytest.approx(1.0)
+    baseline = feature_baseline(columns) | {"embedding": projection}
+    restored = from_metadata(to_metadata(baseline))  # packed with the model, as kiln export does
+    same = embedding_columns(embeddings(400), restored["embedding"])
+    moved = embedding_columns(embeddings(400, shift=1.0), restored["embedding"])
+    assert max(drift_of(restored, same).values()) < 0.2
+    assert drift_of(restored, moved)["embedding_distance"] > 1.0
+    with pytest.raises(ValueError, match="embedding has 32 values, its baseline 64"):
+        embedding_columns(np.zeros((2, 32)), projection)

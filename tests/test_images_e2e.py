@@ -149,8 +149,52 @@ def test_image_drift_compares_colour_and_sharpness_not_pixels(image_run, tmp_pat
     assert means <= set(shifted["drift"]["drifted"])
     # the same photos (the training split is 70% of them): colour and sharpness as at training
     assert calm["drift"]["drifted"] == []
-    assert max(calm["drift"]["psi"].values()) < 0.2 < min(shifted["drift"]["psi"].values())
+    statistics = set(baseline["features"])
+    assert max(calm["drift"]["psi"].values()) < 0.2
+    assert min(shifted["drift"]["psi"][name] for name in statistics) > 0.2
     assert (tmp_path / "b.drift.json").is_file()
+
+
+def test_the_shipped_model_carries_an_embedding_baseline_from_its_penultimate_layer(image_run, tmp_path):
+    """The shipped model's own penultimate-layer output (the input of its head, behind the int8
+    quantizer) for the training images, summarized by principal components and distance; new
+    content moves it even where colour statistics cannot tell."""
+    import onnx
+
+    from kiln.drift import METADATA_KEY, from_metadata
+    from kiln.stages.predict import run
+
+    report = json.loads((image_run / "report.json").read_text())
+    embedding = report["drift_embedding"]
+    assert embedding["size"] == 256  # resnet18 pruned to half its channels: 512 -> 256 pooled features
+    assert 0 < embedding["images"] <= 96
+    model = onnx.load(str(image_run / "model.onnx"))
+    baseline = from_metadata({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+    assert baseline["embedding"]["tensor"] == embedding["tensor"]
+    assert {"embedding_pc1", "embedding_pc4", "embedding_distance"} <= set(baseline["features"])
+    # the same photos with their pixels shuffled: every channel's mean stays as it was, but the
+    # content (and so the embedding) is new
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    rng = np.random.default_rng(1)
+    for index, file in enumerate(sorted((image_run.parent / "photos").rglob("[0-9]*.png"))):
+        pixels = np.asarray(Image.open(file).convert("RGB"))
+        flat = pixels.reshape(-1, 3)
+        Image.fromarray(flat[rng.permutation(len(flat))].reshape(pixels.shape)).save(
+            shuffled / f"{index}.png"
+        )
+    result = run(
+        {
+            "model": str(image_run / "model.onnx"),
+            "input": str(shuffled),
+            "output": str(tmp_path / "s.csv"),
+            "batch_size": 32,
+            "drift_threshold": 0.25,
+        }
+    )
+    psi = result["drift"]["psi"]
+    assert max(psi[f"{c}_mean"] for c in ("red", "green", "blue")) < 0.2  # the colours did not move
+    assert psi["embedding_distance"] > 0.25
 
 
 @pytest.mark.slow

@@ -8,6 +8,12 @@ baseline is saved with the run (drift_baseline.json) and embedded in every expor
 (`kiln.drift_baseline`, packed: see `to_metadata`), so `kiln predict` can compare what it is
 given with no run directory.
 
+Images also get an embedding-level summary (`embedding_baseline`), made at export from the shipped
+model itself: the output of its penultimate layer (what its head classifies) for the training
+images, projected on its first principal components, plus each image's distance from the training
+mean. Those are features like any other, so they get PSI too; new kinds of content move them even
+when colour and sharpness stay put.
+
 The comparison is the population stability index, PSI = sum((new - base) * ln(new / base)) over
 the bins (missing values are a bin of their own). Usual reading: under 0.1 stable, 0.1 to 0.25 a
 moderate shift, above 0.25 a large one. It needs a few hundred rows to mean much: with fewer,
@@ -34,6 +40,8 @@ OTHER = "(other)"
 EPSILON = 1e-4  # an empty bin counts as this share, so that ln() stays finite
 FEW_ROWS = 200
 PACKED = "zlib+base64:"  # the prefix of a packed baseline in ONNX metadata
+MAX_UNPACKED = 32 * 2**20  # a packed baseline that inflates past this is refused (a zip bomb in metadata)
+EMBEDDING_COMPONENTS = 4
 
 
 def feature_baseline(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -65,6 +73,39 @@ def image_statistics(images: list[np.ndarray] | np.ndarray) -> dict[str, np.ndar
         sharpness = np.abs(np.diff(gray, axis=0)).mean() + np.abs(np.diff(gray, axis=1)).mean()
         columns.setdefault("sharpness", []).append(float(sharpness))
     return {name: np.asarray(values) for name, values in columns.items()}
+
+
+def embedding_baseline(embeddings: np.ndarray, tensor: str) -> dict[str, Any]:
+    """How to turn the model's `tensor` into drift features: the training embeddings' mean, their
+    first EMBEDDING_COMPONENTS principal directions, and the median distance from the mean (the
+    unit of `embedding_distance`)."""
+    flat = embeddings.reshape(len(embeddings), -1).astype(np.float64)
+    mean = flat.mean(axis=0)
+    centered = flat - mean
+    _, _, directions = np.linalg.svd(centered, full_matrices=False)
+    scale = float(np.median(np.linalg.norm(centered, axis=1)))
+    return {
+        "tensor": tensor,
+        "mean": mean.tolist(),
+        "components": directions[:EMBEDDING_COMPONENTS].tolist(),
+        "scale": scale if scale > 0 else 1.0,
+    }
+
+
+def embedding_columns(embeddings: np.ndarray, projection: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """`embedding_pc1..k` (the position along each principal direction) and `embedding_distance`
+    (from the training mean, in median training distances) for each row of `embeddings`."""
+    flat = embeddings.reshape(len(embeddings), -1).astype(np.float64)
+    mean = np.asarray(projection["mean"], dtype=np.float64)
+    if flat.shape[1] != len(mean):
+        raise ValueError(f"the model's embedding has {flat.shape[1]} values, its baseline {len(mean)}")
+    centered = flat - mean
+    columns = {
+        f"embedding_pc{index + 1}": centered @ np.asarray(direction)
+        for index, direction in enumerate(projection["components"])
+    }
+    columns["embedding_distance"] = np.linalg.norm(centered, axis=1) / float(projection["scale"])
+    return columns
 
 
 def _numeric(values: np.ndarray) -> dict[str, Any]:
@@ -133,8 +174,18 @@ def to_metadata(baseline: Mapping[str, Any]) -> str:
     """The baseline as compact ONNX metadata: shares rounded to 1e-5 and bin edges to 7 significant
     digits (PSI needs no more), deflated and base64-encoded. The 64 pixels of a digits model take
     2 KB instead of 14.6 KB, which would otherwise be a quarter of a pruned CNN's file."""
-    features = {name: _rounded(summary) for name, summary in baseline["features"].items()}
-    text = json.dumps({"rows": baseline["rows"], "features": features}, separators=(",", ":"))
+    packed: dict[str, Any] = {
+        "rows": baseline["rows"],
+        "features": {name: _rounded(summary) for name, summary in baseline["features"].items()},
+    }
+    if "embedding" in baseline:
+        projection = baseline["embedding"]
+        packed["embedding"] = dict(
+            projection,
+            mean=[float(f"{v:.6g}") for v in projection["mean"]],
+            components=[[float(f"{v:.6g}") for v in row] for row in projection["components"]],
+        )
+    text = json.dumps(packed, separators=(",", ":"))
     return PACKED + base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
 
 
@@ -143,12 +194,21 @@ def from_metadata(text: str) -> dict[str, Any]:
     JSON. A damaged entry (a hand-edited file) is a ValueError that says what is wrong."""
     try:
         if text.startswith(PACKED):
-            text = zlib.decompress(base64.b64decode(text[len(PACKED) :], validate=True)).decode()
+            inflate = zlib.decompressobj()
+            unpacked = inflate.decompress(base64.b64decode(text[len(PACKED) :], validate=True), MAX_UNPACKED)
+            if inflate.unconsumed_tail:
+                raise ValueError(f"it inflates past {MAX_UNPACKED // 2**20} MB, far more than any baseline")
+            text = unpacked.decode()
         baseline = json.loads(text)
     except (ValueError, zlib.error) as exc:  # binascii.Error and JSONDecodeError are ValueErrors
         raise ValueError(f"the {METADATA_KEY} metadata is damaged ({exc})") from exc
     if not isinstance(baseline, dict) or not isinstance(baseline.get("features"), dict):
         raise ValueError(f"the {METADATA_KEY} metadata is not a drift baseline (no 'features' map)")
+    embedding = baseline.get("embedding")
+    if embedding is not None and not (
+        isinstance(embedding, dict) and {"tensor", "mean", "components", "scale"} <= set(embedding)
+    ):
+        raise ValueError(f"the {METADATA_KEY} metadata's embedding entry is damaged")
     return baseline
 
 

@@ -550,27 +550,31 @@ def _fingerprint(images: ImageList) -> str:
 
 
 def drift_columns(datamodule: Any, image: dict[str, Any], limit: int = 2000) -> dict[str, np.ndarray]:
-    """Per-image statistics (kiln.drift.image_statistics) of up to `limit` training images as the
-    model sees them, resized and not augmented: kiln's own image folders read their training
-    split; any other datamodule with `image_input` gives its validation loader's inputs, turned
-    back into uint8 images."""
+    """Per-image statistics (kiln.drift.image_statistics) of up to `limit` training images."""
     from kiln.drift import image_statistics
 
+    images = training_images(datamodule, image, limit)
+    return image_statistics(images) if images else {}
+
+
+def training_images(datamodule: Any, image: dict[str, Any], limit: int) -> list[np.ndarray]:
+    """Up to `limit` uint8 (height, width, channels) training images as the model sees them,
+    resized and not augmented: kiln's own image folders read their training split; any other
+    datamodule with `image_input` gives its validation loader's inputs, turned back into uint8."""
     if isinstance(datamodule, ImageFolderDataModule) and datamodule.images is not None:
         from kiln.data.augment import eval_transform
 
         assert datamodule.splits is not None
-        rows = datamodule.splits.train[:limit]
         resize = eval_transform(datamodule.image_size)
         images = []
-        for row in rows:
+        for row in datamodule.splits.train[:limit]:
             try:
                 images.append(
                     resize(image=_decode(datamodule.images.paths[row], datamodule.channels))["image"]
                 )
             except Exception:  # damaged past its header: training left it out too
                 continue
-        return image_statistics(images)
+        return images
     mean = np.asarray(image["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(image["std"], dtype=np.float32).reshape(1, -1, 1, 1)
     parts, count = [], 0
@@ -581,4 +585,4 @@ def drift_columns(datamodule: Any, image: dict[str, Any], limit: int = 2000) -> 
         count += len(pixels)
         if count >= limit:
             break
-    return image_statistics(list(np.concatenate(parts)[:limit])) if parts else {}
+    return list(np.concatenate(parts)[:limit]) if parts else []

@@ -29,8 +29,9 @@ def check_file(path: Path) -> None:
         raise KilnError(f"{path}: onnx.checker rejects it ({first[:200]})") from exc
 
 
-def open_session(path: Path | str, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session; a file that is not a readable ONNX model is a KilnError."""
+def open_session(path: Path | str, threads: int | None = None, model: bytes | None = None) -> Any:
+    """An onnxruntime CPU session of the file at `path` (or of `model`, that file's graph as
+    changed in memory); a file that is not a readable ONNX model is a KilnError."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -39,7 +40,9 @@ def open_session(path: Path | str, threads: int | None = None) -> Any:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model if model is not None else str(path), options, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KilnError(

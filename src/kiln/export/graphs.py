@@ -255,3 +255,34 @@ def _add_classifier_head(graph: onnx.GraphProto, output: str, class_names: Seque
             helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [BATCH, count]),
         ]
     )
+
+
+# -- the embedding a drift baseline watches ----------------------------------------------------
+
+_HEAD_OPS = {"Gemm", "MatMul", "QGemm", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul"}
+_QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+
+
+def embedding_tensor(model: onnx.ModelProto) -> str | None:
+    """The float tensor that goes into the net's last fully connected layer (the penultimate
+    layer's output: what the head classifies), or None for a net that ends otherwise. Nodes are in
+    topological order, so the last Gemm/MatMul is the head; in an int8 graph the walk goes back
+    through the quantizer in front of it to the float tensor."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    heads = [node for node in model.graph.node if node.op_type in _HEAD_OPS]
+    if not heads:
+        return None
+    tensor = heads[-1].input[0]
+    while tensor in producers and producers[tensor].op_type in _QUANTIZERS:
+        tensor = producers[tensor].input[0]
+    return tensor
+
+
+def with_output(model: onnx.ModelProto, tensor: str) -> bytes:
+    """`model` serialized with `tensor` as one more graph output (float, any shape), so a session
+    returns the embedding beside the predictions in one pass; the shipped file is not changed."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    if tensor not in {o.name for o in extended.graph.output}:
+        extended.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    return extended.SerializeToString()

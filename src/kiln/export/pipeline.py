@@ -36,6 +36,7 @@ EXPORT_DIR = "export"
 MODEL = "model.onnx"
 BATCHES = (1, 256)
 PARITY_ROWS = 512  # inputs from the test loader compared with PyTorch and used for latency
+EMBEDDING_IMAGES = 1000  # training images the shipped model embeds for its drift baseline
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,11 @@ def export(
             choice = choose(
                 variants, auto=manifest["recipe"] == "auto", wanted=manifest.get("wanted"), max_drop=max_drop
             )
+            embedding = (
+                add_embedding_baseline(staging / f"{choice.name}.onnx", datamodule, inputs.image, settings)
+                if choice.name and inputs.image is not None
+                else None
+            )
             swap_in(staging, run.directory / EXPORT_DIR)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -179,6 +185,7 @@ def export(
         "threads": settings.threads,
         "baseline": baseline,
         "variants": variants,
+        **({"drift_embedding": embedding} if embedding else {}),
         "seconds": round(time.perf_counter() - started, 1),
     }
     if choice.name:
@@ -327,6 +334,50 @@ def drift_metadata(directory: Path) -> dict[str, str]:
 
     path = directory / BASELINE_FILE
     return {METADATA_KEY: to_metadata(json.loads(path.read_text()))} if path.is_file() else {}
+
+
+def add_embedding_baseline(
+    path: Path, datamodule: Any, image: dict[str, Any], settings: ExportSettings
+) -> dict[str, Any] | None:
+    """Put an embedding-level drift summary (kiln.drift.embedding_baseline) of the training images,
+    as this very model embeds them, into the model's drift baseline; what was done, for the
+    report. None when the model has no baseline or no fully connected head to read."""
+    import onnx
+
+    from kiln.data.images import training_images
+    from kiln.drift import (
+        METADATA_KEY,
+        embedding_baseline,
+        embedding_columns,
+        feature_baseline,
+        from_metadata,
+        to_metadata,
+    )
+    from kiln.export import checks
+    from kiln.export.graphs import embedding_tensor, metadata, set_metadata, with_output
+    from kiln.export.images import predict_images
+
+    model = onnx.load(str(path))
+    tensor = embedding_tensor(model)
+    meta = metadata(model)
+    if tensor is None or METADATA_KEY not in meta:
+        return None
+    images = training_images(datamodule, image, EMBEDDING_IMAGES)
+    if not images:
+        return None
+    session = checks.open_session(path, settings.threads, model=with_output(model, tensor))
+    embeddings = predict_images(session, images, batch_size=64)[tensor]
+    baseline = from_metadata(meta[METADATA_KEY])
+    baseline["embedding"] = embedding_baseline(embeddings, tensor)
+    baseline["features"].update(
+        {
+            name: feature_baseline({name: values})["features"][name]
+            for name, values in embedding_columns(embeddings, baseline["embedding"]).items()
+        }
+    )
+    set_metadata(model, {METADATA_KEY: to_metadata(baseline)})
+    onnx.save(model, str(path))
+    return {"tensor": tensor, "size": int(embeddings[0].size), "images": len(images)}
 
 
 def describe(variant: dict[str, Any], metric: str, test_metric: str) -> str:

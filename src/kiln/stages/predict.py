@@ -93,13 +93,20 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         from kiln.export.images import at_training_size, model_channels, predict_images, read_images
 
         files, images = read_images(source, model_channels(session))
+        projection = embedding_projection(meta) if threshold is not None else None
+        if projection is not None:  # the same pass also returns the penultimate layer's output
+            session = embedding_session(model, projection["tensor"])
         results = predict_images(session, images, batch_size)
+        embeddings = results.pop(projection["tensor"]) if projection is not None else None
         rows = write_predictions(output, results, meta, files=files)
-        drift = (
-            check_drift(image_statistics(at_training_size(images, meta)), meta, threshold, output)
-            if threshold is not None
-            else None
-        )
+        drift = None
+        if threshold is not None:
+            columns = image_statistics(at_training_size(images, meta))
+            if projection is not None and embeddings is not None:
+                from kiln.drift import embedding_columns
+
+                columns.update(embedding_columns(embeddings, projection))
+            drift = check_drift(columns, meta, threshold, output)
         print(
             f"kiln predict: {rows} images -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
             f"model {meta.get('kiln.variant', model.name)})",
@@ -118,6 +125,27 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         flush=True,
     )
     return {"rows": rows, "output": str(output), "drift": drift}
+
+
+def embedding_projection(meta: dict[str, str]) -> dict[str, Any] | None:
+    """The embedding part of the model's drift baseline, if it has one (a damaged baseline is said
+    by check_drift, which then skips the check)."""
+    from kiln.drift import METADATA_KEY, from_metadata
+
+    try:
+        return from_metadata(meta[METADATA_KEY]).get("embedding") if METADATA_KEY in meta else None
+    except ValueError:
+        return None
+
+
+def embedding_session(model: Path, tensor: str) -> Any:
+    """A session of `model` that also outputs `tensor`, its penultimate layer's output."""
+    import onnx
+
+    from kiln.export.checks import open_session
+    from kiln.export.graphs import with_output
+
+    return open_session(model, model=with_output(onnx.load(str(model)), tensor))
 
 
 def feature_columns(feeds: dict[str, Any], meta: dict[str, str]) -> dict[str, Any]:
