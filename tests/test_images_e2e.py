@@ -92,7 +92,7 @@ def test_the_shipped_model_takes_uint8_images_and_predict_reads_the_files(image_
     assert spec.type == "tensor(uint8)" and spec.shape[1:] == ["height", "width", 3]
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["kiln.image_input"])["size"] == [16, 16]
-    # the user's images as files, minus the one that is not an image (predict refuses that one)
+    # the user's images as files, minus the one that is not an image (predict would skip it, and say so)
     folder = tmp_path / "photos"
     shutil.copytree(image_run.parent / "photos", folder, ignore=shutil.ignore_patterns("broken.png"))
     output = tmp_path / "preds.csv"

@@ -35,7 +35,7 @@ def open_session(path: Path | str, threads: int | None = None, model: bytes | No
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: every error reaches the caller as an exception
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

@@ -4,7 +4,8 @@ An image model (kiln.export.graphs, `image_input`) takes uint8 (batch, height, w
 any height and width and resizes and normalizes inside its graph. `kiln predict` gives it:
 
     input=photo.jpg             one image file
-    input=photos/               every image file under the folder (sorted; other files are skipped)
+    input=photos/               every image file under the folder (sorted; other files, and image
+                                files that cannot be decoded, are skipped and counted on stderr)
     input=batch.npy             uint8 (N, H, W, C) or (H, W, C) as the model takes it, or float
                                 (N, C, H, W) / (C, H, W) in [0, 1] (a tensor as torch holds it)
 
@@ -96,12 +97,44 @@ def read_images(source: Path, channels: int) -> tuple[list[str], list[np.ndarray
                 f"kiln predict: skipped {len(files) - len(images)} file(s) that are not images in {source}",
                 file=sys.stderr,
             )
-        return [str(f.relative_to(source)) for f in images], [decode(f, channels) for f in images]
+        return _decode_folder(source, images, channels, key)
     if source.suffix.lower() not in IMAGE_SUFFIXES:
         raise KilnError(
             f"{key}: this model takes images; give an image file ({', '.join(IMAGE_SUFFIXES)}), a folder of them, or a .npy batch"
         )
     return [source.name], [decode(source, channels)]
+
+
+def _decode_folder(
+    source: Path, files: list[Path], channels: int, key: str
+) -> tuple[list[str], list[np.ndarray]]:
+    """A folder's images, skipping (and naming) those that cannot be decoded: one damaged photo
+    among thousands should not withhold the other answers; a folder of none is an error."""
+    names, images, unreadable = [], [], []
+    for file in files:
+        name = str(file.relative_to(source))
+        try:
+            images.append(decode(file, channels))
+        except KilnError as exc:
+            unreadable.append(f"{name} ({_problem(exc.__cause__)})")
+            continue
+        names.append(name)
+    if not images:
+        raise KilnError(
+            f"{key}: none of its {len(files)} image file(s) can be read as an image, e.g. {unreadable[0]}; "
+            "remove or replace them"
+        )
+    if unreadable:
+        shown = ", ".join(unreadable[:SHOWN_UNREADABLE])
+        more = f" and {len(unreadable) - SHOWN_UNREADABLE} more" if len(unreadable) > SHOWN_UNREADABLE else ""
+        print(
+            f"kiln predict: skipped {len(unreadable)} image file(s) that cannot be read: {shown}{more}",
+            file=sys.stderr,
+        )
+    return names, images
+
+
+SHOWN_UNREADABLE = 5  # files named in the warning; the count covers the rest
 
 
 def decode(path: Path, channels: int) -> np.ndarray:
@@ -110,11 +143,15 @@ def decode(path: Path, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise KilnError(
-            f"input: {path} cannot be read as an image ({type(exc).__name__}: {exc}); remove or replace it"
+            f"input: {path} cannot be read as an image ({_problem(exc)}); remove or replace it"
         ) from exc
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _problem(exc: BaseException | None) -> str:
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
 
 
 def _from_npy(source: Path, channels: int, key: str) -> tuple[list[str], list[np.ndarray]]:

@@ -135,6 +135,7 @@ def export(
                 f"monitor.metric={metric}: the module's validation_step did not log it when scoring the "
                 f"variants; it logged: {', '.join(baseline['val_metrics']) or 'nothing'}"
             )
+        remove_abandoned_staging(run.directory)
         staging = run.directory / f".{EXPORT_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -206,6 +207,23 @@ def export(
         f"(torch eager {baseline['latency_us']['256']:.0f} us)\n  report: {run.directory / 'report.md'}"
     )
     return report
+
+
+def remove_abandoned_staging(directory: Path) -> None:
+    """Delete the `.export.tmp-<pid>` folders of exports that were killed (their process is gone,
+    so their own clean-up never ran); a live process's folder is an export in progress."""
+    if os.name != "posix":  # os.kill(pid, 0) tests for a process only on POSIX (Windows ends it)
+        return
+    for staging in directory.glob(f".{EXPORT_DIR}.tmp-*"):
+        pid = staging.name.rsplit("-", 1)[1]
+        if not (pid.isascii() and pid.isdigit()) or int(pid) == 0:
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except (PermissionError, OverflowError):  # another user's live process; not a pid
+            continue
 
 
 def export_variant(

@@ -6,9 +6,9 @@
 
 Steps: open the model (a damaged file is one clear error) -> read the rows (CSV, Parquet, or .npy
 for array models; image files, a folder of them, or a .npy batch for image models) and check them
-against the model's inputs (missing or extra columns, text in a numeric column, an empty file) ->
-run in batches -> write the predicted class (or value) and each class's probability to a temp
-file, then rename it to `output`.
+against the model's inputs (missing or extra columns, text in a numeric column, inf, an empty
+file) -> run in batches -> write the predicted class (or value) and each class's probability to a
+temp file, then rename it to `output` (never the input's or the model's own file).
 
 Only numpy, pandas and onnxruntime are imported (and kiln modules that import nothing else), and
 Pillow for image files: a table model carries its preprocessing inside the graph, an image model
@@ -22,6 +22,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,19 @@ def read_settings(args: list[str]) -> dict[str, Any]:
         settings,
         "predict",
         USAGE.splitlines()[0],
-        parse=lambda key, value: yaml.safe_load(value) if key in typed else value,
+        parse=lambda key, value: typed_value(key, value) if key in typed else value,
     )
+
+
+def typed_value(key: str, value: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise KilnError(
+            f"{key}={value}: not a number; e.g. {key}=1024 (batch_size) or 0.2 (drift_threshold)"
+        ) from None
 
 
 def run(settings: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +109,8 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         projection = embedding_projection(meta) if threshold is not None else None
         if projection is not None:  # the same pass also returns the penultimate layer's output
             session = embedding_session(model, projection["tensor"])
-        results = predict_images(session, images, batch_size)
+        with onnxruntime_errors(model):
+            results = predict_images(session, images, batch_size)
         embeddings = results.pop(projection["tensor"]) if projection is not None else None
         rows = write_predictions(output, results, meta, files=files)
         drift = None
@@ -114,7 +128,8 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         )
         return {"rows": rows, "output": str(output), "drift": drift}
     feeds = read_feeds(source, session, meta)
-    results = predict(session, feeds, batch_size)
+    with onnxruntime_errors(model):
+        results = predict(session, feeds, batch_size)
     rows = write_predictions(output, results, meta)
     drift = (
         check_drift(feature_columns(feeds, meta), meta, threshold, output) if threshold is not None else None
@@ -154,7 +169,7 @@ def feature_columns(feeds: dict[str, Any], meta: dict[str, str]) -> dict[str, An
         return {name: values[:, 0] for name, values in feeds.items()}
     flat = next(iter(feeds.values()))
     flat = flat.reshape(len(flat), -1)
-    names = json.loads(meta.get("kiln.feature_names", "[]"))
+    names = listed_names(meta, "kiln.feature_names")
     if len(names) != flat.shape[1]:
         names = [f"x{i}" for i in range(flat.shape[1])]
     return {name: flat[:, i] for i, name in enumerate(names)}
@@ -224,7 +239,40 @@ def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:
         raise KilnError(f"input={source}: no such file or folder")
     if not output_path.parent.is_dir():
         raise KilnError(f"output={output}: the directory {output_path.parent} does not exist")
+    if output_path.is_dir():
+        raise KilnError(
+            f"output={output}: a directory; give the CSV file to write, e.g. output={output_path / 'predictions.csv'}"
+        )
+    for key, value, path in (("input", source, source_path), ("model", model, model_path)):
+        if same_file(output_path, path):
+            raise KilnError(
+                f"output={output}: the same file as {key}={value}, which writing the predictions would "
+                "replace; choose another file, e.g. output=predictions.csv"
+            )
+    if source_path.is_dir() and is_read_from_folder(output_path, source_path):
+        raise KilnError(
+            f"output={output}: one of the image files read from input={source}, which writing the "
+            "predictions would replace; choose another file, e.g. output=predictions.csv"
+        )
     return model_path, source_path, output_path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """One file under two names: the same resolved path (through symbolic links), or a hard link."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # `a` does not exist yet: nothing to replace
+        return False
+
+
+def is_read_from_folder(output: Path, folder: Path) -> bool:
+    """Whether `output` is an image file that read_images takes from `folder`."""
+    from kiln.export.images import IMAGE_SUFFIXES
+
+    inside = output.resolve().is_relative_to(folder.resolve())
+    return inside and output.suffix.lower() in IMAGE_SUFFIXES and not output.name.startswith(".")
 
 
 def load_model(path: Path) -> tuple[Any, dict[str, str]]:
@@ -232,7 +280,58 @@ def load_model(path: Path) -> tuple[Any, dict[str, str]]:
 
     session = open_session(path)
     meta = dict(session.get_modelmeta().custom_metadata_map)
+    for key in NAME_LISTS:
+        try:
+            listed_names(meta, key)
+        except ValueError as exc:
+            raise KilnError(
+                f"model={path}: its {key} metadata {exc}; the file was changed after export: export it "
+                "again with kiln export"
+            ) from None
     return session, meta
+
+
+NAME_LISTS = ("kiln.class_names", "kiln.feature_names")  # metadata kiln export writes as JSON lists
+
+
+def listed_names(meta: dict[str, str], key: str) -> list[str]:
+    """A JSON list of names from the model's metadata ([] when absent); a ValueError saying what
+    is wrong otherwise (load_model checks both lists, so later calls cannot fail)."""
+    text = meta.get(key)
+    if text is None:
+        return []
+    try:
+        names = json.loads(text)
+    except ValueError:
+        raise ValueError(f"is not JSON ({text[:40]!r})") from None
+    if not isinstance(names, list) or not all(type(n) in (str, int) for n in names):
+        raise ValueError(f"is not a list of names ({text[:40]!r})")
+    return [str(n) for n in names]
+
+
+@contextmanager
+def onnxruntime_errors(model: Path) -> Iterator[None]:
+    """onnxruntime refusing the rows (a shape or type its graph cannot take) is one line naming the
+    model; any other exception is a bug in kiln and keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise KilnError(
+            f"model={model}: onnxruntime cannot run it on these rows ({onnxruntime_reason(exc)}); give "
+            "rows shaped as the model was trained on"
+        ) from exc
+
+
+def onnxruntime_reason(exc: Exception) -> str:
+    """The readable part of onnxruntime's message, which wraps it in a status code and the C++
+    source line that failed: "... Status Message: /src/x.h:84 f() cond was false. <the reason>"."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.split("Status Message: ", 1)[-1]
+    if text.startswith("/") and " was false. " in text:
+        text = text.split(" was false. ", 1)[1]
+    return text[:300]
 
 
 def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, Any]:
@@ -254,20 +353,87 @@ def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, An
             raise KilnError(f"{key}: cannot read it as a .npy array ({exc})") from exc
         if values.size == 0:
             raise KilnError(f"{key}: the array is empty; give at least one row")
-        return array_feeds(values, specs[0], key)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: said below, in one line
+            feeds = array_feeds(values, specs[0], key)
+        bad = first_non_finite(next(iter(feeds.values())))
+        if bad is not None:
+            row, position, rows = bad
+            index = (row, *(int(i) for i in np.unravel_index(position, values.shape[1:])))
+            value = values[index]
+            raise KilnError(
+                f"{key}: values[{', '.join(map(str, index))}] is {value}{beyond_float32(value)}; {rows} "
+                f"row(s) hold NaN or inf; {NO_MISSING_IN_ARRAYS}"
+            )
+        return feeds
     if suffix not in TABLE_SUFFIXES:
         raise KilnError(f"{key}: unknown file type '{suffix}'; use .csv, .parquet or .npy")
     header, columns, from_text = read_columns(source, key)
     if is_table(specs):
         ignored = [meta["kiln.target"]] if meta.get("kiln.target") else []
         check_columns(header, [s.name for s in specs], key, ignored)
-        return table_feeds(columns, specs, key, from_text=from_text)
-    names = json.loads(meta.get("kiln.feature_names", "[]"))
+        feeds = table_feeds(columns, specs, key, from_text=from_text)
+        refuse_infinite_cells(feeds, columns, key)
+        return feeds
+    names = listed_names(meta, "kiln.feature_names")
     if not names:
         raise KilnError(f"{key}: the model does not record its feature names; give a .npy array instead")
     check_columns(header, names, key)
     values = np.stack([numeric_column(np.asarray(columns[n], dtype=object), n, key) for n in names], axis=1)
-    return array_feeds(values, specs[0], key)
+    with np.errstate(over="ignore"):
+        feeds = array_feeds(values, specs[0], key)
+    bad = first_non_finite(next(iter(feeds.values())))
+    if bad is not None:
+        row, position, rows = bad
+        name = names[position]
+        cell = columns[name][row]
+        raise KilnError(
+            f"{key}: column '{name}' holds {cell!r}{beyond_float32(values[row, position])} in row {row + 1} "
+            f"(rows counted from 1 below the header); {rows} row(s) hold a missing value or inf; "
+            f"{NO_MISSING_IN_ARRAYS}"
+        )
+    return feeds
+
+
+NO_MISSING_IN_ARRAYS = "replace it with a finite number (an array model has no missing values to fill in)"
+
+
+def refuse_infinite_cells(feeds: dict[str, Any], columns: dict[str, Any], key: str) -> None:
+    """A table model takes NaN (an empty cell) as a missing value and fills it in inside its graph,
+    but inf has no answer: its scaling makes the logits NaN, and their argmax a made-up class.
+    Training refuses inf too."""
+    import numpy as np
+
+    for name, values in feeds.items():
+        if values.dtype.kind != "f":
+            continue
+        rows = np.flatnonzero(np.isinf(values[:, 0]))
+        if len(rows):
+            raise KilnError(
+                f"{key}: column '{name}' holds {columns[name][rows[0]]!r} in row {rows[0] + 1} (rows counted "
+                f"from 1 below the header); {len(rows)} row(s) hold inf or -inf; replace it with a finite "
+                "number, or leave the cell empty for a missing value"
+            )
+
+
+def first_non_finite(feed: Any) -> tuple[int, int, int] | None:
+    """(row, position within the flattened row, how many rows) of the first NaN or inf in an
+    array model's input; None if every value is finite."""
+    import numpy as np
+
+    bad = ~np.isfinite(feed.reshape(len(feed), -1))
+    rows = np.flatnonzero(bad.any(axis=1))
+    if not len(rows):
+        return None
+    row = int(rows[0])
+    return row, int(np.flatnonzero(bad[row])[0]), len(rows)
+
+
+def beyond_float32(value: Any) -> str:
+    """A note for a finite value that becomes inf in the model's float32 input."""
+    import numpy as np
+
+    finite = np.isfinite(value)
+    return " (beyond float32's range)" if finite else ""
 
 
 def read_columns(source: Path, key: str) -> tuple[list[str], dict[str, Any], bool]:
@@ -321,7 +487,7 @@ def write_predictions(
     import csv
 
     if "label" in results:
-        classes = json.loads(meta.get("kiln.class_names", "[]")) or [
+        classes = listed_names(meta, "kiln.class_names") or [
             str(i) for i in range(results["probabilities"].shape[1])
         ]
         header = ["prediction", *(f"probability_{name}" for name in classes)]
@@ -334,19 +500,43 @@ def write_predictions(
         values = results["prediction"] if "prediction" in results else next(iter(results.values()))
         values = values.reshape(len(values), -1)[:, 0]
         header, rows, count = ["prediction"], ([f"{v:.7g}"] for v in values), len(values)
+    refuse_non_finite_answers(results, files)
     if files is not None:
         header = ["file", *header]
         rows = ([name, *row] for name, row in zip(files, rows, strict=True))
-    handle, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        handle, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise KilnError(f"output={output}: cannot write in {output.parent} ({exc.strerror})") from exc
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             writer = csv.writer(stream)
             writer.writerow(header)
             writer.writerows(rows)
         os.replace(temp, output)
+    except OSError as exc:  # a full disk, a read-only file system
+        raise KilnError(f"output={output}: cannot write it ({exc.strerror or exc})") from exc
     finally:
         Path(temp).unlink(missing_ok=True)
     return count
+
+
+def refuse_non_finite_answers(results: dict[str, Any], files: list[str] | None) -> None:
+    """NaN probabilities (or values) mean the model could not answer a row, and the label beside
+    them is argmax(NaN): a made-up class. The inputs are checked, so this is a last guard, e.g. for
+    numbers so far from the training data that the model overflows."""
+    import numpy as np
+
+    values = results.get("probabilities", results.get("prediction"))
+    if values is None or values.dtype.kind != "f":
+        return
+    bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+    if len(bad):
+        row = files[bad[0]] if files is not None else f"row {bad[0] + 1} (rows counted from 1)"
+        raise KilnError(
+            f"the model's answer for {row} is not a number ({len(bad)} row(s) like it), so nothing was "
+            "written; check those rows for values far outside the training data"
+        )
 
 
 if __name__ == "__main__":
