@@ -137,7 +137,7 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     [
         ("empty.csv", "", "the file is empty"),
         ("ragged.csv", "a,b\n1,2\n3,4,5,6\n", "cannot read it as a csv table"),
-        ("latin.csv", b"a,b\n\xff\xfe\xfa,1\n", "cannot read it as a csv table"),
+        ("latin.csv", b"a,b\n\xff\xfe\xfa,1\n", "is not UTF-8 text (byte 0xff on line 2)"),
         ("data.xlsx", "a,b\n1,2\n", "unknown file type '.xlsx'"),
         ("bad.parquet", "not parquet", "cannot read it as a parquet table"),
     ],
@@ -174,8 +174,14 @@ def test_read_table_checks_the_target(tmp_path: Path):
         KilnError, match=r"say which column to predict with data.target=COLUMN; columns: x, y"
     ):
         read_table(None, str(path), None)
-    with pytest.raises(KilnError, match=r"data.target=y: 1 rows of .* have no target value \(rows 1\)"):
-        read_table(None, str(path), "y")
+    with pytest.raises(
+        KilnError, match=r"data.target=y: 1 of 3 rows of .* have no target value \(data row 2\)"
+    ):
+        read_table(None, str(path), "y", missing_target="error")
+    warnings: list[str] = []
+    frame, _, _ = read_table(None, str(path), "y", warn=warnings.append)
+    assert frame["y"].tolist() == ["a", "b"] and frame.index.tolist() == [0, 2]  # the file's rows
+    assert len(warnings) == 1 and "1 of 3 rows of" in warnings[0] and "(data row 2;" in warnings[0]
     header_only = write(tmp_path, "h.csv", "x,y\n")
     with pytest.raises(KilnError, match="a header but no rows"):
         read_table(None, str(header_only), "y")
