@@ -252,12 +252,12 @@ def test_csv_without_the_target_column(run: Outcome):
 def missing_targets(cwd: Path, _: Launcher) -> list[str]:
     frame = table()
     frame.loc[[3, 7], "y"] = None
-    return on_table(cwd, frame)
+    return [*on_table(cwd, frame), "data.missing_target=error"]  # the default drops them, with a count
 
 
 @case(missing_targets)
 def test_csv_with_missing_target_values(run: Outcome):
-    user_error(run, "data.target=y", "2 rows of data.path=data.csv", "rows 3, 7", "drop or fill")
+    user_error(run, "data.target=y", "2 of 60 rows of data.path=data.csv", "data rows 4, 8", "drop or fill")
 
 
 @case(lambda cwd, _: [*on_table(cwd), "data.categorical_columns=[nosuch]"])
@@ -369,3 +369,72 @@ def test_loss_that_becomes_nan_with_early_stopping(run: Outcome):
     assert "val/loss" in line
     checkpoints = runs_of(run.cwd)[0] / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file()  # saved after epoch 1, and kept
+
+
+# -- 14-18: settings checked before anything is built, unsafe checkpoints, the run directory ----
+
+
+@case(lambda cwd, _: [*on_table(cwd), "trainer.max_epochs=0"])
+def test_max_epochs_zero(run: Outcome):
+    line = user_error(run, "trainer.max_epochs=0", "an integer >= 1, or -1 for no limit")
+    assert "checkpoint" not in line
+    assert not run_records(run.cwd)  # caught before the run started
+
+
+@case(lambda cwd, _: [*on_table(cwd), "trainer.max_epochs=-3"])
+def test_negative_max_epochs(run: Outcome):
+    line = user_error(run, "trainer.max_epochs=-3", "an integer >= 1, or -1 for no limit")
+    assert "MisconfigurationException" not in line
+
+
+@case(lambda cwd, _: [*on_table(cwd), "seed=abc"])
+def test_seed_that_is_not_a_number(run: Outcome):
+    line = user_error(run, "seed='abc': needs an integer", "e.g. seed=42")
+    assert "data.seed" not in line  # the key the user wrote, not the copy the datamodule takes
+    assert not run_records(run.cwd)
+
+
+class _MakesADirectory:
+    """Unpickling this would call os.mkdir(path): harmless, and visible if it ever ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (self.path,))
+
+
+def pickled_object_checkpoint(cwd: Path, _: Launcher) -> list[str]:
+    import torch
+
+    torch.save(
+        {"state_dict": {}, "epoch": 0, "payload": _MakesADirectory(str(cwd / "it-ran"))}, cwd / "evil.ckpt"
+    )
+    return [*on_table(cwd), "resume=evil.ckpt"]
+
+
+@case(pickled_object_checkpoint)
+def test_resume_from_a_checkpoint_that_pickles_code(run: Outcome):
+    user_error(
+        run,
+        "resume=evil.ckpt: checkpoint holds objects kiln will not unpickle (posix.mkdir)",
+        "could run arbitrary code",
+        "use a checkpoint saved by Lightning or kiln",
+    )
+    assert "weights_only" not in run.result.stderr  # torch's advice to unpickle it anyway is never passed on
+    assert not (run.cwd / "it-ran").exists()
+
+
+def output_dir_under_a_file(cwd: Path, _: Launcher) -> list[str]:
+    (cwd / "a-file").write_text("not a directory\n")
+    return [*on_table(cwd), f"paths.output_dir={cwd / 'a-file' / 'runs'}"]
+
+
+@case(output_dir_under_a_file)
+def test_output_dir_that_cannot_be_made(run: Outcome):
+    user_error(
+        run,
+        f"paths.output_dir={run.cwd / 'a-file' / 'runs'}: cannot create the run directory",
+        f"{run.cwd / 'a-file'} is a file, not a directory",
+        "set paths.output_dir to a directory you can write to",
+    )

@@ -77,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     make_user_code_importable(args[1:])
+    from kiln.interrupts import Interrupted, raising
+
+    try:
+        with raising():
+            return run_stage(name, args)
+    except Interrupted as exc:  # said in one line: what was saved, how to continue (kiln.interrupts)
+        print(
+            f"kiln {name}: {exc.message or f'interrupted by {exc.signal_name}'}", file=sys.stderr, flush=True
+        )
+        return exc.exit_code
+
+
+def run_stage(name: str, args: list[str]) -> int:
     module = importlib.import_module(STAGES[name][0])
     # Hydra reads sys.argv, without the stage name. Lightning re-launches ranks > 0 of a DDP run as
     # `python -m <__main__'s module> <argv[1:]>` (or `python <argv[0]> ...` when __main__ has no

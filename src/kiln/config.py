@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import sys
 import types
 import typing
@@ -18,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import EXIT_USER_ERROR, KilnError, describe_user_error
+from kiln.errors import EXIT_USER_ERROR, KilnError, describe_user_error, output_dir_error
 
 # Arguments a stage passes at run time, so a config may (and usually does) leave them out.
 RUNTIME_ARGUMENTS = frozenset(
@@ -209,11 +210,16 @@ def compose(config_name: str, overrides: Sequence[str] = (), extra_config_dir: s
     subdir = cfg.hydra.output_subdir
     with open_dict(cfg):
         del cfg["hydra"]
+    try:  # Hydra makes the run directory before the stage starts, whatever output_subdir says
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if subdir is not None:
+            (output_dir / str(subdir)).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KilnError(output_dir_error(exc, output_dir, cfg)) from exc
     if subdir is not None:
         import yaml
 
         saved = output_dir / str(subdir)
-        saved.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, saved / "config.yaml")
         (saved / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     return cfg
@@ -235,14 +241,116 @@ def check_config(cfg: Any) -> None:
     if not isinstance(cfg, DictConfig):
         return
     config = OmegaConf.to_container(cfg, resolve=True)
+    # `data.seed: ${seed}`: a bad value is reported under the key the user wrote (seed), not its copy.
+    sources = interpolation_sources(OmegaConf.to_container(cfg, resolve=False))
+    if isinstance(config, dict):
+        check_settings(typing.cast(dict[str, Any], config), sources)
     if isinstance(config, dict) and isinstance(config.get("trainer"), dict):
-        from kiln.training.hardware import with_resolved_precision
+        from kiln.training.hardware import check_accelerator, with_resolved_precision
 
+        check_accelerator(config["trainer"], _group_choice("trainer"))
         config["trainer"] = with_resolved_precision(config["trainer"])  # `auto` is kiln's, not Lightning's
     # The trainer first: other nodes copy its values (a scheduler's T_max: ${trainer.max_epochs}), and
     # a bad value must be reported under the key the user wrote, not under a copy of it.
     for key, node in sorted(iter_targets(config), key=lambda item: not item[0].startswith("trainer")):
-        check_target(key, node)
+        check_target(key, node, sources=sources)
+
+
+# The range Lightning's seed_everything accepts (numpy's): outside it, a ValueError after the run started.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_settings(config: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """Values kiln itself reads, checked before anything is built: the run's `seed` and the
+    trainer's epoch limit (Lightning's own messages for these name no config key)."""
+    if "seed" in config:
+        seed = config["seed"]
+        if not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise KilnError(
+                f"seed={seed!r}: needs an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (it seeds the "
+                "data splits, the initial weights and the batch order), e.g. seed=42"
+            )
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict):
+        check_max_epochs(trainer, config, sources)
+
+
+def check_max_epochs(trainer: dict[str, Any], config: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """`trainer.max_epochs`: an integer >= 1, or -1 for no epoch limit when something else ends the
+    run (early stopping, trainer.max_steps or trainer.max_time). null is Lightning's default (1000)."""
+    epochs = trainer.get("max_epochs")
+    if not _is_int(epochs):
+        return  # null is Lightning's default; a wrong type is named by the signature check
+    allowed = (
+        "allowed: an integer >= 1, or -1 for no limit (early stopping, trainer.max_steps or "
+        "trainer.max_time then ends the run)"
+    )
+    if epochs == 0:
+        raise KilnError(
+            f"trainer.max_epochs=0: nothing would be trained; {allowed}, e.g. trainer.max_epochs=20"
+        )
+    if epochs < -1:
+        raise KilnError(f"trainer.max_epochs={epochs}: {allowed}, e.g. trainer.max_epochs=20")
+    if epochs != -1:
+        return
+    callbacks = config.get("callbacks")
+    early_stopping = isinstance(callbacks, dict) and isinstance(callbacks.get("early_stopping"), dict)
+    max_steps, max_time = trainer.get("max_steps"), trainer.get("max_time")
+    if not early_stopping and not (_is_int(max_steps) and max_steps > 0) and max_time is None:
+        raise KilnError(
+            "trainer.max_epochs=-1: no epoch limit, and nothing else would end the run (callbacks.early_stopping "
+            "is off, no trainer.max_steps or trainer.max_time); set trainer.max_epochs=20, or keep early stopping on"
+        )
+    for key, source in sorted(sources.items()):
+        if source == "trainer.max_epochs" and not key.startswith("trainer."):
+            raise KilnError(
+                f"trainer.max_epochs=-1: {key} copies it (${{trainer.max_epochs}}) and needs a finite number of "
+                f"epochs; set trainer.max_epochs=20, or give {key} a number of its own ({key}=20)"
+            )
+
+
+def _is_int(value: Any) -> typing.TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _group_choice(group: str) -> str | None:
+    """The option chosen for a config group in this run (`trainer=gpu`), when Hydra knows it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get(group)
+    except Exception:  # not under Hydra (a config composed by hand)
+        return None
+    return str(choice) if choice is not None else None
+
+
+_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
+
+
+def interpolation_sources(node: Any, key: str = "") -> dict[str, str]:
+    """`{"data.seed": "seed", "model.scheduler.T_max": "trainer.max_epochs"}`: each value of an
+    unresolved config that is a plain copy of another key (`${seed}`), followed to the key it
+    finally copies."""
+    links = dict(_interpolations(node, key))
+    sources = {}
+    for copy, source in links.items():
+        seen = {copy}
+        while source in links and source not in seen:  # a copy of a copy
+            seen.add(source)
+            source = links[source]
+        sources[copy] = source
+    return sources
+
+
+def _interpolations(node: Any, key: str) -> typing.Iterator[tuple[str, str]]:
+    if isinstance(node, Mapping):
+        for child_key, child in node.items():
+            yield from _interpolations(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from _interpolations(child, f"{key}[{index}]")
+    elif isinstance(node, str) and (match := _INTERPOLATION.match(node.strip())):
+        yield key, match.group(1)
 
 
 def iter_targets(node: Any, key: str = "") -> typing.Iterator[tuple[str, Mapping[str, Any]]]:
@@ -258,9 +366,15 @@ def iter_targets(node: Any, key: str = "") -> typing.Iterator[tuple[str, Mapping
 
 
 def check_target(
-    key: str, node: Mapping[str, Any], allow_missing: frozenset[str] = RUNTIME_ARGUMENTS
+    key: str,
+    node: Mapping[str, Any],
+    allow_missing: frozenset[str] = RUNTIME_ARGUMENTS,
+    sources: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise KilnError if `node`'s arguments do not bind to its `_target_`'s signature or types."""
+    """Raise KilnError if `node`'s arguments do not bind to its `_target_`'s signature or types.
+
+    `sources` maps an argument's key to the key it copies (`data.seed` -> `seed`): a bad value is
+    reported under the key to fix."""
     from hydra.utils import get_object
 
     target_name = node["_target_"]
@@ -288,6 +402,12 @@ def check_target(
             raise KilnError(f"{key}.{name}: {short} has no argument '{name}'; its arguments are: {valid}")
         hint = hints.get(name)
         if hint is not None and not _fits(value, hint):
+            source = (sources or {}).get(f"{key}.{name}")
+            if source is not None:  # the user wrote the value elsewhere: name that key
+                raise KilnError(
+                    f"{source}={value!r}: expected {_describe(hint)} ({key}.{name}=${{{source}}} is "
+                    f"{short}'s '{name}'); fix the value, e.g. {source}={_example(hint)}"
+                )
             raise KilnError(
                 f"{key}.{name}={value!r}: expected {_describe(hint)} ({short}'s '{name}'); "
                 f"fix the value, e.g. {key}.{name}={_example(hint)}"

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kiln.errors import KilnError
+from kiln.interrupts import Interrupted
 
 # Trainer settings of the run that a pruning fine-tune keeps (one device, no logger or checkpoints).
 FINETUNE_TRAINER_KEYS = (
@@ -55,11 +56,19 @@ def deliver(
     """Compress with `recipe`, then export (unless `export_after` is false): the report, or the
     manifest. `recipe=None` exports the variants of the run's last compression (`kiln export`),
     or the uncompressed model when there was none."""
-    from kiln.compression.pipeline import read_manifest
-    from kiln.compression.recipes import read_recipe
-    from kiln.export.from_run import load_trained, open_run
+    from kiln.export.from_run import open_run
+    from kiln.runs import locked
 
     run = open_run(run_dir, key=key)
+    with locked(run.directory, key):  # one writer at a time, as for training
+        return _deliver(run, recipe, settings, export_after)
+
+
+def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool) -> dict[str, Any]:
+    from kiln.compression.pipeline import read_manifest
+    from kiln.compression.recipes import read_recipe
+    from kiln.export.from_run import load_trained
+
     quiet()
     datamodule, module = load_trained(run)
     try:
@@ -74,6 +83,15 @@ def deliver(
     except KilnError as exc:
         record(run.directory, {"status": "failed", "reason": str(exc)})
         raise
+    except Interrupted as exc:  # the training stays completed; only what follows it is to redo
+        again = f"kiln export run={run.directory}"
+        if recipe is not None:
+            again = f"kiln compress run={run.directory} compress=... (as in its config), then {again}"
+        record(run.directory, {"status": "interrupted", "reason": f"interrupted by {exc.signal_name}"})
+        raise exc.said(
+            f"interrupted by {exc.signal_name} during compression and export (the trained, tested run "
+            f"is complete and kept); redo them with: {again}"
+        ) from None
     record(
         run.directory,
         {"status": report["status"], "shipped": report["shipped"], "reason": report["reason"]},

@@ -7,7 +7,10 @@ errors, into a single line. Anything else is a bug in kiln and keeps its full tr
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 
@@ -84,6 +87,9 @@ def describe_user_error(exc: BaseException) -> str | None:
         return _describe_omegaconf_error(exc)
     if type(exc).__name__ == "UncompletedJobError":  # submitit: a SLURM job ended without a result
         return _describe_uncompleted_job(str(exc))
+    directory_error = _run_directory_error(exc)
+    if directory_error is not None:
+        return directory_error
     if isinstance(exc, ValueError) and str(exc).startswith(
         "Config group override must be a string or a list"
     ):
@@ -125,3 +131,143 @@ def _describe_uncompleted_job(message: str) -> str:
         f"(state: {state.group(1) if state else 'unknown'}){logs}; jobs still running go on, and "
         f"`kiln report dir=<sweep dir>` tables what finished"
     )
+
+
+# -- a run directory that cannot be made ------------------------------------------------------
+
+
+def output_dir_error(exc: OSError, run_dir: str | os.PathLike[str], cfg: Any = None) -> str:
+    """One line for a run directory that cannot be made (or written) under `paths.output_dir`,
+    `run_dir` or `hydra.run.dir`, whichever placed it; `cfg` is the composed config, if known."""
+    run_dir = Path(run_dir)
+    failed = Path(os.fsdecode(exc.filename)) if exc.filename else run_dir
+    key, value = _directory_key(cfg if cfg is not None else _running_config(), run_dir)
+    if key == "run_dir":
+        fix = "give run_dir=<an existing run directory you can write to>, or leave run_dir out for a new run"
+    else:
+        fix = f"set {key} to a directory you can write to, e.g. {key}=$HOME/kiln-runs"
+    return f"{key}={value}: cannot create the run directory {run_dir} ({_why_not_made(exc, failed)}); {fix}"
+
+
+def _directory_key(cfg: Any, run_dir: Path) -> tuple[str, str]:
+    """Which key put the run directory where it is: run_dir=..., paths.output_dir=... or hydra.run.dir."""
+    from omegaconf import OmegaConf
+
+    def select(key: str) -> Any:
+        try:
+            return OmegaConf.select(cfg, key, throw_on_resolution_failure=False) if cfg is not None else None
+        except Exception:
+            return None
+
+    requested = select("run_dir")
+    if requested and _same_or_above(Path(str(requested)), run_dir):
+        return "run_dir", str(requested)
+    output_dir = select("paths.output_dir")
+    if output_dir is not None and _same_or_above(Path(str(output_dir)), run_dir):
+        return "paths.output_dir", str(output_dir)
+    return "hydra.run.dir", str(run_dir)  # set directly, outside paths.output_dir
+
+
+def _running_config() -> Any:
+    """The whole config of the job Hydra (or kiln.config.compose) set up in this process, if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get()._get_parent()  # type: ignore[attr-defined]
+
+
+def _same_or_above(path: Path, other: Path) -> bool:
+    path, other = Path(os.path.abspath(path)), Path(os.path.abspath(other))
+    return path == other or path in other.parents
+
+
+def _why_not_made(exc: OSError, failed: Path) -> str:
+    """In words: which part of the path is in the way, or what the system refused."""
+    existing = next((p for p in [failed, *failed.parents] if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {failed}" + (
+            f" ({existing} is not writable for this user)" if existing is not None else ""
+        )
+    return f"{exc.strerror or type(exc).__name__}: {failed}"
+
+
+def _run_directory_error(exc: BaseException) -> str | None:
+    """One line when Hydra could not make the run (or sweep) directory, or write its config or log
+    file there, before the stage started; None for any other error (an OSError inside a stage is
+    a bug, or is reported by the stage itself, and keeps its traceback)."""
+    error = next((e for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
+    if error is None or not _raised_in_hydra(exc):
+        return None
+    from omegaconf import OmegaConf
+
+    config = _hydra_config_of(exc)
+    if config is None:
+        return None
+    hydra: Any = config.hydra
+    failed = Path(os.fsdecode(error.filename))
+    for key in ("runtime.output_dir", "sweep.dir", "run.dir"):
+        try:
+            directory = OmegaConf.select(hydra, key, default=None, throw_on_missing=False)
+        except Exception:  # a run dir that cannot be resolved here
+            continue
+        if not directory or directory == "???":
+            continue
+        directory = Path(os.path.abspath(str(directory)))
+        # the directory itself, a parent that could not be made, or its .hydra/ and log file
+        if _same_or_above(failed, directory) or _same_or_above(directory, failed):
+            return one_line(output_dir_error(error, directory, config))
+    return None
+
+
+def _hydra_config_of(exc: BaseException) -> Any:
+    """The composed config (with its hydra node) of the job Hydra was setting up when `exc` was
+    raised. Hydra forgets it (HydraConfig is reset) before the error reaches the stage wrapper,
+    so it is taken from the frame that held it: run_job's `config`, a launcher's `self.config`."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    frames = []
+    traceback = exc.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in reversed(frames):  # the innermost first
+        if not str(frame.f_globals.get("__name__", "")).startswith(("hydra.", "hydra_plugins.")):
+            continue
+        for value in frame.f_locals.values():
+            candidates = (
+                [value] if isinstance(value, DictConfig) else [getattr(value, "__dict__", {}).get("config")]
+            )
+            for candidate in candidates:
+                if isinstance(candidate, DictConfig) and "hydra" in candidate:
+                    return candidate
+    if HydraConfig.initialized():
+        return HydraConfig.get()._get_parent()  # type: ignore[attr-defined]
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _raised_in_hydra(exc: BaseException) -> bool:
+    """Was `exc` raised by Hydra's own code (making directories, saving .hydra/, opening the log
+    file), below any stage? The innermost frame outside the standard library tells."""
+    innermost = None
+    traceback = exc.__traceback__
+    while traceback is not None:
+        module = str(traceback.tb_frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] not in sys.stdlib_module_names:
+            innermost = module
+        traceback = traceback.tb_next
+    if innermost is None or "instantiate" in innermost:  # hydra.utils.instantiate runs users' code
+        return False
+    return innermost.startswith(("hydra.", "hydra_plugins."))

@@ -4,7 +4,8 @@ early (`replacing`, `write_atomically`, `swap_in`). No torch import: `kiln repor
 `kiln predict` read runs through it without loading a model.
 
     <run_dir>/
-      .hydra/            resolved config, overrides, Hydra's own config (written by Hydra)
+      .hydra/            resolved config, overrides, Hydra's own config (written by kiln, below)
+      .kiln.lock         held (flock) by the one process writing the run
       run.json           provenance, status, monitor, best checkpoint, test metrics, delivery
       checkpoints/       best.ckpt, last.ckpt
       tensorboard/       event files
@@ -12,7 +13,17 @@ early (`replacing`, `write_atomically`, `swap_in`). No torch import: `kiln repor
       compress/ export/  the variants; model.onnx and report.{json,md,png}: the shipped model
 
 run.json is written when the run starts (status "running") and rewritten when it ends
-("completed" or "failed" with the reason), always through a temp file and a rename.
+("completed", "failed" with the reason, or "interrupted" by a signal), always through a temp file
+and a rename.
+
+Ownership (`claim`): one process writes a run at a time, through a lock that dies with it (kill -9
+leaves none behind); kiln writes only into a new or empty directory or a kiln run, and continues
+a kiln run only when asked to (`resume=`). Hydra's own `.hydra/` writing is off
+(`hydra.output_subdir: null`): kiln saves the config once the run is claimed and, for a resumed
+run, only once the resume is accepted, so a refused resume changes nothing on disk.
+
+Nothing kiln writes holds a credential: a password in a URL (`mysql://user:PASSWORD@host/db`) is
+masked in every text file written here (`without_credentials`).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from typing import Any
 from kiln.errors import KilnError
 
 RUN_RECORD = "run.json"
+LOCK_FILE = ".kiln.lock"
 CHECKPOINTS = "checkpoints"
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
 HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
@@ -78,10 +90,18 @@ def replacing(path: Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+_CREDENTIAL = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?P<password>[^@/\s'\"]+)@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the password of every URL in it masked: scheme://user:***@host."""
+    return _CREDENTIAL.sub(lambda match: f"{match['head']}:***@", text)
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename."""
+    """Write `text` (credentials masked) to a temp file beside `path`, then rename."""
     with replacing(path) as temp, temp.open("w") as stream:
-        stream.write(text)
+        stream.write(without_credentials(text))
         stream.flush()
         os.fsync(stream.fileno())
 
@@ -159,6 +179,7 @@ class Run:
         self.directory = directory
         self.writer = writer
         self.record: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}  # fields given before the record started (see train_once)
 
     @property
     def checkpoints(self) -> Path:
@@ -193,9 +214,14 @@ class Run:
         }
         if previous:  # continuing a run: keep what the earlier attempts recorded
             self.record["attempts"] = [*previous.get("attempts", []), _summary(previous)]
+        self.record.update(self._pending)
+        self._pending.clear()
         self.save()
 
     def update(self, **fields: Any) -> None:
+        if not self.record:  # a resume still being checked: the old record stays as it is until then
+            self._pending.update(fields)
+            return
         if fields.get("status") == "completed":
             check_finite_results(fields, self.record.get("monitor") or {}, self.directory)
         self.record.update(fields)
@@ -207,13 +233,25 @@ class Run:
                 self.directory / RUN_RECORD, json.dumps(self.record, indent=2, default=str) + "\n"
             )
 
+    def has_record(self) -> bool:
+        return (self.directory / RUN_RECORD).is_file()
+
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Mark the run failed, with the reason, if anything escapes; completed is set by the stage."""
+        """Mark the run failed, with the reason, if anything escapes (interrupted, for a signal);
+        completed is set by the stage. A run whose record has not started yet (a resume still being
+        checked) is left as it was."""
+        from kiln.interrupts import Interrupted
+
         try:
             yield
         except BaseException as exc:
-            self.update(status="failed", finished=_now(), error=f"{type(exc).__name__}: {exc}")
+            if not self.record:
+                raise
+            if isinstance(exc, Interrupted):
+                self.update(status="interrupted", finished=_now(), error=str(exc))
+            else:
+                self.update(status="failed", finished=_now(), error=f"{type(exc).__name__}: {exc}")
             raise
 
     @staticmethod
@@ -400,6 +438,130 @@ def open_run(path: str | os.PathLike[str] | None, key: str = "run") -> RunDirect
         )
     run.require_best_checkpoint(key)
     return run
+
+
+# -- ownership -----------------------------------------------------------------------------------
+
+_locks: dict[Path, Any] = {}  # run directory -> the open lock file, held until this process ends
+# What may sit in a directory before kiln claims it: Hydra's log of this very command, and kiln's
+# own lock and config (a run whose start failed before its record was written).
+_BEFORE_A_RECORD = {".hydra", LOCK_FILE}
+_KILN_RECORDS = (RUN_RECORD, "cv.json")
+
+
+def lock(directory: Path, key: str = "run_dir") -> bool:
+    """Hold `directory`'s lock until `release` or the end of this process, or refuse in one line
+    naming the process that holds it; False when this process holds it already. flock: the
+    kernel lets go when the process ends, however it ends (kill -9 leaves no stale lock)."""
+    import fcntl
+
+    directory = directory.resolve()
+    if directory in _locks:
+        return False
+    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115  # held open: closing it would unlock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise KilnError(
+            f"{key}={directory}: {holder} is writing this run now; wait for it to end, or choose another {key}"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"kiln (pid {os.getpid()} on {socket.gethostname()})\n")
+    handle.flush()
+    _locks[directory] = handle
+    return True
+
+
+@contextmanager
+def locked(directory: Path, key: str = "run") -> Iterator[None]:
+    """`directory`'s lock for the block (kept, if this process held it before)."""
+    acquired = lock(directory, key)
+    try:
+        yield
+    finally:
+        if acquired:
+            release(directory)
+
+
+def release(directory: Path) -> None:
+    """Let go of `directory`'s lock before the process ends (a run trained in-process)."""
+    handle = _locks.pop(directory.resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+def claim(directory: Path, *, continuing: bool, key: str = "run_dir") -> None:
+    """Take `directory` for a run of this process, or refuse in one line before anything is
+    written: a file; a directory holding files kiln did not make (its own run.json included); a
+    kiln run, unless `continuing` (resume=...): a completed run is never trained over; a run
+    another process is writing."""
+    if directory.exists() and not directory.is_dir():
+        raise KilnError(f"{key}={directory}: a file, not a directory; give a directory for the run")
+    if directory.is_dir():
+        _check_is_kiln_run_or_new(directory, key)
+        _check_may_continue(directory, continuing, key)  # before the lock: a refusal writes nothing
+    directory.mkdir(parents=True, exist_ok=True)
+    lock(directory, key)
+    _check_may_continue(directory, continuing, key)  # again: the holder may have just finished it
+
+
+def _check_may_continue(directory: Path, continuing: bool, key: str) -> None:
+    record_path = directory / RUN_RECORD
+    if not record_path.is_file() or continuing:
+        return
+    record = read_json(record_path)
+    status = record.get("status")
+    if status == "completed":
+        raise KilnError(
+            f"{key}={directory}: holds a completed run (finished {record.get('finished')}); kiln does "
+            f"not train over it: continue its training with resume=auto (e.g. with a larger "
+            f"trainer.max_epochs), or leave {key} out for a new run"
+        )
+    raise KilnError(
+        f"{key}={directory}: holds an earlier run (status {status}); continue it with resume=auto, "
+        f"or leave {key} out for a new run"
+    )
+
+
+def _check_is_kiln_run_or_new(directory: Path, key: str) -> None:
+    entries = {entry.name for entry in directory.iterdir()}
+    record = directory / RUN_RECORD
+    if record.is_file():
+        try:
+            value = json.loads(record.read_text())
+        except (OSError, ValueError):
+            value = None
+        if not (isinstance(value, dict) and {"status", "stage", "config_hash"} <= set(value)):
+            raise KilnError(
+                f"{key}={directory}: holds a run.json that kiln did not write; kiln writes only into a "
+                f"new or empty directory or a kiln run: choose another {key}"
+            )
+        return
+    if any(name in entries for name in _KILN_RECORDS):
+        return
+    foreign = sorted(name for name in entries if name not in _BEFORE_A_RECORD and not name.endswith(".log"))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise KilnError(
+            f"{key}={directory}: holds files kiln did not make ({shown}); kiln writes only into a new "
+            f"or empty directory or a kiln run: choose another {key}"
+        )
+
+
+def save_run_config(directory: Path, cfg: Any, overrides: list[str], hydra: Any = None) -> None:
+    """`.hydra/config.yaml`, `overrides.yaml` and (given Hydra's node) `hydra.yaml`, as Hydra
+    would write them, credentials masked (write_atomically)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    write_atomically(directory / SAVED_CONFIG, OmegaConf.to_yaml(cfg))
+    write_atomically(directory / OVERRIDES, yaml.safe_dump(list(overrides), default_flow_style=False))
+    if hydra is not None:
+        write_atomically(directory / HYDRA_CONFIG, OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
 
 
 def find_runs(root: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from kiln.errors import require
+from kiln.errors import InvalidArgument, require
 
 
 def mlp(
@@ -46,6 +46,12 @@ def cnn(
     dropout: float = 0.25,
 ) -> nn.Sequential:
     """3x3 conv-ReLU blocks, one 2x2 max-pool, then a small MLP head. Input: (channels, height, width)."""
+    if len(input_shape) == 1:
+        raise InvalidArgument(
+            "input_shape",
+            f"a CNN needs images (channels, height, width), but the data gives flat feature vectors "
+            f"of {input_shape[0]} values; use model=mlp for tables and feature vectors",
+        )
     require(
         len(input_shape) == 3,
         "input_shape",

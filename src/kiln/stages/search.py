@@ -48,13 +48,15 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     import optuna
     from hydra.core.hydra_config import HydraConfig
 
-    from kiln.runs import find_runs
+    from kiln.runs import find_runs, save_run_config
     from kiln.sweep import report_sweep
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
     settings = cfg.search
     space = search_space(cfg)
     check_search_settings(cfg, space)
+    save_run_config(run_dir, cfg, list(hydra.overrides.task), hydra)  # masked: Hydra's own writing is off
     monitor = {"metric": str(cfg.monitor.metric), "mode": str(cfg.monitor.mode)}
     study = open_study(cfg, space, run_dir)
     if settings.include_defaults and not study.trials and not settings.worker:
@@ -272,9 +274,12 @@ def shown_url(url: str) -> str:
 
 def open_storage(url: str, attempts: int = 6) -> Any:
     """Optuna's RDBStorage for `url`. Workers starting together on a fresh database all create its
-    tables; the losers of that race see "table already exists" and simply try again once the
-    winner is done (creating the tables skips those that exist)."""
+    tables and stamp its schema version; the losers of that race see "table already exists" or
+    an IntegrityError (the version row another worker just wrote: "Duplicate entry 'v3.2.0.a'")
+    and simply try again once the winner is done (creating the tables skips those that exist,
+    stamping skips a stamped database)."""
     import optuna
+    from sqlalchemy.exc import IntegrityError
 
     attempt = 0
     while True:
@@ -284,7 +289,8 @@ def open_storage(url: str, attempts: int = 6) -> Any:
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
         except Exception as exc:
             attempt += 1
-            if "already exists" not in str(exc) or attempt == attempts:
+            lost_race = "already exists" in str(exc) or isinstance(exc, IntegrityError)
+            if not lost_race or attempt == attempts:
                 raise
             time.sleep(0.5 * attempt)
 

@@ -11,6 +11,7 @@ tested checkpoint (kiln.delivery). Only rank 0 writes files.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,36 @@ from kiln.config import stage
 @stage("train")
 def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
+
+    from kiln import runs, slurm
+    from kiln.config import is_rank_zero
+
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+
+    def save_config() -> None:
+        runs.save_run_config(run_dir, cfg, list(hydra.overrides.task), hydra)
+
+    if not is_rank_zero():  # the other ranks of a DDP run write nothing
+        return train(cfg, run_dir, save_config)
+    runs.claim(run_dir, continuing=cfg.resume is not None or slurm.is_requeued())
+    try:
+        return train(cfg, run_dir, save_config)
+    finally:
+        runs.release(run_dir)  # in-process callers (kiln.api, tests) go on without it
+
+
+def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from kiln.config import is_rank_zero
+    from kiln.interrupts import Interrupted
+
     if OmegaConf.select(cfg, "cv.folds") is not None:  # k-fold: one sub-run per fold, no export
         from kiln.training.cross_validation import REFIT_DIR, cross_validate
 
+        if is_rank_zero():
+            save_config()
         means = cross_validate(cfg, run_dir)
         if cfg.cv.get("refit") and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
             from kiln.delivery import after_training
@@ -36,7 +61,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         return means
     from kiln.training.run import train_once
 
-    test_metrics = train_once(cfg, run_dir)
+    try:
+        test_metrics = train_once(cfg, run_dir, save_config=save_config)
+    except Interrupted as exc:
+        raise exc.said(
+            f"{exc.message or f'interrupted by {exc.signal_name}'}; continue it with: "
+            f"kiln train run_dir={run_dir} resume=auto"
+        ) from None
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         # The tested checkpoint is recorded and safe; compression and export follow as their own
         # stage, so a failing gate there never touches the run's training results.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,15 @@ def load_checkpoint(path: Path, key: str | None = None) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        refused = refused_objects(Path(path), exc)
+        if refused is not None:
+            # Never pass on torch's advice to load it with weights_only=False: that runs the file's code.
+            raise KilnError(
+                f"{where} holds objects kiln will not unpickle ({refused}): unpickling them could run "
+                "arbitrary code, so kiln loads only tensors and plain values; use a checkpoint saved by "
+                "Lightning or kiln (e.g. <run_dir>/checkpoints/best.ckpt or last.ckpt), and treat this file "
+                "as untrusted"
+            ) from None
         raise KilnError(
             f"{where} cannot be read ({_unreadable_reason(Path(path), exc)}); "
             "use another checkpoint (e.g. <run_dir>/checkpoints/best.ckpt or last.ckpt) or start fresh"
@@ -68,6 +79,67 @@ def load_checkpoint(path: Path, key: str | None = None) -> dict[str, Any]:
             "give a .ckpt file that kiln train wrote (<run_dir>/checkpoints/)"
         )
     return checkpoint
+
+
+# torch's weights-only unpickler names what it refused in one of these forms.
+_REFUSED = (
+    re.compile(r"Unsupported global: GLOBAL ([\w.]+)"),
+    re.compile(r"unsupported GLOBAL ([\w.]+)"),
+    re.compile(r"Unsupported class ([\w.]+)"),
+)
+# Modules whose names a checkpoint of tensors and plain values imports (torch's rebuild functions).
+_SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+_SCAN_LIMIT = 64 * 2**20  # bytes of pickle to scan for the names it imports
+
+
+def refused_objects(path: Path, exc: Exception) -> str | None:
+    """What a file that torch.load(weights_only=True) refused would import when unpickled
+    (`posix.system`), or None if it was refused for another reason (damage, not a checkpoint)."""
+    message = str(exc)
+    if "Weights only load failed" not in message and not isinstance(exc, pickle.UnpicklingError):
+        return None
+    for pattern in _REFUSED:
+        found = pattern.search(message)
+        if found:
+            return found.group(1)
+    names = _imported_names(path)
+    unsafe = [name for name in names if not name.startswith(_SAFE_MODULES)]
+    if unsafe:
+        return ", ".join(dict.fromkeys(unsafe))
+    return None
+
+
+def _imported_names(path: Path) -> list[str]:
+    """The `module.name`s a pickle (a torch zip's data.pkl, or a bare pickle file) would import;
+    read with pickletools, which parses the opcodes and runs nothing."""
+    import io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if member is None or archive.getinfo(member).file_size > _SCAN_LIMIT:
+                    return []
+                data = archive.read(member)
+        else:
+            if path.stat().st_size > _SCAN_LIMIT:
+                return []
+            data = path.read_bytes()
+        names: list[str] = []
+        strings: list[str] = []
+        for opcode, argument, _ in pickletools.genops(io.BytesIO(data)):
+            if opcode.name == "GLOBAL" and isinstance(argument, str):
+                names.append(argument.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(argument, str):
+                strings.append(argument)
+            if opcode.name == "STOP":
+                break
+        return names
+    except Exception:  # not a pickle at all, or a damaged one: nothing to name
+        return []
 
 
 def _unreadable_reason(path: Path, exc: Exception) -> str:

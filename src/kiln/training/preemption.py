@@ -32,6 +32,7 @@ import lightning as L
 import torch
 
 from kiln.errors import KilnError
+from kiln.interrupts import Interrupted
 from kiln.slurm import job_id
 
 log = logging.getLogger(__name__)  # to stderr and the run's log file
@@ -76,14 +77,15 @@ class ExactResume(L.Callback):
             datamodule.resume_train_chunks = position["chunks_done"]
 
 
-class Preemption(ExactResume):
-    """In a SLURM job: on USR2 or SIGTERM, save preempted.ckpt at the next step boundary, requeue
-    (after the time-limit warning), and wait for SLURM to stop the job."""
+class SavesOnSignal(ExactResume):
+    """On one of `signals`, let the current training step finish, save `checkpoints/preempted.ckpt`
+    there (every rank at the same step: a save under DDP is collective), then `after_save`."""
 
-    def __init__(self, checkpoint_dir: Path, stopped_within_s: float = 600.0) -> None:
+    signals: tuple[int, ...] = ()
+
+    def __init__(self, checkpoint_dir: Path) -> None:
         super().__init__()
         self.checkpoint_path = Path(checkpoint_dir) / PREEMPTED_CHECKPOINT
-        self.stopped_within_s = stopped_within_s
         self.received: int | None = None
         self._previous_handlers: dict[int, Any] = {}
 
@@ -95,10 +97,18 @@ class Preemption(ExactResume):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not in on_fit_start: Lightning installs its own handlers after on_fit_start.
-        for signum in (_WARNING, _STOP):
+        for signum in self.signals:
             self._previous_handlers[signum] = signal.signal(signum, self._note)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
@@ -111,15 +121,10 @@ class Preemption(ExactResume):
         self._chunks_done = batch_idx + 1
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # collective under DDP
         self._chunks_done = None
-        reason = "warned of the time limit" if self.received == _WARNING else "stopped by SLURM"
-        if trainer.is_global_zero:
-            log.warning(
-                f"kiln: preempted ({reason}) at epoch {trainer.current_epoch + 1} step {batch_idx + 1}; "
-                f"saved {self.checkpoint_path}"
-            )
-            if self.received == _WARNING:
-                self._requeue()
-        self._wait_to_be_stopped()
+        self.after_save(trainer, batch_idx)
+
+    def after_save(self, trainer: L.Trainer, batch_idx: int) -> None:
+        raise NotImplementedError
 
     def _requested_on_any_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         requested = self.received is not None
@@ -129,6 +134,58 @@ class Preemption(ExactResume):
             if requested and self.received is None:
                 self.received = _STOP
         return requested
+
+
+class StopOnSignal(SavesOnSignal):
+    """Outside SLURM: Ctrl-C or SIGTERM stops training at the next step boundary, after saving a
+    checkpoint that `resume=auto` continues from exactly (kiln.interrupts). A second Ctrl-C
+    stops at once."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise Interrupted(signum)  # asked twice: do not wait for the step
+        super()._note(signum, _frame)
+
+    def after_save(self, trainer: L.Trainer, batch_idx: int) -> None:
+        assert self.received is not None
+        raise Interrupted(
+            self.received,
+            f"interrupted by {signal.Signals(self.received).name} at epoch {trainer.current_epoch + 1}, "
+            f"step {batch_idx + 1}: saved {self.checkpoint_path}",
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.received is not None:  # arrived after the last step (validating): the epoch is saved
+            raise Interrupted(
+                self.received,
+                f"interrupted by {signal.Signals(self.received).name} after epoch {trainer.current_epoch}: "
+                f"saved {self.checkpoint_path.with_name('last.ckpt')}",
+            )
+
+
+class Preemption(SavesOnSignal):
+    """In a SLURM job: on USR2 or SIGTERM, save preempted.ckpt at the next step boundary, requeue
+    (after the time-limit warning), and wait for SLURM to stop the job."""
+
+    signals = (_WARNING, _STOP)
+
+    def __init__(self, checkpoint_dir: Path, stopped_within_s: float = 600.0) -> None:
+        super().__init__(checkpoint_dir)
+        self.stopped_within_s = stopped_within_s
+
+    def after_save(self, trainer: L.Trainer, batch_idx: int) -> None:
+        reason = "warned of the time limit" if self.received == _WARNING else "stopped by SLURM"
+        if trainer.is_global_zero:
+            log.warning(
+                f"kiln: preempted ({reason}) at epoch {trainer.current_epoch + 1} step {batch_idx + 1}; "
+                f"saved {self.checkpoint_path}"
+            )
+            if self.received == _WARNING:
+                self._requeue()
+        self._wait_to_be_stopped()
 
     def _requeue(self) -> None:
         job = job_id()

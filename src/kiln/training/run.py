@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,17 @@ from kiln.errors import KilnError
 from kiln.stages.build import build, build_module, plain
 
 
-def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None = None) -> dict[str, float]:
+def train_once(
+    cfg: DictConfig,
+    run_dir: Path,
+    extra_callbacks: list[Any] | None = None,
+    save_config: Callable[[], None] | None = None,
+) -> dict[str, float]:
     """One run in `run_dir`: fit, test the best checkpoint, record it in run.json; its test metrics.
 
-    `extra_callbacks` join the trainer's (kiln search adds its trial pruning)."""
+    `extra_callbacks` join the trainer's (kiln search adds its trial pruning). `save_config` writes
+    the run's `.hydra/` when its record starts: at once for a new run, and for a run that exists
+    already only once its resume is accepted, so that a refused resume changes nothing on disk."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -40,7 +48,15 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
     monitor = check_monitor_setting(cfg)
     check_report_setting(cfg)
     run = Run(run_dir, writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
-    run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
+
+    def start_record() -> None:
+        run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
+        if save_config is not None and run.writer:
+            save_config()
+
+    existing = run.has_record()
+    if not existing:
+        start_record()
     with one_distributed_job(), run.recording():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build("data", cfg.data, seed=cfg.seed)  # the run's seed, if the datamodule takes one
@@ -59,8 +75,10 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
             "auto" if requeued else cfg.resume,
             bool(cfg.run_dir) or requeued,
             run,
-            check=lambda path, saved: check_fits(path, saved, module),
+            check=lambda path, saved: (check_fits(path, saved, module), check_epochs_left(path, saved, cfg)),
         )
+        if existing:  # the resume is accepted (or there was nothing to resume): the record changes now
+            start_record()
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
         trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule, module)
@@ -100,6 +118,19 @@ def train_once(cfg: DictConfig, run_dir: Path, extra_callbacks: list[Any] | None
 
 
 # -- steps -------------------------------------------------------------------------------------
+
+
+def check_epochs_left(path: Path, checkpoint: dict[str, Any], cfg: DictConfig) -> None:
+    """A resume must have epochs left to train: Lightning refuses one that does not with a
+    traceback, after the run's record was already changed."""
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    done = checkpoint.get("epoch")
+    if isinstance(max_epochs, int) and max_epochs >= 0 and isinstance(done, int) and done >= max_epochs:
+        raise KilnError(
+            f"trainer.max_epochs={max_epochs}: {path} has reached epoch {done + 1} already; to continue "
+            f"it, give a larger trainer.max_epochs, e.g. trainer.max_epochs={done + 1 + max(max_epochs, 10)}"
+        )
+
 
 
 def quiet_lightning() -> None:
@@ -218,12 +249,12 @@ def build_trainer(
     from kiln.training.callbacks import EpochLines, MonitorCheck
     from kiln.training.checkpoints import AtomicCheckpointIO
     from kiln.training.hardware import with_resolved_precision
-    from kiln.training.preemption import ExactResume, Preemption
+    from kiln.training.preemption import Preemption, StopOnSignal
 
     in_job = slurm.in_slurm_job()
     callbacks: list[Any] = [
         MonitorCheck(monitor["metric"]),
-        Preemption(run.checkpoints) if in_job else ExactResume(),
+        Preemption(run.checkpoints) if in_job else StopOnSignal(run.checkpoints),
     ]
     for name, node in (cfg.callbacks or {}).items():
         if node is not None:

@@ -1,0 +1,69 @@
+"""Ctrl-C and `kill`: stop at a safe point, keep what is saved, say how to continue, exit as shells do.
+
+A kiln command stopped by SIGINT (Ctrl-C) or SIGTERM (`kill`, `timeout`, a scheduler) ends with
+one line on stderr saying what happened and how to continue, exit code 130 or 143 (128 + the
+signal, as shells report it), and the run's record saying `interrupted`:
+
+    kiln train: interrupted by SIGTERM at epoch 3, step 5: saved checkpoints/preempted.ckpt;
+    continue it with: kiln train run_dir=runs/train/... resume=auto
+
+While a stage runs (`raising`), a signal raises `Interrupted` where the program stands: every file
+kiln writes is written through a temp file and a rename, so an interrupted write leaves the old
+file or none. While training runs, `training.callbacks.StopOnSignal` takes over and stops at the
+next step boundary instead, after saving a checkpoint to resume from exactly.
+
+Inside a SLURM job during training, SIGTERM is preemption's (kiln.training.preemption): it saves
+and the job is requeued, as before.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A stage stopped by a signal. A BaseException, like KeyboardInterrupt: no `except Exception`
+    on the way takes it for an error of its own, and Lightning's KeyboardInterrupt handling (which
+    exits with 1 and says nothing) never sees it."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        self.signum = signum
+        self.message = message
+        super().__init__(message or self.signal_name)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def said(self, message: str) -> Interrupted:
+        """The same interruption, with what was saved and how to continue."""
+        return Interrupted(self.signum, message)
+
+
+def _raise(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def raising() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` for as long as the block runs (main thread only:
+    Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
