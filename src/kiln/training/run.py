@@ -39,7 +39,6 @@ def train_once(
 
     from kiln import slurm
     from kiln.runs import Run, resume_checkpoint
-    from kiln.training.checkpoints import check_fits
     from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
 
     started = time.perf_counter()
@@ -75,7 +74,7 @@ def train_once(
             "auto" if requeued else cfg.resume,
             bool(cfg.run_dir) or requeued,
             run,
-            check=lambda path, saved: (check_fits(path, saved, module), check_epochs_left(path, saved, cfg)),
+            check=lambda path, saved: check_resumable(path, saved, module, cfg),
         )
         if existing:  # the resume is accepted (or there was nothing to resume): the record changes now
             start_record()
@@ -120,9 +119,12 @@ def train_once(
 # -- steps -------------------------------------------------------------------------------------
 
 
-def check_epochs_left(path: Path, checkpoint: dict[str, Any], cfg: DictConfig) -> None:
-    """A resume must have epochs left to train: Lightning refuses one that does not with a
-    traceback, after the run's record was already changed."""
+def check_resumable(path: Path, checkpoint: dict[str, Any], module: Any, cfg: DictConfig) -> None:
+    """The checkpoint fits the model (kiln.training.checkpoints.check_fits) and has epochs left to
+    train: Lightning refuses one that does not with a traceback."""
+    from kiln.training.checkpoints import check_fits
+
+    check_fits(path, checkpoint, module)
     max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     done = checkpoint.get("epoch")
     if isinstance(max_epochs, int) and max_epochs >= 0 and isinstance(done, int) and done >= max_epochs:
@@ -130,7 +132,6 @@ def check_epochs_left(path: Path, checkpoint: dict[str, Any], cfg: DictConfig) -
             f"trainer.max_epochs={max_epochs}: {path} has reached epoch {done + 1} already; to continue "
             f"it, give a larger trainer.max_epochs, e.g. trainer.max_epochs={done + 1 + max(max_epochs, 10)}"
         )
-
 
 
 def quiet_lightning() -> None:
