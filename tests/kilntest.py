@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import lightning as L
 import pytest
@@ -125,3 +129,75 @@ class PreemptAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if (trainer.current_epoch, args[-1]) == (self.epoch, self.chunk):
             self.preemption.received = signal.SIGTERM
+
+
+# -- waiting for events ------------------------------------------------------------------------
+# Tests wait for what they need to see (a line printed, a file written), never for a fixed time:
+# the suite runs on busy 2-core machines, where any delay that "is usually enough" is not.
+
+# Generous: a deadline is there to end a test that would otherwise hang, not to pace it.
+WAIT_TIMEOUT = 300.0
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T],
+    what: str,
+    *,
+    timeout: float = WAIT_TIMEOUT,
+    process: subprocess.Popen[Any] | None = None,
+    output: Output | list[str] | None = None,
+    poll: float = 0.2,
+) -> T:
+    """Wait until `condition()` returns something true, and return it.
+
+    `poll` is how often to look, not a delay standing in for the event. Fails (AssertionError,
+    naming `what`) after `timeout` seconds, or as soon as `process`, the child expected to make
+    the event happen, has ended without it; `output`, that child's output (an Output, or its
+    lines), is shown then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = process.poll() if process is not None else None
+        value = condition()  # after poll(): an event just before the child exited still counts
+        if value:
+            return value
+        shown = ""
+        if output is not None:
+            shown = ":\n" + (output.text if isinstance(output, Output) else "".join(output))
+        if ended is not None:
+            raise AssertionError(f"the process ended (exit {ended}) before {what}{shown}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{shown}")
+        time.sleep(poll)
+
+
+class Output:
+    """What a child process writes to one of its pipes, read by a thread as it comes (so the pipe
+    never fills and stalls the child), for `wait_for(lambda: output.search(...), ...)`."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        assert stream is not None, "start the process with this stream as subprocess.PIPE, text=True"
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def search(self, pattern: str) -> re.Match[str] | None:
+        """The first line so far in which `pattern` matches (re.search), or None."""
+        for line in list(self.lines):
+            match = re.search(pattern, line)
+            if match:
+                return match
+        return None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self, timeout: float = 60) -> str:
+        """All of it, once the process has exited and its pipe is closed."""
+        self._thread.join(timeout)
+        return self.text

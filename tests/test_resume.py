@@ -4,16 +4,14 @@ where an uninterrupted run with the same seed ends (deterministic mode)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from kilntest import NO_COMPRESSION, assert_ok, kiln_command, read_run, run_kiln
+from kilntest import NO_COMPRESSION, Output, assert_ok, kiln_command, read_run, run_kiln, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +37,21 @@ def last_epoch_and_step(run_dir: Path) -> tuple[int, int]:
     return checkpoint["epoch"], checkpoint["global_step"]
 
 
+def saved_epoch(run_dir: Path) -> int | None:
+    """The epoch (0-based) of last.ckpt so far; None before the first. kiln saves a checkpoint to a
+    temporary name and renames it: a last.ckpt that exists is whole."""
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return None
+    return last_epoch_and_step(run_dir)[0]
+
+
 def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path: Path):
     straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
     assert_ok(run_kiln(["train", f"run_dir={straight_dir}", *SETTINGS], tmp_path))
 
-    # start the same run, and SIGKILL it halfway through its third epoch
+    # Start the same run and SIGKILL it inside its third epoch: once it has printed its second
+    # epoch's line and saved that epoch's last.ckpt, with three epochs still to train. Both are
+    # events the test sees, so the kill lands mid-training however slow the machine.
     process = subprocess.Popen(
         kiln_command("train", f"run_dir={broken_dir}", *SETTINGS),
         cwd=tmp_path,
@@ -51,20 +59,29 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path: Pa
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    assert process.stderr is not None
-    epoch_seconds = None
-    for line in process.stderr:
-        match = re.match(r"epoch 2/\d+ .*\((\d+\.\d+) s\)", line)
-        if match:
-            epoch_seconds = float(match.group(1))
-            break
-    assert epoch_seconds is not None, "the run never finished its second epoch"
-    time.sleep(epoch_seconds / 2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    stderr = Output(process.stderr)
+    try:
+        wait_for(
+            lambda: stderr.search(r"^epoch 2/\d+ "),
+            "the run's line for its second epoch",
+            timeout=600,  # as long as run_kiln gives a whole run
+            process=process,
+            output=stderr,
+        )
+        wait_for(
+            lambda: (saved_epoch(broken_dir) or 0) >= 1,
+            "last.ckpt of the second epoch",
+            process=process,
+            output=stderr,
+        )
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, stderr.finish()
     killed_at, _ = last_epoch_and_step(broken_dir)
-    assert killed_at < EPOCHS - 1, "the kill must land before the run ended"
+    assert 1 <= killed_at < EPOCHS - 1, "the kill must land after epoch 2 was saved and before the run ended"
     assert read_run(broken_dir)["status"] == "running", "a killed run never claims to be finished"
 
     resumed = run_kiln(["train", f"run_dir={broken_dir}", "resume=auto", *SETTINGS], tmp_path)

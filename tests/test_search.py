@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from kilntest import NO_COMPRESSION, kiln_cli, kiln_command, ok, read_run
+from kilntest import NO_COMPRESSION, Output, kiln_cli, kiln_command, ok, read_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +99,23 @@ def test_an_interrupted_search_continues_where_it_stopped(tmp_path: Path) -> Non
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(tmp_path.glob("runs/search/*/trial_001/run.json")):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)  # no chance to clean up
-    process.wait()
+    output = Output(process.stdout)
+    try:
+        # Killed while trial 1 trains (its 30 epochs take far longer than the kill): trial 0 has
+        # completed, since trials run one after another, and trial 1's run record exists.
+        wait_for(
+            lambda: list(tmp_path.glob("runs/search/*/trial_001/run.json")),
+            "trial 1 to start (its run.json)",
+            timeout=600,
+            process=process,
+            output=output,
+        )
+        process.send_signal(signal.SIGKILL)  # no chance to clean up
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, output.finish()
     directory = search_dir(tmp_path)
     assert read_run(directory / "trial_000")["status"] == "completed"
 

@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kilntest import TINY_DIGITS, assert_ok, kiln_command, read_run, run_dirs, run_kiln
+from kilntest import TINY_DIGITS, assert_ok, kiln_command, read_run, run_dirs, run_kiln, wait_for
 
 pytestmark = pytest.mark.slow
 
-START_TIMEOUT = 90  # seconds for TensorBoard to bind and load the run (2 busy cores)
+START_TIMEOUT = 180  # seconds for TensorBoard to bind, and then to load the run (2 busy cores)
 WINDOW = (1400, 900)
 # The dashboard below TensorBoard's orange header bar and right of the settings / run sidebar.
 CHART_AREA = (360, 130, 1400, 900)  # left, top, right, bottom in pixels
@@ -98,14 +98,17 @@ def get(url: str, body: dict[str, Any] | None = None) -> Any:
 
 
 def wait_for_runs(board: Board) -> list[str]:
-    # /data/runs answers [] until TensorBoard's first pass over the logs has finished
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        runs: list[str] = get(f"{board.url}/data/runs")
-        if runs:
-            return runs
-        time.sleep(0.5)
-    pytest.fail(f"TensorBoard at {board.url} listed no runs in {START_TIMEOUT} s:\n{''.join(board.output)}")
+    """The runs TensorBoard lists, once its first pass over the logs has finished (until then
+    /data/runs answers []): polled, failing fast if the server exits."""
+    runs: list[str] = wait_for(
+        lambda: get(f"{board.url}/data/runs"),
+        f"TensorBoard at {board.url} to list the runs",
+        timeout=START_TIMEOUT,
+        process=board.process,
+        output=board.output,
+        poll=0.5,
+    )
+    return runs
 
 
 @pytest.fixture(scope="module")
