@@ -308,8 +308,9 @@ def test_inf_names_the_column_the_file_the_row_and_the_fix(tmp_path: Path):
 
 @pytest.mark.slow
 def test_the_readmes_cars_command_trains_on_a_table_with_missing_targets(kiln, tmp_path: Path):
-    """README: `kiln train data=table data.path=cars.csv data.target=Miles_per_Gallon` (with the
-    MLP a table needs), on a table shaped like vega's cars: 8 of 406 cars have no mileage."""
+    """README: `kiln train data=table data.path=cars.csv data.target=Miles_per_Gallon` as written
+    (a table gets the MLP by default), on a table shaped like vega's cars: 8 of 406 cars have no
+    mileage."""
     from kilntest import NO_COMPRESSION, assert_ok, read_run, run_dirs
 
     cars_like().to_csv(tmp_path / "cars.csv", index=False)
@@ -318,7 +319,6 @@ def test_the_readmes_cars_command_trains_on_a_table_with_missing_targets(kiln, t
         "data=table",
         "data.path=cars.csv",
         "data.target=Miles_per_Gallon",
-        "model=mlp",
         "trainer.max_epochs=30",
         "progress=lines",
         *NO_COMPRESSION,

@@ -116,6 +116,10 @@ class SavesOnSignal(ExactResume):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last step: a save here would resume into an epoch with no steps left,
+            # which Lightning ends without validating. Let the epoch finish; the next step saves.
+            return
         if not self._requested_on_any_rank(trainer, pl_module):
             return
         self._chunks_done = batch_idx + 1
