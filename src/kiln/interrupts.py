@@ -18,6 +18,7 @@ and the job is requeued, as before.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -50,7 +51,18 @@ class Interrupted(BaseException):
         return Interrupted(self.signum, message)
 
 
+_owner: list[int] = []  # the pid that installed the handlers: forked DataLoader workers inherit them
+
+
+def in_worker() -> bool:
+    """True in a process forked from the one that installed kiln's handlers (a DataLoader worker):
+    there Ctrl-C stays a KeyboardInterrupt, which torch's worker loop expects and ends quietly."""
+    return bool(_owner) and os.getpid() != _owner[-1]
+
+
 def _raise(signum: int, _frame: FrameType | None) -> None:
+    if in_worker():
+        raise KeyboardInterrupt
     raise Interrupted(signum)
 
 
@@ -61,9 +73,11 @@ def raising() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _owner.append(os.getpid())
     previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _owner.pop()

@@ -122,11 +122,13 @@ def serve(runs: dict[str, Path], port: int) -> None:
     for name, path in runs.items():
         print(f"  {name}  {path}", flush=True)
     print(f"kiln tensorboard: {url.rstrip('/')} (Ctrl-C stops it)", flush=True)
+    from kiln.interrupts import Interrupted
+
     signal.signal(signal.SIGTERM, _stop)  # `kill` stops it as cleanly as Ctrl-C
     try:
         while True:  # the server runs in a daemon thread; this one only waits
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C or kill: the way to stop a server, exit 0
         print("kiln tensorboard: stopped", flush=True)
 
 

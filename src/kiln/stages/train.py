@@ -78,4 +78,9 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
 
 
 if __name__ == "__main__":  # how Lightning re-launches ranks > 0 of a DDP run
-    sys.exit(main())
+    from kiln.interrupts import Interrupted
+
+    try:
+        sys.exit(main())
+    except Interrupted as stopped:  # rank 0 says what happened; the other ranks just stop
+        sys.exit(stopped.exit_code)

@@ -21,6 +21,7 @@ gets `SLURMEnvironment(auto_requeue=False)`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -87,6 +88,7 @@ class SavesOnSignal(ExactResume):
         super().__init__()
         self.checkpoint_path = Path(checkpoint_dir) / PREEMPTED_CHECKPOINT
         self.received: int | None = None
+        self._pid = os.getpid()
         self._previous_handlers: dict[int, Any] = {}
 
     # -- signals: only note the request; the work happens at the next step boundary --------------
@@ -118,17 +120,30 @@ class SavesOnSignal(ExactResume):
     ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             # The epoch's last step: a save here would resume into an epoch with no steps left,
-            # which Lightning ends without validating. Let the epoch finish; the next step saves.
+            # which Lightning ends without validating. The epoch ends (validated), then saves.
             return
         if not self._requested_on_any_rank(trainer, pl_module):
             return
         self._chunks_done = batch_idx + 1
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # collective under DDP
         self._chunks_done = None
-        self.after_save(trainer, batch_idx)
+        self.after_save(trainer, batch_idx + 1)
 
-    def after_save(self, trainer: L.Trainer, batch_idx: int) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After validation: a save here resumes at the next epoch, as an end-of-epoch checkpoint does.
+        if not self._requested_on_any_rank(trainer, pl_module):
+            return
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+        self.after_save(trainer, None)
+
+    def after_save(self, trainer: L.Trainer, steps_done: int | None) -> None:
+        """`steps_done` of the epoch when the save was inside it; None at its end."""
         raise NotImplementedError
+
+    @staticmethod
+    def where(trainer: L.Trainer, steps_done: int | None) -> str:
+        epoch = trainer.current_epoch + 1
+        return f"at epoch {epoch}, step {steps_done}" if steps_done else f"at the end of epoch {epoch}"
 
     def _requested_on_any_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         requested = self.received is not None
@@ -148,25 +163,26 @@ class StopOnSignal(SavesOnSignal):
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def _note(self, signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: Ctrl-C ends it as torch expects
+            raise KeyboardInterrupt
         if self.received is not None and signum == signal.SIGINT:
             raise Interrupted(signum)  # asked twice: do not wait for the step
         super()._note(signum, _frame)
 
-    def after_save(self, trainer: L.Trainer, batch_idx: int) -> None:
+    def after_save(self, trainer: L.Trainer, steps_done: int | None) -> None:
         assert self.received is not None
         raise Interrupted(
             self.received,
-            f"interrupted by {signal.Signals(self.received).name} at epoch {trainer.current_epoch + 1}, "
-            f"step {batch_idx + 1}: saved {self.checkpoint_path}",
+            f"interrupted by {signal.Signals(self.received).name} {self.where(trainer, steps_done)}: "
+            f"saved {self.checkpoint_path}",
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.received is not None:  # arrived after the last step (validating): the epoch is saved
-            raise Interrupted(
-                self.received,
-                f"interrupted by {signal.Signals(self.received).name} after epoch {trainer.current_epoch}: "
-                f"saved {self.checkpoint_path.with_name('last.ckpt')}",
+        if self.received is not None:  # came as training ended: it is whole; testing follows
+            log.warning(
+                f"kiln: {signal.Signals(self.received).name} came as training ended; testing the best "
+                "checkpoint now (send it again to stop)"
             )
 
 
@@ -180,12 +196,11 @@ class Preemption(SavesOnSignal):
         super().__init__(checkpoint_dir)
         self.stopped_within_s = stopped_within_s
 
-    def after_save(self, trainer: L.Trainer, batch_idx: int) -> None:
+    def after_save(self, trainer: L.Trainer, steps_done: int | None) -> None:
         reason = "warned of the time limit" if self.received == _WARNING else "stopped by SLURM"
         if trainer.is_global_zero:
             log.warning(
-                f"kiln: preempted ({reason}) at epoch {trainer.current_epoch + 1} step {batch_idx + 1}; "
-                f"saved {self.checkpoint_path}"
+                f"kiln: preempted ({reason}) {self.where(trainer, steps_done)}; saved {self.checkpoint_path}"
             )
             if self.received == _WARNING:
                 self._requeue()
