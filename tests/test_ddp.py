@@ -56,6 +56,7 @@ def test_two_cpu_ranks_write_one_run_with_unbiased_metrics(tmp_path):
     assert events and all(f".{rank_zero_pid}." in p.name for p in events)
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".hydra",
+        ".kiln.lock",  # rank 0's: the one writer
         "checkpoints",
         "drift_baseline.json",
         "run.json",
