@@ -50,9 +50,11 @@ def compress(
     tells progress, `warn` what the user should know (e.g. int8 that will be slow)."""
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
+    from kiln.export.measure import Stopwatch
     from kiln.export.onnx_export import example_input, export_net
 
     started = time.perf_counter()
+    watch = Stopwatch()
     target = export_module(module)
     example = example_input(module, datamodule)
     staging = directory / f".{COMPRESS_DIR}.tmp-{os.getpid()}"
@@ -60,7 +62,8 @@ def compress(
     staging.mkdir(parents=True)
     try:
         say(f"exporting the uncompressed model ({count_parameters(target)} parameters)")
-        save_onnx(export_net(target, example, opset), staging / f"{FP32}.net.onnx")
+        with watch.part(f"{FP32}: export"):
+            save_onnx(export_net(target, example, opset), staging / f"{FP32}.net.onnx")
         variants: list[dict[str, Any]] = [
             {
                 "name": FP32,
@@ -81,6 +84,7 @@ def compress(
                 key = tuple(candidate.prune_steps)  # frozen dataclasses: equal settings, equal key
                 if key not in pruned:
                     pruned[key] = prune(
+                        watch,
                         module,
                         datamodule,
                         candidate.prune_steps,
@@ -103,7 +107,8 @@ def compress(
             if quantizer is not None:
                 target_file = staging / f"{candidate.name}.net.onnx"
                 say(f"{candidate.step_names[-1]}: {type(quantizer).__name__} with onnxruntime")
-                warnings = quantizer.quantize(staging / source["net_onnx"], target_file, calibration)
+                with watch.part(f"{candidate.name}: quantize"):
+                    warnings = quantizer.quantize(staging / source["net_onnx"], target_file, calibration)
                 for warning in warnings:
                     warn(warning)
                 variant.update(precision="int8", net_onnx=target_file.name)
@@ -112,12 +117,15 @@ def compress(
         manifest = {
             "recipe": recipe.name,
             "max_metric_drop": recipe.max_metric_drop,
+            "metric_unit": recipe.metric_unit,
+            "decision": recipe.decision,
             "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
             "monitor": monitor,
             "opset": opset,
             "input_shape": list(example.shape[1:]),
             "variants": variants,
             "seconds": round(time.perf_counter() - started, 1),
+            "timings_s": watch.seconds,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         swap_in(staging, directory / COMPRESS_DIR)  # kiln.runs: whole or not at all
@@ -127,6 +135,7 @@ def compress(
 
 
 def prune(
+    watch: Any,
     module: Any,
     datamodule: Any,
     steps: list[tuple[str, Pruning]],
@@ -151,21 +160,24 @@ def prune(
     notes = []
     for step_name, step in steps:
         before = pruning.count_parameters(export_module(work))
-        step.prune(export_module(work), example)
+        with watch.part(f"{name}: {step_name}"):
+            step.prune(export_module(work), example)
         say(f"{step_name}: fine-tuning up to {step.finetune_epochs} epochs on {monitor['metric']}")
-        tuned = pruning.finetune(
-            work,
-            datamodule,
-            epochs=step.finetune_epochs,
-            patience=step.patience,
-            monitor=monitor["metric"],
-            mode=monitor["mode"],
-            lr_scale=step.lr_scale,
-            trainer_settings=finetune_trainer,
-        )
+        with watch.part(f"{name}: fine-tune"):
+            tuned = pruning.finetune(
+                work,
+                datamodule,
+                epochs=step.finetune_epochs,
+                patience=step.patience,
+                monitor=monitor["metric"],
+                mode=monitor["mode"],
+                lr_scale=step.lr_scale,
+                trainer_settings=finetune_trainer,
+            )
         notes.append(step.note(before, export_module(work), tuned, monitor["metric"]))
     target = export_module(work).eval()
-    save_onnx(export_net(target, example, opset), staging / f"{name}.net.onnx")
+    with watch.part(f"{name}: export"):
+        save_onnx(export_net(target, example, opset), staging / f"{name}.net.onnx")
     torch.save(target.state_dict(), staging / f"{name}.pt")
     return {
         "precision": "fp32",

@@ -4,7 +4,9 @@ A recipe file (`compress=<recipe>`) holds:
 
     recipe: prune_structured
     steps: [prune_structured]            # applied in order; compose: [prune_structured, quantize_static]
-    max_metric_drop: 1.0                 # points of monitor.metric a variant may lose (validation split)
+    max_metric_drop: 1.0                 # how much worse monitor.metric may get (validation split)
+    metric_unit: auto                    # of that budget: points (bounded scores) or percent (losses)
+    decision: point                      # or upper_bound: the drop's bootstrap 95% interval decides
     prune_structured:                    # a step: a config with a _target_ (kiln.compression.steps)
       _target_: kiln.compression.steps.PruneStructured
       ratio: 0.5
@@ -22,10 +24,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.compression.choose import DECISIONS, UNITS
 from kiln.compression.steps import BUILT_IN, Pruning, Quantization
 from kiln.errors import KilnError
 
-RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop"}
+RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision"}
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
 Step = Pruning | Quantization
@@ -54,6 +57,8 @@ class Recipe:
     name: str
     candidates: list[Candidate]
     max_metric_drop: float
+    metric_unit: str = "auto"  # kiln.compression.choose.metric_unit: points, percent, or by the metric
+    decision: str = "point"  # point or upper_bound (kiln.compression.choose)
 
     @property
     def auto(self) -> bool:
@@ -73,8 +78,14 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
     drop = config.get("max_metric_drop", 1.0)
     if not isinstance(drop, int | float) or isinstance(drop, bool) or drop < 0:
         raise KilnError(
-            f"compress.max_metric_drop={drop}: must be a number >= 0 (points of the monitored metric)"
+            f"compress.max_metric_drop={drop}: must be a number >= 0 (points of a bounded score, "
+            "percent of a loss: compress.metric_unit)"
         )
+    unit, decision = str(config.get("metric_unit", "auto")), str(config.get("decision", "point"))
+    if unit not in UNITS:
+        raise KilnError(f"compress.metric_unit={unit}: use one of {', '.join(UNITS)}")
+    if decision not in DECISIONS:
+        raise KilnError(f"compress.decision={decision}: use one of {', '.join(DECISIONS)}")
     known = sorted({*BUILT_IN, *nodes})
     for key in nodes:  # every step node is checked, used or not: a typo must not wait for its turn
         build_step(key, nodes, {}, f"compress.{key}", known)
@@ -93,7 +104,7 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
     else:
         steps = read_steps(config.get("steps") or [], "compress.steps", nodes, known)
         candidates = [Candidate("+".join(n for n, _ in steps), steps)] if steps else []
-    return Recipe(name, candidates, float(drop))
+    return Recipe(name, candidates, float(drop), unit, decision)
 
 
 def read_steps(raw: Any, key: str, nodes: Mapping[str, Any], known: list[str]) -> list[tuple[str, Step]]:

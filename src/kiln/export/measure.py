@@ -1,15 +1,20 @@
 """Measuring a variant: metrics (the same definitions training logs), latency, size, parameters.
 
-Latency is warm: a few untimed runs first, then the median of `repeats` timed runs, in
-microseconds per call at each batch size. onnxruntime and torch use their default thread pools
-unless `threads` is given (one value for both, for a fair comparison).
+Latency is warm: a few untimed runs first, then up to `repeats` timed runs, in microseconds per
+call at each batch size: the median, and the spread [min, median, max] that tells whether two
+variants differ at all. A measurement stops early, after MIN_REPEATS runs, once it has taken
+TIME_BUDGET_S: a slow variant's median is steady after a few runs, and its repeats were most of
+an export's time. onnxruntime and torch use their default thread pools unless `threads` is given
+(one value for both, for a fair comparison).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +23,8 @@ import torch
 from kiln.export.feeds import tile_rows
 
 WARMUP = 3
+MIN_REPEATS = 5
+TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
 
 
 def scores(
@@ -42,38 +49,55 @@ def scores(
     return dict(sorted(metrics.items()))
 
 
-def timed(call: Callable[[], Any], repeats: int) -> float:
-    """Median microseconds of `repeats` warm calls."""
+def timed(call: Callable[[], Any], repeats: int, budget_s: float = TIME_BUDGET_S) -> list[float]:
+    """Microseconds of up to `repeats` warm calls (at least MIN_REPEATS unless `repeats` is
+    smaller; no more once `budget_s` has passed)."""
     for _ in range(WARMUP):
         call()
-    samples = []
+    samples: list[float] = []
+    started = time.perf_counter()
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         call()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e6)
+        samples.append((time.perf_counter() - start) * 1e6)
+        if len(samples) >= MIN_REPEATS and time.perf_counter() - started > budget_s:
+            break
+    return samples
 
 
-def ort_latency(
-    session: Any, feeds: dict[str, np.ndarray], batches: Sequence[int], repeats: int
-) -> dict[str, float]:
-    latency = {}
+@dataclass
+class Latency:
+    """Per batch size (as a string key, for JSON): the median, and [min, median, max]."""
+
+    median_us: dict[str, float] = field(default_factory=dict)
+    spread_us: dict[str, list[float]] = field(default_factory=dict)
+    repeats: dict[str, int] = field(default_factory=dict)
+
+    def add(self, batch: int, samples: list[float]) -> None:
+        median = round(float(np.median(samples)), 1)
+        self.median_us[str(batch)] = median
+        self.spread_us[str(batch)] = [round(min(samples), 1), median, round(max(samples), 1)]
+        self.repeats[str(batch)] = len(samples)
+
+
+def ort_latency(session: Any, feeds: dict[str, np.ndarray], batches: Sequence[int], repeats: int) -> Latency:
+    latency = Latency()
     for batch in batches:
         batch_feeds = tile_rows(feeds, batch)
-        latency[str(batch)] = round(timed(functools.partial(session.run, None, batch_feeds), repeats), 1)
+        latency.add(batch, timed(functools.partial(session.run, None, batch_feeds), repeats))
     return latency
 
 
 def torch_latency(
     net: torch.nn.Module, features: torch.Tensor, batches: Sequence[int], repeats: int
-) -> dict[str, float]:
+) -> Latency:
     net.eval()
-    latency = {}
+    latency = Latency()
     with torch.inference_mode():
         for batch in batches:
             reps = -(-batch // len(features))
             x = features.repeat(reps, *([1] * (features.dim() - 1)))[:batch].contiguous()
-            latency[str(batch)] = round(timed(functools.partial(net, x), repeats), 1)
+            latency.add(batch, timed(functools.partial(net, x), repeats))
     return latency
 
 
@@ -102,3 +126,19 @@ class Threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.previous)
+
+
+class Stopwatch:
+    """Wall seconds of the named parts of a stage, in the order they ran (report.json's timings_s):
+    where compression and export spend their time, so it can be made shorter."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)

@@ -73,6 +73,7 @@ def export_net(net: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
 
 def _export(module: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
     _quiet_exporter()
+    _reuse_torchlib_registry()
     batch = torch.export.Dim("batch")
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -137,3 +138,28 @@ def _root_reason(exc: BaseException) -> str:
 def _quiet_exporter() -> None:
     for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _reuse_torchlib_registry() -> None:
+    """torch.onnx rebuilds its table of ATen-to-ONNX functions from torchlib on every export (a
+    second or two on 2 cores, a third of exporting the demo's CNN); the table depends on the opset
+    only and kiln never adds to it, so it is built once per opset and process. This touches a
+    private torch API: where it has moved, exports simply take longer."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        return
+    registry = getattr(_registration, "ONNXRegistry", None)
+    build = getattr(registry, "from_torchlib", None)
+    if build is None or getattr(build, "kiln_cached", False):
+        return
+    built: dict[Any, Any] = {}
+
+    def from_torchlib(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build.__func__(cls, *args, **kwargs)
+        return built[key]
+
+    from_torchlib.kiln_cached = True  # type: ignore[attr-defined]
+    registry.from_torchlib = classmethod(from_torchlib)  # type: ignore[union-attr]

@@ -25,12 +25,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import kiln
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.export.scoring import RowRecorder
 
 EXPORT_DIR = "export"
 MODEL = "model.onnx"
@@ -99,14 +102,15 @@ def export(
     from kiln.compression.choose import choose
     from kiln.export import measure
     from kiln.export.report import log_tensorboard, write_report
-    from kiln.export.scoring import evaluate
+    from kiln.export.scoring import RowRecorder, evaluate
     from kiln.runs import copy_atomically, swap_in
 
     started = time.perf_counter()
+    watch = measure.Stopwatch()
     monitor = manifest["monitor"]
     metric = monitor["metric"]
     test_metric = "test/" + metric.split("/", 1)[-1]
-    max_drop = float(manifest["max_metric_drop"])
+    gate = Gate.of(manifest)
     target = contract.export_module(module)
     inputs = ModelInputs(datamodule, module)
     model = Model(
@@ -118,16 +122,22 @@ def export(
         model.task = None  # no names to answer with: the graph gives its raw output
 
     with measure.Threads(settings.threads):
+        with watch.part("baseline: score torch fp32"):
+            baseline_rows = RowRecorder(target)
+            val_metrics = evaluate(module, datamodule, "val", baseline_rows)
+            test_metrics = dict(run.record.get("test_metrics") or {}) or evaluate(module, datamodule, "test")
+        with watch.part("baseline: latency"):
+            latency = measure.torch_latency(
+                target, inputs.torch_features(), BATCHES, settings.latency_repeats
+            )
         baseline = {
             "name": "torch_fp32",
-            "val_metrics": evaluate(module, datamodule, "val"),
-            "test_metrics": dict(run.record.get("test_metrics") or {})
-            or evaluate(module, datamodule, "test"),
+            "val_metrics": val_metrics,
+            "test_metrics": test_metrics,
             "params": sum(p.numel() for p in target.parameters()),
             "size_bytes": run.require_best_checkpoint().stat().st_size,
-            "latency_us": measure.torch_latency(
-                target, inputs.torch_features(), BATCHES, settings.latency_repeats
-            ),
+            "latency_us": latency.median_us,
+            "latency_spread_us": latency.spread_us,
             "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
         }
         if metric not in baseline["val_metrics"]:
@@ -150,30 +160,43 @@ def export(
                     inputs,
                     model,
                     entry,
-                    baseline,
+                    Reference(baseline, baseline_rows, gate),
                     manifest,
                     settings,
                     staging,
+                    watch,
                 )
                 variants.append(variant)
-                say(describe(variant, metric, test_metric))
+                say(describe(variant, metric, test_metric, gate.unit))
             choice = choose(
-                variants, auto=manifest["recipe"] == "auto", wanted=manifest.get("wanted"), max_drop=max_drop
+                variants,
+                auto=manifest["recipe"] == "auto",
+                wanted=manifest.get("wanted"),
+                max_drop=gate.max_drop,
+                unit=gate.unit,
+                decision=gate.decision,
             )
-            embedding = (
-                add_embedding_baseline(staging / f"{choice.name}.onnx", datamodule, inputs.image, settings)
-                if choice.name and inputs.image is not None
-                else None
-            )
+            with watch.part("embedding drift baseline"):
+                embedding = (
+                    add_embedding_baseline(
+                        staging / f"{choice.name}.onnx", datamodule, inputs.image, settings
+                    )
+                    if choice.name and inputs.image is not None
+                    else None
+                )
             swap_in(staging, run.directory / EXPORT_DIR)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    compress_seconds = float(manifest.get("seconds") or 0.0)
+    export_seconds = round(time.perf_counter() - started, 1)
     report = {
         "run": str(run.directory),
         "recipe": manifest["recipe"],
         "monitor": monitor,
-        "max_metric_drop": max_drop,
+        "max_metric_drop": gate.max_drop,
+        "metric_unit": gate.unit,
+        "decision": gate.decision,
         "shipped": choice.name,
         "model": MODEL if choice.name else None,
         "status": "passed" if choice.name else "failed",
@@ -187,7 +210,14 @@ def export(
         "baseline": baseline,
         "variants": variants,
         **({"drift_embedding": embedding} if embedding else {}),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": export_seconds,
+        "timings_s": {
+            "compress": manifest.get("timings_s", {}),
+            "export": watch.seconds,
+            "compress_total": compress_seconds,
+            "export_total": export_seconds,
+            "compress_export": round(compress_seconds + export_seconds, 1),
+        },
     }
     if choice.name:
         copy_atomically(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
@@ -204,9 +234,38 @@ def export(
         f"  {metric}={_fmt(shipped['val_metrics'].get(metric))} (torch fp32 {_fmt(baseline['val_metrics'].get(metric))})  "
         f"{test_metric}={_fmt(shipped['test_metrics'].get(test_metric))}  "
         f"size {shipped['size_bytes'] / 1024:.1f} KB  latency b256 {shipped['latency_us']['256']:.0f} us "
-        f"(torch eager {baseline['latency_us']['256']:.0f} us)\n  report: {run.directory / 'report.md'}"
+        f"(torch eager {baseline['latency_us']['256']:.0f} us)\n"
+        f"  compress + export {compress_seconds + export_seconds:.1f} s; report: {run.directory / 'report.md'}"
     )
     return report
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The budget a variant's validation drop is held to (kiln.compression.choose)."""
+
+    max_drop: float
+    unit: str  # points or percent
+    decision: str  # point or upper_bound
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> Gate:
+        from kiln.compression.choose import metric_unit
+
+        return cls(
+            float(manifest["max_metric_drop"]),
+            metric_unit(manifest["monitor"]["metric"], manifest.get("metric_unit", "auto")),
+            manifest.get("decision", "point"),
+        )
+
+
+@dataclass
+class Reference:
+    """What every variant is compared with: the torch fp32 model's metrics and validation rows."""
+
+    baseline: dict[str, Any]
+    rows: RowRecorder
+    gate: Gate
 
 
 def remove_abandoned_staging(directory: Path) -> None:
@@ -234,49 +293,59 @@ def export_variant(
     inputs: ModelInputs,
     model: Model,
     entry: dict[str, Any],
-    baseline: dict[str, Any],
+    reference: Reference,
     manifest: dict[str, Any],
     settings: ExportSettings,
     staging: Path,
+    watch: Any,
 ) -> dict[str, Any]:
     """One variant: the deployable file, checked, scored by the module's own steps, measured."""
     import onnx
 
-    from kiln.compression.choose import metric_drop
+    from kiln.compression.choose import describe_drop, metric_drop
     from kiln.compression.pipeline import COMPRESS_DIR
     from kiln.export import checks, measure
     from kiln.export.graphs import assemble, set_metadata
-    from kiln.export.scoring import evaluate_graph
+    from kiln.export.scoring import RowRecorder, evaluate_graph
 
     name = entry["name"]
     metric, mode = manifest["monitor"]["metric"], manifest["monitor"]["mode"]
     test_metric = "test/" + metric.split("/", 1)[-1]
     net_path = run.directory / COMPRESS_DIR / entry["net_onnx"]
+    baseline, gate = reference.baseline, reference.gate
 
     # scored through the module's own validation_step and test_step, the net served by onnxruntime
-    net_session = checks.open_session(net_path, settings.threads)
-    val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name)
-    test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name)
+    with watch.part(f"{name}: score"):
+        net_session = checks.open_session(net_path, settings.threads)
+        rows = RowRecorder(target)
+        val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name, rows)
+        test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name)
+    with watch.part(f"{name}: bootstrap"):
+        interval = drop_interval(
+            metric, model.task, mode, gate.unit, reference.rows, rows, baseline, val_metrics
+        )
 
-    path = staging / f"{name}.onnx"
-    graph = assemble(
-        onnx.load(str(net_path)),
-        task=model.task,
-        class_names=model.class_names,
-        table=inputs.table,
-        image=inputs.image,
-    )
-    set_metadata(
-        graph,
-        {
-            **base_metadata(run, datamodule, inputs, model, name, manifest["opset"]),
-            "kiln.monitor_value": f"{val_metrics[metric]:.6g}",
-            "kiln.test_metrics": {k: round(v, 6) for k, v in test_metrics.items()},
-        },
-    )
-    onnx.save(graph, str(path))
-    checks.check_file(path)
-    session = checks.open_session(path, settings.threads)
+    with watch.part(f"{name}: assemble and check"):
+        path = staging / f"{name}.onnx"
+        graph = assemble(
+            onnx.load(str(net_path)),
+            task=model.task,
+            class_names=model.class_names,
+            table=inputs.table,
+            image=inputs.image,
+        )
+        set_metadata(
+            graph,
+            {
+                **base_metadata(run, datamodule, inputs, model, name, manifest["opset"]),
+                "kiln.monitor_value": f"{val_metrics[metric]:.6g}",
+                "kiln.test_metrics": {k: round(v, 6) for k, v in test_metrics.items()},
+            },
+        )
+        onnx.save(graph, str(path))
+        checks.check_file(path)
+        session = checks.open_session(path, settings.threads)
+    val_drop = metric_drop(baseline["val_metrics"][metric], val_metrics[metric], mode, gate.unit)
     variant: dict[str, Any] = {
         "name": name,
         "steps": entry["steps"],
@@ -287,28 +356,65 @@ def export_variant(
         "nonzero_params": entry.get("nonzero_params"),
         "val_metrics": val_metrics,
         "test_metrics": test_metrics,
-        "val_drop": metric_drop(baseline["val_metrics"][metric], val_metrics[metric], mode),
-        "test_drop": _drop(baseline["test_metrics"].get(test_metric), test_metrics.get(test_metric), mode),
+        "val_drop": val_drop,
+        "drop_ci95": interval.as_list(),
+        **({"drop_ci95_reason": interval.reason} if interval.reason else {}),
+        "drop_unit": gate.unit,
+        "test_drop": _drop(
+            baseline["test_metrics"].get(test_metric), test_metrics.get(test_metric), mode, gate.unit
+        ),
         "notes": entry.get("notes", []),
     }
     if entry["precision"] == "fp32":
-        graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
-        torch_out = measure.torch_outputs(
-            variant_module(run, target, entry), inputs.torch_features(), model.task or ""
-        )
-        result = checks.parity(graph_out, torch_out, model.task or "regression", settings.atol)
+        with watch.part(f"{name}: parity with torch"):
+            graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
+            torch_out = measure.torch_outputs(
+                variant_module(run, target, entry), inputs.torch_features(), model.task or ""
+            )
+            result = checks.parity(graph_out, torch_out, model.task or "regression", settings.atol)
         variant.update(parity_max_abs=result.max_abs, passed=result.ok, check=f"parity: {result.describe()}")
         variant["reason"] = "" if result.ok else f"parity failed: {result.describe()}"
     else:
         variant.update(
             passed=True,
-            check=f"int8, judged by {metric} on the validation split (drop {variant['val_drop']:.2f} points)",
+            check=f"int8, judged by {metric} on the validation split (drop {describe_drop(val_drop, gate.unit)})",
             reason="",
         )
-    variant["latency_us"] = measure.ort_latency(
-        session, inputs.feeds(session), BATCHES, settings.latency_repeats
-    )
+    with watch.part(f"{name}: latency"):
+        latency = measure.ort_latency(session, inputs.feeds(session), BATCHES, settings.latency_repeats)
+    variant["latency_us"] = latency.median_us
+    variant["latency_spread_us"] = latency.spread_us
     return variant
+
+
+def drop_interval(
+    metric: str,
+    task: str | None,
+    mode: str,
+    unit: str,
+    baseline_rows: Any,
+    rows: Any,
+    baseline: dict[str, Any],
+    val_metrics: dict[str, float],
+) -> Any:
+    """The paired bootstrap 95% interval of the variant's validation drop (kiln.compression.bootstrap)."""
+    from kiln.compression.bootstrap import Interval, Rows, drop_interval
+    from kiln.compression.choose import metric_drop
+
+    paired = baseline_rows.rows(), rows.rows()
+    if paired[0] is None or paired[1] is None:
+        return Interval(
+            None, None, 0, "the validation batches gave no target kiln could pair with each output"
+        )
+    return drop_interval(
+        metric,
+        task,
+        mode,
+        lambda base, value: metric_drop(base, value, mode, unit),
+        Rows(*paired[0]),
+        Rows(*paired[1]),
+        (baseline["val_metrics"][metric], val_metrics[metric]),
+    )
 
 
 def variant_module(run: Any, target: Any, entry: dict[str, Any]) -> Any:
@@ -398,11 +504,13 @@ def add_embedding_baseline(
     return {"tensor": tensor, "size": int(embeddings[0].size), "images": len(images)}
 
 
-def describe(variant: dict[str, Any], metric: str, test_metric: str) -> str:
+def describe(variant: dict[str, Any], metric: str, test_metric: str, unit: str) -> str:
     status = "passed" if variant["passed"] else f"FAILED ({variant['reason']})"
+    interval = variant.get("drop_ci95")
+    spread = f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else ""
     return (
         f"{variant['name']:<24} {variant['precision']}  {metric}={_fmt(variant['val_metrics'].get(metric))}  "
-        f"drop={variant['val_drop']:+.2f}  {test_metric}={_fmt(variant['test_metrics'].get(test_metric))}  "
+        f"drop={variant['val_drop']:+.2f}{'%' if unit == 'percent' else ''}{spread}  {test_metric}={_fmt(variant['test_metrics'].get(test_metric))}  "
         f"{variant['size_bytes'] / 1024:.1f} KB  b1 {variant['latency_us']['1']:.0f} us  "
         f"b256 {variant['latency_us']['256']:.0f} us  {status}"
     )
@@ -508,10 +616,10 @@ def with_unseen_rows(frame: Any, table: dict[str, Any]) -> Any:
     return pd.concat([frame, pd.DataFrame(missing), pd.DataFrame(unseen)], ignore_index=True)
 
 
-def _drop(baseline: float | None, value: float | None, mode: str) -> float | None:
+def _drop(baseline: float | None, value: float | None, mode: str, unit: str) -> float | None:
     from kiln.compression.choose import metric_drop
 
-    return None if baseline is None or value is None else metric_drop(baseline, value, mode)
+    return None if baseline is None or value is None else metric_drop(baseline, value, mode, unit)
 
 
 def _fmt(value: float | None) -> str:

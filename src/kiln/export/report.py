@@ -28,45 +28,88 @@ def write_report(directory: Path, report: dict[str, Any]) -> None:
         plt.close(figure)
 
 
+PRIMARY = ("acc", "f1", "r2", "mae")  # shown beside the monitor when the module logs them
+
+
 def markdown(report: dict[str, Any]) -> str:
     metric = report["monitor"]["metric"]
     test_metric = "test/" + metric.split("/", 1)[-1]
+    unit = report.get("metric_unit", "points")
+    decision = report.get("decision", "point")
     base = report["baseline"]
+    primary = [name for name in PRIMARY if f"val/{name}" in base["val_metrics"] and f"val/{name}" != metric]
+    columns = [metric, *(f"val/{n}" for n in primary), test_metric, *(f"test/{n}" for n in primary)]
+    budget = f"{report['max_metric_drop']:g}" + (" points" if unit == "points" else "%")
+    rule = "the upper end of its bootstrap 95% interval" if decision == "upper_bound" else "its measured drop"
     lines = [
         f"# Compression and export report: {Path(report['run']).name}",
         "",
-        f"Recipe `{report['recipe']}`, budget {report['max_metric_drop']:g} points of `{metric}` "
-        f"(mode {report['monitor']['mode']}). Shipped: **{report['shipped'] or 'nothing'}**"
+        f"Recipe `{report['recipe']}`; a variant may lose at most {budget} of `{metric}` "
+        f"(mode {report['monitor']['mode']}, {unit}), judged by {rule} on the validation split "
+        f"(`compress.decision={decision}`). Shipped: **{report['shipped'] or 'nothing'}**"
         + (f" as `{report['model']}`" if report["shipped"] else "")
         + f". {report['reason']}",
         "",
-        f"| variant | precision | {test_metric} | {metric} | drop (points) | size (KB) | parameters | "
-        "latency b1 (us) | latency b256 (us) | check |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {base['name']} (baseline) | fp32 | {base['test_metrics'].get(test_metric, float('nan')):.4f} | "
-        f"{base['val_metrics'].get(metric, float('nan')):.4f} | 0.00 | {base['size_bytes'] / 1024:.1f} | "
-        f"{base['params']} | {base['latency_us']['1']:.0f} | {base['latency_us']['256']:.0f} | - |",
+        "Only the validation split decides; the test split is measured once, for this report, and "
+        "never chooses a variant, so the shipped model's test figures are an unbiased estimate.",
+        "",
+        "| variant | precision | "
+        + " | ".join(columns)
+        + f" | drop ({'points' if unit == 'points' else '%'}) | drop 95% CI | size (KB) | parameters | "
+        "latency b1 (us) | latency b256 (us) [min, max] | check |",
+        "|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|---|",
+        f"| {base['name']} (baseline) | fp32 | "
+        + " | ".join(_cell(base, c) for c in columns)
+        + f" | 0.00 | - | {base['size_bytes'] / 1024:.1f} | {base['params']} | "
+        f"{base['latency_us']['1']:.0f} | {_latency(base)} | - |",
     ]
     for v in report["variants"]:
+        interval = v.get("drop_ci95")
         lines.append(
             f"| {v['name']}{' (shipped)' if v['name'] == report['shipped'] else ''} | {v['precision']} | "
-            f"{v['test_metrics'].get(test_metric, float('nan')):.4f} | {v['val_metrics'].get(metric, float('nan')):.4f} | "
-            f"{v['val_drop']:.2f} | {v['size_bytes'] / 1024:.1f} | {v['params']} | {v['latency_us']['1']:.0f} | "
-            f"{v['latency_us']['256']:.0f} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
+            + " | ".join(_cell(v, c) for c in columns)
+            + f" | {v['val_drop']:.2f} | "
+            + (f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "n/a")
+            + f" | {v['size_bytes'] / 1024:.1f} | {v['params']} | {v['latency_us']['1']:.0f} | "
+            f"{_latency(v)} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
         )
     lines += ["", "Checks and notes:", ""]
     for v in report["variants"]:
         for note in [v["check"], *v["notes"]]:
             lines.append(f"- {v['name']}: {note}")
+        if v.get("drop_ci95_reason"):
+            lines.append(f"- {v['name']}: no bootstrap interval: {v['drop_ci95_reason']}")
+    timings = report.get("timings_s") or {}
     lines += [
         "",
-        f"Baseline: {base['note']}. Latency: onnxruntime (torch eager for the baseline), warm, median of "
-        f"{report['latency_repeats']} runs per batch size. Size: the .onnx file.",
-        "",
-        "![trade-off](report.png)",
+        f"Baseline: {base['note']}. Drop: how much worse than the baseline on the validation split, in "
+        f"{'points (hundredths) of a bounded score' if unit == 'points' else 'percent of the metric (a relative change)'}; "
+        "its 95% interval comes from a paired bootstrap over the validation rows. Latency: "
+        "onnxruntime (torch eager for the baseline), warm, median of up to "
+        f"{report['latency_repeats']} runs per batch size, with the fastest and slowest run. "
+        "Size: the .onnx file.",
         "",
     ]
+    if timings:
+        lines += [
+            f"Time: compression {timings.get('compress_total', 0):.1f} s, export "
+            f"{timings.get('export_total', 0):.1f} s (each part in report.json, `timings_s`).",
+            "",
+        ]
+    lines += ["![trade-off](report.png)", ""]
     return "\n".join(lines)
+
+
+def _cell(entry: dict[str, Any], column: str) -> str:
+    metrics = entry["val_metrics"] if column.startswith("val/") else entry["test_metrics"]
+    value = metrics.get(column)
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _latency(entry: dict[str, Any]) -> str:
+    spread = (entry.get("latency_spread_us") or {}).get("256")
+    median = entry["latency_us"]["256"]
+    return f"{median:.0f} [{spread[0]:.0f}, {spread[2]:.0f}]" if spread else f"{median:.0f}"
 
 
 def run_sections(directory: Path) -> str:

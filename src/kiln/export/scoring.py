@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -33,19 +33,76 @@ EVALUATION_TRAINER: dict[str, Any] = {
 }
 
 
-def evaluate(module: Any, datamodule: Any, split: str) -> dict[str, float]:
-    """What the module logs over one split ("val" or "test"), by its own validation/test step."""
+def evaluate(module: Any, datamodule: Any, split: str, rows: RowRecorder | None = None) -> dict[str, float]:
+    """What the module logs over one split ("val" or "test"), by its own validation/test step;
+    with `rows`, every row's output and target are kept as well (for the bootstrap)."""
     import lightning as L
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    trainer = L.Trainer(**EVALUATION_TRAINER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), rows.active(module) if rows else nullcontext():
+        warnings.simplefilter("ignore")  # Lightning's advice (workers, srun) is about training, not this
+        trainer = L.Trainer(**EVALUATION_TRAINER)
         run = trainer.validate if split == "val" else trainer.test
         results = run(module, datamodule=datamodule, verbose=False)
     module.eval()
     return {name: float(value) for name, value in sorted(results[0].items())} if results else {}
+
+
+class RowRecorder:
+    """While active, keeps what `target` answered to each call and the target `y` of each batch
+    the module's validation_step was given, in order: the rows a bootstrap resamples. The batch's
+    `y` is its second element (Lightning's `x, y = batch`) or a dict's y/target/label(s) entry;
+    without one, nothing is kept."""
+
+    TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+    def __init__(self, target: nn.Module) -> None:
+        self.target = target
+        self.outputs: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.complete = True  # false once a batch had no target or an output was no tensor
+
+    @contextmanager
+    def active(self, module: Any) -> Iterator[RowRecorder]:
+        step = module.validation_step
+
+        def recording_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            y = self.batch_target(batch)
+            if y is None:
+                self.complete = False
+            else:
+                self.targets.append(y)
+            return step(batch, *args, **kwargs)
+
+        def keep_output(_module: Any, _inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                self.outputs.append(output.detach().float().cpu().numpy())
+            else:
+                self.complete = False
+
+        hook = self.target.register_forward_hook(keep_output)
+        module.__dict__["validation_step"] = recording_step  # this object only, as OnnxForward
+        try:
+            yield self
+        finally:
+            hook.remove()
+            del module.__dict__["validation_step"]
+
+    def batch_target(self, batch: Any) -> np.ndarray | None:
+        y = None
+        if isinstance(batch, list | tuple) and len(batch) >= 2:
+            y = batch[1]
+        elif isinstance(batch, dict):
+            y = next((batch[key] for key in self.TARGET_KEYS if key in batch), None)
+        return y.detach().cpu().numpy() if isinstance(y, Tensor) else None
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(outputs, targets) of every row, or None when they cannot be paired one to one."""
+        if not self.complete or not self.outputs or not self.targets:
+            return None
+        outputs, targets = np.concatenate(self.outputs), np.concatenate(self.targets)
+        return (outputs, targets) if len(outputs) == len(targets) else None
 
 
 class OnnxForward:
@@ -86,12 +143,18 @@ class OnnxForward:
 
 
 def evaluate_graph(
-    module: Any, target: nn.Module, session: Any, datamodule: Any, split: str, variant: str
+    module: Any,
+    target: nn.Module,
+    session: Any,
+    datamodule: Any,
+    split: str,
+    variant: str,
+    rows: RowRecorder | None = None,
 ) -> dict[str, float]:
     """The module's own metrics over a split with `target`'s forward served by `session`."""
     patched = OnnxForward(target, session)
     with patched.active():
-        metrics = evaluate(module, datamodule, split)
+        metrics = evaluate(module, datamodule, split, rows)
     if patched.calls == 0:
         raise KilnError(
             f"scoring {variant}: the module's {'validation' if split == 'val' else 'test'}_step never "
