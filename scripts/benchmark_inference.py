@@ -14,8 +14,12 @@ the three models in turn, in blocks of repeated calls over several passes (the m
 
 A table model's ONNX takes raw rows and does its preprocessing inside the graph; torch eager is
 timed on already preprocessed features, so its ratio understates what the ONNX file saves.
-The last line printed is digits_cnn's: `vs_torch=R1 vs_ort_fp32=R2 size=R3 drop=D`.
-Targets on digits_cnn: vs_torch >= 5, vs_ort_fp32 >= 2, size <= 0.3, drop <= 1.
+  compress_export_s  wall seconds of compression and export after testing (report.json timings_s)
+  train_s            wall seconds of the training itself (run.json fit_seconds), on the same machine
+
+The last line printed is digits_cnn's: `vs_torch=R1 vs_ort_fp32=R2 size=R3 drop=D
+compress_export_s=S1 train_s=S2`. Targets on digits_cnn: vs_torch >= 5, vs_ort_fp32 >= 2,
+size <= 0.3, drop <= 1, compress_export_s < train_s / 2.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def main() -> int:
         )
         lines.append(
             f"vs_torch={figures['vs_torch']:.2f} vs_ort_fp32={figures['vs_ort_fp32']:.2f} "
-            f"size={figures['size']:.3f} drop={figures['drop']:.2f}"
+            f"size={figures['size']:.3f} drop={figures['drop']:.2f} "
+            f"compress_export_s={figures['compress_export_s']:.1f} train_s={figures['train_s']:.1f}"
         )
         print(f"{experiment}: {lines[-1]}", flush=True)
     print(lines[-1])
@@ -167,7 +172,11 @@ def measure(run: Path, rounds: int, threads: int) -> dict[str, Any]:
     ]
     fp32_bytes = (run / "export" / "fp32.onnx").stat().st_size
     shipped_bytes = (run / "model.onnx").stat().st_size
+    record = json.loads((run / "run.json").read_text())
+    timings = report.get("timings_s") or {}
     return {
+        "compress_export_s": float(timings.get("compress_export", "nan")),
+        "train_s": float(record.get("throughput", {}).get("fit_seconds") or "nan"),
         "shipped": report["shipped"],
         "torch_us": medians["torch"],
         "ort_fp32_us": medians["fp32"],
