@@ -56,29 +56,36 @@ _run_names: dict[str, str] = {}
 RUN_NAME_VARIABLE = "KILN_RUN_NAME"
 
 
-def new_run_name() -> str:
-    """A run directory name that stays unique when jobs start in the same second (microseconds + pid).
+def new_run_name(base: str | None = None) -> str:
+    """A run directory name that stays unique when jobs start in the same second (microseconds + pid),
+    or, inside a SLURM job, `slurm-<job id>` (see `_draw_run_name`).
 
     Drawn once per stage invocation: Hydra and Lightning read hydra.run.dir more than once.
     """
     if "name" not in _run_names:
         # A sweep's jobs on SLURM start in other processes, some of them again after a requeue:
         # the name drawn by the submitting process travels to them in the environment.
-        _run_names["name"] = os.environ.get(RUN_NAME_VARIABLE) or _draw_run_name()
+        _run_names["name"] = os.environ.get(RUN_NAME_VARIABLE) or _draw_run_name(base)
         os.environ[RUN_NAME_VARIABLE] = _run_names["name"]
     return _run_names["name"]
 
 
 def run_dir(requested: str | None, base: str) -> str:
     """`run_dir=...` continues an existing run; otherwise a new directory under `base`."""
-    return str(requested) if requested else f"{base}/{new_run_name()}"
+    return str(requested) if requested else f"{base}/{new_run_name(base)}"
 
 
-def _draw_run_name() -> str:
+def _draw_run_name(base: str | None = None) -> str:
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job_id:  # a requeued SLURM job must find its own directory again
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job_id}" + (f"_{task}" if task else "")
+        stem = f"slurm-{job_id}" + (f"_{task}" if task else "")
+        if base is None:
+            return stem
+        from kiln import runs, slurm
+
+        # several `kiln train` in one allocation: slurm-<id>, slurm-<id>.2, ...; each the same after a requeue
+        return runs.job_run_name(Path(base), stem, requeued=slurm.is_requeued())
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f") + f"_{os.getpid()}"
 
 

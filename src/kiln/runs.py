@@ -22,8 +22,17 @@ a kiln run only when asked to (`resume=`). Hydra's own `.hydra/` writing is off
 (`hydra.output_subdir: null`): kiln saves the config once the run is claimed and, for a resumed
 run, only once the resume is accepted, so a refused resume changes nothing on disk.
 
+Ownership goes further: the lock belongs to the process that took it (not to its forked
+children), a file system that cannot lock is an error of its own, a completed cross-validation run
+(cv.json) is a completed run, and the run's log file (`RunLogFile`) is not written into a directory
+before the run is claimed. Inside one SLURM allocation each `kiln train` gets its own name
+(`job_run_name`: slurm-<job>, slurm-<job>.2, ...), found again after a requeue.
+
 Nothing kiln writes holds a credential: a password in a URL (`mysql://user:PASSWORD@host/db`) is
-masked in every text file written here (`without_credentials`).
+masked in every text file written here (`without_credentials`), in the log, and in what Lightning
+writes from hyperparameters (`mask_secrets`); a sweep hands its jobs `${oc.env:KILN_SECRET_<KEY>}`
+instead of the password (`secrets_to_environment`), and a later stage that needs a masked
+password takes it from that variable (`RunDirectory.saved_config`).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -41,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -94,8 +104,175 @@ _CREDENTIAL = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?
 
 
 def without_credentials(text: str) -> str:
-    """`text` with the password of every URL in it masked: scheme://user:***@host."""
-    return _CREDENTIAL.sub(lambda match: f"{match['head']}:***@", text)
+    """`text` with the password of every URL in it masked: scheme://user:***@host. A reference to
+    an environment variable in the password's place (`${oc.env:NAME}`, see
+    `secrets_to_environment`) holds no secret and is kept."""
+
+    def mask(match: re.Match[str]) -> str:
+        if _is_reference(match["password"]):
+            return match.group(0)
+        return f"{match['head']}:***@"
+
+    return _CREDENTIAL.sub(mask, text)
+
+
+def _is_reference(password: str) -> bool:
+    return password.startswith("${") and password.endswith("}")
+
+
+SECRET_PREFIX = "KILN_SECRET_"
+MASK = "***"
+
+
+def secret_variable(key: str) -> str:
+    """The environment variable that gives the password of the URL at config key `key`:
+    `data.url` -> KILN_SECRET_DATA_URL."""
+    return SECRET_PREFIX + (re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_").upper() or "URL")
+
+
+def mask_secrets(value: Any) -> Any:
+    """`value` with every URL password masked in every string inside it (dicts, lists, tuples,
+    OmegaConf containers); the very same object when nothing needed masking. For what Lightning
+    writes from hyperparameters: hparams.yaml, TensorBoard's hparams, checkpoints."""
+    if isinstance(value, str):
+        return without_credentials(value)
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        plain = OmegaConf.to_container(value, resolve=False)
+        masked = mask_secrets(plain)
+        return value if masked is plain else OmegaConf.create(masked)
+    if isinstance(value, dict):
+        items = {key: mask_secrets(item) for key, item in value.items()}
+        if all(items[key] is item for key, item in value.items()):
+            return value
+        try:
+            return type(value)(items)
+        except TypeError:
+            return items
+    if isinstance(value, list | tuple):
+        masked_items = [mask_secrets(item) for item in value]
+        if all(new is old for new, old in zip(masked_items, value, strict=True)):
+            return value
+        try:
+            return type(value)(masked_items)
+        except TypeError:
+            return masked_items
+    return value
+
+
+_secret_variables: dict[str, str] = {}  # password -> the variable that carries it, in this process
+
+
+def secrets_to_environment(cfg: Any) -> list[str]:
+    """Take every URL password out of a composed config, in place, Hydra's node included: each
+    becomes `${oc.env:KILN_SECRET_<KEY>}` (resolved where the value is used) and the password goes
+    into that environment variable of this process, which its jobs inherit (a local job, and a
+    SLURM job: sbatch exports the submitter's environment). What Hydra then writes
+    (multirun.yaml) and pickles for SLURM jobs (.submitit/) holds no password. Returns the
+    variables set."""
+    from omegaconf import DictConfig, ListConfig, open_dict, read_write
+
+    def variable(key: str, password: str) -> str:
+        if password not in _secret_variables:
+            name = secret_variable(key)
+            while os.environ.get(name, password) != password:  # another password under that name
+                name += "_"
+            _secret_variables[password] = name
+        os.environ[_secret_variables[password]] = password
+        return _secret_variables[password]
+
+    def replaced(key: str, text: str) -> str:
+        if key.startswith("hydra.overrides.") and "=" in text:  # an override: named by its key
+            key = text.split("=", 1)[0].lstrip("+~")
+
+        def reference(match: re.Match[str]) -> str:
+            if _is_reference(match["password"]):
+                return match.group(0)
+            return f"{match['head']}:${{oc.env:{variable(key, match['password'])}}}@"
+
+        return _CREDENTIAL.sub(reference, text)
+
+    def walk(node: Any, key: str) -> None:
+        children = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+        for child in children:
+            label = str(child)
+            name = f"{key}.{label}" if key else label
+            value = node._get_node(child)
+            if isinstance(value, DictConfig | ListConfig):
+                if not value._is_none() and not value._is_missing():
+                    walk(value, name)
+                continue
+            raw = value._value() if value is not None else None
+            if isinstance(raw, str) and _CREDENTIAL.search(raw):
+                new = replaced(name, raw)
+                if new != raw:
+                    node[child] = new
+
+    # the user's keys first: a password gets the variable named after the key that holds it
+    keys = sorted(cfg.keys(), key=lambda k: k == "hydra") if isinstance(cfg, DictConfig) else []
+    with read_write(cfg), open_dict(cfg):
+        for top in keys:
+            value = cfg._get_node(top)
+            if isinstance(value, DictConfig | ListConfig):
+                if not value._is_none() and not value._is_missing():
+                    walk(value, str(top))
+            elif isinstance(value._value(), str) and _CREDENTIAL.search(value._value()):
+                cfg[top] = replaced(str(top), value._value())
+    return sorted(set(_secret_variables.values()))
+
+
+_MASKED_OR_REFERENCE = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?:\*\*\*|\$\{oc\.env:(?P<variable>"
+    + SECRET_PREFIX
+    + r"\w+)\})@"
+)
+
+
+def _with_secrets(cfg: Any, directory: Path) -> Any:
+    """The saved config with each masked URL password (`user:***@`) given back from its
+    environment variable (`secret_variable`), where that is set. A masked one the data or the
+    model needs (`data.*`, `model.*`), with no variable set, is one KilnError saying how to give it:
+    a connection would otherwise fail with the masked URL."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    missing: list[tuple[str, str, str]] = []
+    for key, text in _strings(plain, ""):
+        if not _MASKED_OR_REFERENCE.search(text):
+            continue
+        own = secret_variable(key)
+
+        def fill(match: re.Match[str], key: str = key, own: str = own) -> str:
+            name = match["variable"] or own
+            if name in os.environ:
+                return f"{match['head']}:{os.environ[name]}@" if not match["variable"] else match.group(0)
+            if key.split(".")[0] in ("data", "model"):
+                missing.append((key, name, f"{match['head']}:{MASK}@"))
+            return match.group(0)
+
+        filled = _MASKED_OR_REFERENCE.sub(fill, text)
+        if filled != text:
+            OmegaConf.update(cfg, key, filled, merge=False, force_add=True)
+    if missing:
+        key, name, url = missing[0]
+        raise KilnError(
+            f"{key}: the run's saved config ({directory / SAVED_CONFIG}) holds this URL without its "
+            f"password ({url}...): kiln never saves passwords; give it in the environment variable "
+            f"{name}, e.g. `export {name}=...` and run the command again"
+        )
+    return cfg
+
+
+def _strings(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for child, value in node.items():
+            yield from _strings(value, f"{key}.{child}" if key else str(child))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _strings(value, f"{key}.{index}")
+    elif isinstance(node, str):
+        yield key, node
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -389,14 +566,16 @@ class RunDirectory:
         return read_json(path) if path.is_file() else None
 
     def saved_config(self) -> Any:
-        """`.hydra/config.yaml` as saved (an OmegaConf DictConfig, interpolations unresolved)."""
+        """`.hydra/config.yaml` as saved (an OmegaConf DictConfig, interpolations unresolved), URL
+        passwords given back from the environment (`_with_secrets`)."""
         from omegaconf import OmegaConf
 
         path = self.directory / SAVED_CONFIG
         try:
-            return OmegaConf.load(path)
+            saved = OmegaConf.load(path)
         except Exception as exc:
             raise KilnError(f"{path}: unreadable ({exc}); the run's saved config is damaged") from exc
+        return _with_secrets(saved, self.directory)  # passwords were masked: from the environment
 
     @property
     def config(self) -> Any:
@@ -452,28 +631,100 @@ _KILN_RECORDS = (RUN_RECORD, "cv.json")
 def lock(directory: Path, key: str = "run_dir") -> bool:
     """Hold `directory`'s lock until `release` or the end of this process, or refuse in one line
     naming the process that holds it; False when this process holds it already. flock: the
-    kernel lets go when the process ends, however it ends (kill -9 leaves no stale lock)."""
+    kernel lets go when the process ends, however it ends (kill -9 leaves no stale lock).
+
+    The lock belongs to this process alone: its file is closed on exec (subprocesses) and in
+    forked children (DataLoader workers, os.fork) at once, so a child that outlives a killed
+    parent does not keep the run locked. A file system that cannot lock is a one-line error, not
+    "another process holds it"."""
     import fcntl
 
     directory = directory.resolve()
     if directory in _locks:
         return False
-    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115  # held open: closing it would unlock
+    path = directory / LOCK_FILE
+    try:
+        # O_CLOEXEC (Python's default for open()): a subprocess never inherits the lock
+        handle = open(path, "a+")  # noqa: SIM115  # held open: closing it would unlock
+    except OSError as exc:
+        raise KilnError(f"{key}={directory}: cannot open {path} ({_os_error(exc)}); {_LOCK_FIX}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+    except OSError as exc:
         handle.close()
+        if not _held_elsewhere(exc):
+            raise KilnError(
+                f"{key}={directory}: cannot lock {path} ({_os_error(exc)}); {_LOCK_FIX}"
+            ) from None
         raise KilnError(
-            f"{key}={directory}: {holder} is writing this run now; wait for it to end, or choose another {key}"
+            f"{key}={directory}: {_holder(path)} is writing this run now; wait for it to end, or "
+            f"choose another {key}"
         ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"kiln (pid {os.getpid()} on {socket.gethostname()})\n")
     handle.flush()
     _locks[directory] = handle
+    _open_run_logs(directory)
     return True
+
+
+_LOCK_FIX = "kiln needs a file lock there to keep the run to one writer: choose a run directory on a local disk, or on a file system with locking"
+
+
+def _held_elsewhere(exc: OSError) -> bool:
+    """flock's answer for a lock another open file holds (EWOULDBLOCK, which is EAGAIN; EACCES
+    where locks are emulated with fcntl, as on NFS); any other error is the file system's."""
+    import errno
+
+    return isinstance(exc, BlockingIOError) or exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
+def _os_error(exc: OSError) -> str:
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{name}: {exc.strerror or exc}"
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except (OSError, UnicodeDecodeError):
+        return "another process"
+
+
+def is_locked(directory: Path) -> bool:
+    """True while some process (this one included) holds `directory`'s lock. Only looks: creates
+    nothing and takes nothing (a shared probe on the existing lock file, let go at once)."""
+    import fcntl
+
+    if directory.resolve() in _locks:
+        return True
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return _held_elsewhere(exc)
+    finally:
+        os.close(fd)  # flock: closing this descriptor lets go of the probe only
+    return False
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child: close its copies of the lock files. flock belongs to the open file, which
+    the child shares; closed here, the lock lives exactly as long as the process that took it."""
+    for handle in _locks.values():
+        with suppress(OSError):
+            handle.close()
+    _locks.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 @contextmanager
@@ -510,19 +761,22 @@ def claim(directory: Path, *, continuing: bool, key: str = "run_dir") -> None:
 
 
 def _check_may_continue(directory: Path, continuing: bool, key: str) -> None:
-    record_path = directory / RUN_RECORD
-    if not record_path.is_file() or continuing:
+    # run.json, or for a cross-validation run (which has none of its own) cv.json: same rules
+    found = next((directory / name for name in _KILN_RECORDS if (directory / name).is_file()), None)
+    if found is None or continuing:
         return
-    record = read_json(record_path)
+    record = read_json(found)
     status = record.get("status")
+    what = "run" if found.name == RUN_RECORD else f"cross-validation run ({found.name})"
     if status == "completed":
+        finished = f" (finished {record['finished']})" if record.get("finished") else ""
         raise KilnError(
-            f"{key}={directory}: holds a completed run (finished {record.get('finished')}); kiln does "
+            f"{key}={directory}: holds a completed {what}{finished}; kiln does "
             f"not train over it: continue its training with resume=auto (e.g. with a larger "
             f"trainer.max_epochs), or leave {key} out for a new run"
         )
     raise KilnError(
-        f"{key}={directory}: holds an earlier run (status {status}); continue it with resume=auto, "
+        f"{key}={directory}: holds an earlier {what} (status {status}); continue it with resume=auto, "
         f"or leave {key} out for a new run"
     )
 
@@ -550,6 +804,109 @@ def _check_is_kiln_run_or_new(directory: Path, key: str) -> None:
             f"{key}={directory}: holds files kiln did not make ({shown}); kiln writes only into a new "
             f"or empty directory or a kiln run: choose another {key}"
         )
+
+
+def job_run_name(base: Path, stem: str, *, requeued: bool) -> str:
+    """A run name for a `kiln train` inside a SLURM job: `stem` (slurm-<job id>), or `stem.2`,
+    `stem.3`, ... for the second, third `kiln train` of the same allocation; readable, and the
+    same again after a requeue.
+
+    The first name under `base` that is free (no directory, or one without a record whose lock
+    nobody holds), or, in a requeued job, that holds this very command's run: the requeued job
+    runs its commands again and each finds its own run (run.json records the command) to resume.
+    A run of another command, a run someone is writing, and, outside a requeue, any earlier run
+    of the job (completed or not) are passed over, so no `kiln train` of a job is refused for a
+    name another one took."""
+    command = [without_credentials(argument) for argument in sys.argv[1:]]
+    number = 1
+    while True:
+        name = stem if number == 1 else f"{stem}.{number}"
+        number += 1
+        directory = base / name
+        if not directory.is_dir():
+            return name
+        if is_locked(directory):
+            continue
+        record = _first_record(directory)
+        if record is None:
+            return name  # empty, or a start that failed before its record: nothing to lose
+        if requeued and list(record.get("command") or [])[2:] == command:
+            return name
+
+
+def _first_record(directory: Path) -> dict[str, Any] | None:
+    """run.json, or for a cross-validation run its first fold's (the command is the same)."""
+    for path in (directory / RUN_RECORD, directory / "fold_0" / RUN_RECORD, directory / "cv.json"):
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return {}
+            return value if isinstance(value, dict) else {}
+    return None
+
+
+# -- the run's log file --------------------------------------------------------------------------
+
+_run_logs: list[RunLogFile] = []
+
+
+class RunLogFile(logging.FileHandler):
+    """The run's log (`<run_dir>/<stage>.log`, conf/hydra/job_logging/kiln.yaml), written only once
+    this process owns the run directory (`claim`, `lock`): Hydra configures logging before kiln
+    has looked at the directory, and a refused `run_dir=` (a user's folder, a completed run, a run
+    another process writes) must not get a new or longer log. In a directory that held anything
+    already, records wait in memory until the lock is taken; a refused run's records never
+    reach the file. Passwords in
+    URLs are masked (`without_credentials`)."""
+
+    _LIMIT = 10_000  # records kept while waiting: a log is not a buffer without end
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = "utf-8") -> None:
+        super().__init__(filename, mode, encoding=encoding, delay=True)
+        self._waiting: list[logging.LogRecord] = []
+        # A directory Hydra has just made (empty, or not there yet) has nothing to protect: the log
+        # starts at once (a stage that never claims its directory, like kiln search, keeps its log).
+        directory = Path(filename).parent
+        self._owned = filename == os.devnull or not directory.is_dir() or not any(directory.iterdir())
+        _run_logs.append(self)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.baseFilename).parent
+
+    def format(self, record: logging.LogRecord) -> str:
+        return without_credentials(super().format(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._owned and self.directory.resolve() not in _locks:
+            if len(self._waiting) < self._LIMIT:
+                self._waiting.append(record)
+            return
+        self._owned = True  # once owned, kept: the log goes on after an in-process release
+        waiting, self._waiting = self._waiting, []
+        for earlier in waiting:
+            super().emit(earlier)
+        super().emit(record)
+
+    def open_now(self) -> None:
+        """The run is claimed: write what waited."""
+        self._owned = True
+        waiting, self._waiting = self._waiting, []
+        for earlier in waiting:
+            super().emit(earlier)
+        self.flush()
+
+    def close(self) -> None:
+        if self in _run_logs:
+            _run_logs.remove(self)
+        super().close()
+
+
+def _open_run_logs(directory: Path) -> None:
+    for handler in list(_run_logs):
+        if not handler._owned and handler.directory.resolve() == directory:
+            handler.open_now()
 
 
 def save_run_config(directory: Path, cfg: Any, overrides: list[str], hydra: Any = None) -> None:

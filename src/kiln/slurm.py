@@ -10,7 +10,11 @@ kiln adds what users otherwise trip over:
   `check_launcher_fits` refuses settings that cannot fit before anything is submitted
   (called by kiln.sweep.SweepCallback).
 - A job's run directory is stable across requeues: the sweep directory is named once, in the
-  submitting process, and travels to the jobs in KILN_RUN_NAME (config.py).
+  submitting process, and travels to the jobs in KILN_RUN_NAME (config.py). A `kiln train`
+  started inside an allocation is named slurm-<job id>, the allocation's next ones slurm-<job
+  id>.2, .3, ...; after a requeue each command finds its own run again (kiln.runs.job_run_name).
+- A URL password in the config reaches the jobs in the environment (KILN_SECRET_<KEY>, exported
+  by sbatch), never in the pickles under .submitit/ (kiln.sweep.hide_secrets).
 - kiln alone owns preemption and requeue (training/preemption.py): submitit's USR2 handler and
   Lightning's auto-requeue are both switched off inside a job, so the two never fight.
 """

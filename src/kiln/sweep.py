@@ -1,7 +1,8 @@
 """What kiln adds around every Hydra multirun (`kiln train -m ...`), in the submitting process.
 
-Before the sweep: on the SLURM launcher, settings that cannot fit are refused before anything is
-submitted. After it: the jobs' results are read back from their run.json files and shown as one
+Before the sweep: URL passwords leave the config for the environment (nothing Hydra writes or
+pickles holds one), and on the SLURM launcher, settings that cannot fit are refused before
+anything is submitted. After it: the jobs' results are read back from their run.json files and shown as one
 table (`kiln report`), and the exit code says whether every job completed. A SLURM job's own
 failure never reaches the submitting process otherwise: Hydra only sees that the job returned.
 """
@@ -25,6 +26,7 @@ class SweepCallback(Callback):
     """hydra.callbacks.sweep in conf/train.yaml."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        hide_secrets(config)
         target = str(config.hydra.launcher.get("_target_", ""))
         if target.endswith("submitit_launcher.SlurmLauncher"):
             from kiln.errors import KilnError
@@ -39,6 +41,20 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         finished_sweeps.append(Path(str(config.hydra.sweep.dir)))
+
+
+def hide_secrets(config: Any) -> None:
+    """Before Hydra writes the sweep's multirun.yaml and hands the jobs their overrides (pickled
+    into .submitit/ for SLURM): every URL password becomes an environment variable reference,
+    the password travels in the environment (kiln.runs.secrets_to_environment)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from kiln.runs import secrets_to_environment
+
+    secrets_to_environment(config)
+    held = HydraConfig.instance().cfg  # its own copy of the hydra node: pickled for SLURM jobs
+    if held is not None and held is not config:
+        secrets_to_environment(held)
 
 
 def report_sweep(directory: Path) -> bool:

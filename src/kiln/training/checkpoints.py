@@ -18,10 +18,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Save to a temp file, then rename: a run killed mid-save keeps its previous last.ckpt."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        from kiln.runs import replacing
+        from kiln.runs import mask_secrets, replacing
 
         path = Path(path)
         check_finite_weights(checkpoint, path)
+        # what save_hyperparameters kept (a URL with a password) is never written in clear, even
+        # where Lightning skips the callbacks' save hooks (save_weights_only)
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = mask_secrets(checkpoint[key])
         with replacing(path) as temp:
             torch.save(checkpoint, temp)
 

@@ -34,6 +34,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.interrupts import Interrupted
+from kiln.runs import mask_secrets
 from kiln.slurm import job_id
 
 log = logging.getLogger(__name__)  # to stderr and the run's log file
@@ -45,17 +46,39 @@ _RNG_KEY = "kiln_rng_states"
 _POSITION_KEY = "kiln_epoch_position"
 
 
+def mask_logged_hyperparameters(logger: Any) -> None:
+    """Mask URL passwords in whatever `logger.log_hyperparams` is given (kiln.runs.mask_secrets)."""
+    if getattr(logger, "_kiln_masks_secrets", False):
+        return
+    original = logger.log_hyperparams
+
+    def log_hyperparams(params: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(mask_secrets(params), *args, **kwargs)
+
+    logger.log_hyperparams = log_hyperparams
+    logger._kiln_masks_secrets = True
+
+
 class ExactResume(L.Callback):
     """Puts into every checkpoint what a resume needs to continue exactly as an uninterrupted run:
     the random number generators (dropout draws) and, for a save inside an epoch, how far into
-    the epoch training was."""
+    the epoch training was. It also keeps URL passwords out of what Lightning writes from
+    hyperparameters: the checkpoint's `hyper_parameters`, hparams.yaml and TensorBoard's hparams."""
 
     def __init__(self) -> None:
         self._chunks_done: int | None = None  # set while saving inside an epoch
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before Lightning logs the module's and the datamodule's hyperparameters (hparams.yaml,
+        # TensorBoard): a user's component may take a URL with a password.
+        for logger in trainer.loggers:
+            mask_logged_hyperparameters(logger)
+
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        for key in [key for key in checkpoint if key not in ("state_dict", "optimizer_states")]:
+            checkpoint[key] = mask_secrets(checkpoint[key])  # hyper_parameters and the like
         checkpoint[_RNG_KEY] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

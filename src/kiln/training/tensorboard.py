@@ -29,10 +29,13 @@ def log_hparams(writer: Any, params: Mapping[str, Any], metrics: Mapping[str, fl
     """One hparams session whose metric columns are the run's real final metrics.
 
     The metrics must also exist as scalar tags of the run (they do: the test stage logged them).
+    URL passwords in the values are masked.
     """
     from torch.utils.tensorboard.summary import hparams
 
-    experiment, session_start, session_end = hparams(dict(params), dict(metrics))
+    from kiln.runs import mask_secrets
+
+    experiment, session_start, session_end = hparams(mask_secrets(dict(params)), dict(metrics))
     file_writer = writer._get_file_writer()  # reopens the writer Lightning closed after fit
     for summary in (experiment, session_start, session_end):
         file_writer.add_summary(summary)
