@@ -48,6 +48,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     import optuna
     from hydra.core.hydra_config import HydraConfig
 
+    from kiln import tracking
     from kiln.runs import find_runs, save_run_config
     from kiln.sweep import report_sweep
 
@@ -56,6 +57,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     settings = cfg.search
     space = search_space(cfg)
     check_search_settings(cfg, space)
+    tracking.check_server(cfg)  # logger=mlflow: a server that does not answer stops the search here
     save_run_config(run_dir, cfg, list(hydra.overrides.task), hydra)  # masked: Hydra's own writing is off
     monitor = {"metric": str(cfg.monitor.metric), "mode": str(cfg.monitor.mode)}
     study = open_study(cfg, space, run_dir)
@@ -66,16 +68,21 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # kiln prints each trial's outcome itself
     started = time.perf_counter()
-    if finished_trials(study) < int(settings.n_trials):
-        study.optimize(
-            lambda trial: run_trial(cfg, trial, space, run_dir, monitor),
-            callbacks=[StopAfter(int(settings.n_trials))],
-            catch=(KilnError,),  # a failed trial is recorded (its run.json says why) and the search goes on
-            gc_after_trial=True,
-        )
-    if find_runs(run_dir):
-        report_sweep(run_dir)
-    result = summarize(study, cfg, run_dir, time.perf_counter() - started)
+    # logger=mlflow: the trials' runs nested under one parent run of this search (of this worker)
+    with tracking.parent_run(cfg, f"search {settings.study_name} {run_dir.name}", "search") as parent:
+        if finished_trials(study) < int(settings.n_trials):
+            study.optimize(
+                lambda trial: run_trial(cfg, trial, space, run_dir, monitor),
+                callbacks=[StopAfter(int(settings.n_trials))],
+                # a failed trial is recorded (its run.json says why) and the search goes on
+                catch=(KilnError,),
+                gc_after_trial=True,
+            )
+        if find_runs(run_dir):
+            report_sweep(run_dir)
+        result = summarize(study, cfg, run_dir, time.perf_counter() - started)
+        best = (result["best"] or {}).get("score")
+        tracking.log_summary(cfg, parent, run_dir, {"best/score": best} if best is not None else {})
     if result["best"] is None:
         raise KilnError(
             f"no trial of the search completed ({result['states']}); the table above says why each failed"
@@ -393,7 +400,9 @@ def run_trial(
 ) -> float:
     import optuna
 
+    from kiln.interrupts import Interrupted
     from kiln.runs import Run, write_atomically
+    from kiln.tracking import finish_run
     from kiln.training.cross_validation import hydra_output_dir
     from kiln.training.run import train_once
     from kiln.training.trial_pruning import TrialPruning
@@ -419,6 +428,15 @@ def run_trial(
         trial.set_user_attr("error", str(exc))
         print(f"kiln search: trial {trial.number} failed: {exc}", file=sys.stderr, flush=True)
         raise
+    except Interrupted as exc:
+        # Optuna records a failure for an Exception or a KeyboardInterrupt, not for kiln's signal
+        # (a BaseException): told here, or the trial would stay RUNNING in the study for good. It
+        # has no "error": it does not count towards search.n_trials, and continuing replaces it.
+        trial.set_user_attr("interrupted", exc.signal_name)
+        trial.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        raise
+    finally:
+        finish_run(trial_cfg, trial_dir)  # logger=mlflow: the trial's record and status
     best = Run.read_record(trial_dir).get("best_checkpoint") or {}
     score = best.get("score")
     if score is None or not math.isfinite(float(score)):

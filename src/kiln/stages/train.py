@@ -5,7 +5,9 @@ compress and export it.
 
 Steps: train once (kiln.training.run: build, fit, test the best checkpoint, record) or, with
 `cv.folds=K`, K folds (kiln.training.cross_validation) -> on rank 0, compress and export the
-tested checkpoint (kiln.delivery). Only rank 0 writes files.
+tested checkpoint (kiln.delivery) -> with logger=mlflow, send the run's record, report and
+model.onnx to the tracking server (kiln.tracking.finish_run; the server is checked before the run
+directory is claimed). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kiln.config import stage
 def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
-    from kiln import runs, slurm
+    from kiln import runs, slurm, tracking
     from kiln.config import is_rank_zero
 
     hydra = HydraConfig.get()
@@ -35,6 +37,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
     if not is_rank_zero():  # the other ranks of a DDP run write nothing
         return train(cfg, run_dir, save_config)
+    tracking.check_server(cfg)  # logger=mlflow: before the run directory is claimed or written
     runs.claim(run_dir, continuing=cfg.resume is not None or slurm.is_requeued())
     try:
         return train(cfg, run_dir, save_config)
@@ -47,6 +50,7 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
 
     from kiln.config import is_rank_zero
     from kiln.interrupts import Interrupted
+    from kiln.tracking import finish_run
 
     if OmegaConf.select(cfg, "cv.folds") is not None:  # k-fold: one sub-run per fold, no export
         from kiln.training.cross_validation import REFIT_DIR, cross_validate
@@ -57,23 +61,31 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
         if cfg.cv.get("refit") and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
             from kiln.delivery import after_training
 
-            after_training(cfg, run_dir / REFIT_DIR)  # the refit is the model to ship
+            try:
+                after_training(cfg, run_dir / REFIT_DIR)  # the refit is the model to ship
+            finally:
+                finish_run(cfg, run_dir / REFIT_DIR)  # logger=mlflow: its files, the model version
         return means
     from kiln.training.run import train_once
 
     try:
-        test_metrics = train_once(cfg, run_dir, save_config=save_config)
-    except Interrupted as exc:
-        raise exc.said(
-            f"{exc.message or f'interrupted by {exc.signal_name}'}; continue it with: "
-            f"kiln train run_dir={run_dir} resume=auto"
-        ) from None
-    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        # The tested checkpoint is recorded and safe; compression and export follow as their own
-        # stage, so a failing gate there never touches the run's training results.
-        from kiln.delivery import after_training
+        try:
+            test_metrics = train_once(cfg, run_dir, save_config=save_config)
+        except Interrupted as exc:
+            raise exc.said(
+                f"{exc.message or f'interrupted by {exc.signal_name}'}; continue it with: "
+                f"kiln train run_dir={run_dir} resume=auto"
+            ) from None
+        if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+            # The tested checkpoint is recorded and safe; compression and export follow as their own
+            # stage, so a failing gate there never touches the run's training results.
+            from kiln.delivery import after_training
 
-        after_training(cfg, run_dir)
+            after_training(cfg, run_dir)
+    finally:
+        # logger=mlflow: run.json, the report and model.onnx as artifacts, the model version, the
+        # run's status; however the run ended (rank 0 only)
+        finish_run(cfg, run_dir)
     return test_metrics
 
 

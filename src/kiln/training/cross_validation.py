@@ -40,13 +40,29 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and test every fold, write cv.json in `run_dir`; returns the mean of every metric."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from kiln.runs import write_atomically
-    from kiln.training.run import check_monitor_setting, train_once
+    from kiln import tracking
+    from kiln.training.run import check_monitor_setting
 
     folds = check_folds_setting(cfg)
     monitor = check_monitor_setting(cfg)
     check_data_supports_folds(cfg, folds)
     writer = rank_zero_only.rank == 0  # type: ignore[attr-defined]
+    # logger=mlflow: one parent run, the folds' and the refit's runs nested under it
+    with tracking.parent_run(cfg, f"cv {run_dir.name}", "cross-validation") as parent:
+        record = _cross_validate(cfg, run_dir, folds, monitor, writer)
+        summary = {f"mean/{k}": v for k, v in record["mean"].items()}
+        summary.update({f"std/{k}": v for k, v in record["std"].items()})
+        tracking.log_summary(cfg, parent, run_dir, summary)
+    return dict(record["mean"])
+
+
+def _cross_validate(
+    cfg: DictConfig, run_dir: Path, folds: int, monitor: dict[str, str], writer: bool
+) -> dict[str, Any]:
+    from kiln import tracking
+    from kiln.runs import write_atomically
+    from kiln.training.run import train_once
+
     record: dict[str, Any] = {
         "status": "running",
         "folds": folds,
@@ -64,15 +80,26 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     save()
     started = time.perf_counter()
+    resuming = is_continued(cfg)
     try:
         for fold in range(folds):
             fold_dir = run_dir / f"fold_{fold}"
-            fold_cfg = fold_config(cfg, folds, fold)
+            if resuming and run_status(fold_dir) == "completed":  # resumed or requeued: kept as it is
+                print(
+                    f"\nkiln train: cross-validation fold {fold + 1}/{folds} completed already in {fold_dir}"
+                )
+                record["runs"].append(fold_result(fold, fold_dir, monitor, {}))
+                save()
+                continue
+            fold_cfg = continuing(fold_config(cfg, folds, fold), fold_dir, resuming)
             if writer:
                 save_fold_hydra_files(fold_cfg, folds, fold, fold_dir)
             print(f"\nkiln train: cross-validation fold {fold + 1}/{folds} in {fold_dir}", flush=True)
-            with hydra_output_dir(fold_dir):  # ${hydra:runtime.output_dir} (checkpoints, TensorBoard)
-                test_metrics = train_once(fold_cfg, fold_dir)
+            try:
+                with hydra_output_dir(fold_dir):  # ${hydra:runtime.output_dir} (checkpoints, TensorBoard)
+                    test_metrics = train_once(fold_cfg, fold_dir)
+            finally:
+                tracking.finish_run(fold_cfg, fold_dir)  # logger=mlflow: its record, its status
             record["runs"].append(fold_result(fold, fold_dir, monitor, test_metrics))
             save()
     except BaseException as exc:
@@ -93,7 +120,7 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     record["status"] = "completed"
     save()
     print_cv_summary(run_dir, record, time.perf_counter() - started)
-    return dict(record["mean"])
+    return record
 
 
 def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bool) -> dict[str, Any]:
@@ -104,7 +131,14 @@ def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bo
 
     epochs = max(1, round(float(np.mean([r["best_epoch"] for r in runs if r["best_epoch"]]))))
     refit_dir = run_dir / REFIT_DIR
-    refit_cfg = refit_config(cfg, epochs)
+    resuming = is_continued(cfg)
+    if resuming and run_status(refit_dir) == "completed":
+        from kiln.runs import Run
+
+        print(f"\nkiln train: the refit completed already in {refit_dir}", flush=True)
+        tested = Run.read_record(refit_dir).get("test_metrics") or {}
+        return {"status": "completed", "run_dir": REFIT_DIR, "epochs": epochs, "test_metrics": tested}
+    refit_cfg = continuing(refit_config(cfg, epochs), refit_dir, resuming)
     if writer:
         overrides = [
             *_base_overrides(),
@@ -134,18 +168,47 @@ def refit_config(cfg: DictConfig, epochs: int) -> DictConfig:
     return refit_cfg
 
 
+def is_continued(cfg: DictConfig) -> bool:
+    """A cross-validation continued (resume=auto) or requeued by SLURM: completed folds are kept."""
+    from kiln import slurm
+
+    return cfg.resume is not None or slurm.is_requeued()
+
+
+def run_status(directory: Path) -> str | None:
+    """The status in `directory`'s run.json; None without one."""
+    from kiln.runs import RUN_RECORD, Run
+
+    if not (directory / RUN_RECORD).is_file():
+        return None
+    status = Run.read_record(directory).get("status")
+    return str(status) if status is not None else None
+
+
+def continuing(run_cfg: DictConfig, directory: Path, resuming: bool) -> DictConfig:
+    """A fold's (or the refit's) config, continuing its own run in `directory` from its last
+    checkpoint when the cross-validation is continued and the fold had started; fresh otherwise."""
+    started = resuming and (directory / "run.json").is_file()
+    with open_dict(run_cfg):
+        run_cfg.resume = "auto" if started else None
+        run_cfg.run_dir = str(directory) if started else None
+    return run_cfg
+
+
 def check_folds_setting(cfg: DictConfig) -> int:
-    """cv.folds must be an integer >= 2, and cross-validation starts fresh runs (no resume)."""
+    """cv.folds must be an integer >= 2; a cross-validation continues only as a whole (resume=auto
+    with run_dir=<its directory>): completed folds are kept, a started one continues."""
     folds = cfg.cv.folds
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise KilnError(
             f"cv.folds={folds}: cross-validation needs an integer of at least 2 folds, e.g. cv.folds=5 "
             "(cv.folds=null trains one run)"
         )
-    if cfg.resume is not None:
+    if cfg.resume is not None and (str(cfg.resume) != "auto" or not cfg.run_dir):
         raise KilnError(
-            f"resume={cfg.resume}: cross-validation cannot resume a run; start it again without resume "
-            "(or resume one fold on its own: kiln train run_dir=<run>/fold_<i> resume=auto)"
+            f"resume={cfg.resume}: a cross-validation continues as a whole, each fold from its own last "
+            "checkpoint: kiln train run_dir=<its directory> resume=auto cv.folds=... (or resume one fold "
+            "on its own: kiln train run_dir=<run>/fold_<i> resume=auto)"
         )
     return folds
 

@@ -37,7 +37,7 @@ def train_once(
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
-    from kiln import slurm
+    from kiln import slurm, tracking
     from kiln.runs import Run, resume_checkpoint
     from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
 
@@ -46,6 +46,8 @@ def train_once(
     relaunch_ranks_as_this_job()
     monitor = check_monitor_setting(cfg)
     check_report_setting(cfg)
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        tracking.check_server(cfg)  # logger=mlflow: a server that does not answer stops the run here
     run = Run(run_dir, writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
 
     def start_record() -> None:
@@ -54,6 +56,7 @@ def train_once(
             save_config()
 
     existing = run.has_record()
+    previous = Run.read_record(run_dir) if existing else {}  # a resumed run continues its MLflow run
     if not existing:
         start_record()
     with one_distributed_job(), run.recording():
@@ -80,7 +83,8 @@ def train_once(
             start_record()
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
-        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule, module)
+        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule, module, previous)
+        tracking.start_run(trainer, cfg, run)  # logger=mlflow: the run's params and tags, named in run.json
 
         fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -142,6 +146,8 @@ def quiet_lightning() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # logger=mlflow: "Experiment with name ... not found. Creating it." (kiln names the experiment)
+    logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
@@ -242,10 +248,11 @@ def build_trainer(
     extra_callbacks: list[Any],
     datamodule: Any,
     module: Any = None,
+    previous_record: dict[str, Any] | None = None,
 ) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from kiln import slurm
+    from kiln import slurm, tracking
     from kiln.contract import shards_by_rank
     from kiln.training.callbacks import EpochLines, MonitorCheck
     from kiln.training.checkpoints import AtomicCheckpointIO
@@ -263,7 +270,11 @@ def build_trainer(
     show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
     callbacks += extra_callbacks
-    logger = build("logger", cfg.logger) if cfg.logger is not None else False
+    logger = (
+        build("logger", tracking.logger_config(cfg, previous_record or {}))
+        if cfg.logger is not None
+        else False
+    )
     trainer_config = hand_accumulation_to_module(with_resolved_precision(plain(cfg.trainer)), module)
     plugins: list[Any] = [AtomicCheckpointIO()]
     if in_job:  # ranks from SLURM's tasks; requeue is kiln's (Preemption), not Lightning's

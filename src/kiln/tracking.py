@@ -1,0 +1,558 @@
+"""MLflow beside TensorBoard: `logger=mlflow` sends each run to a tracking server as well.
+
+    kiln train experiment=digits_cnn logger=mlflow logger.tracking_uri=http://127.0.0.1:5000
+    kiln train -m seed=1,2,3 logger=mlflow logger.tracking_uri=...      three runs under one parent
+    kiln train logger=mlflow logger.tracking_uri=... logger.register_model=digits   + a model version
+
+What a run sends (rank 0 only; TensorBoard's logs stay in <run_dir>/tensorboard as before):
+the resolved config, flattened, as params (passwords masked); every epoch metric at the step
+TensorBoard has it, and the test metrics (Lightning hands both loggers the same values); tags from
+run.json (git commit and dirty flag, config hash, data fingerprint, kiln version, SLURM job id);
+and, once the run is complete (`finish_run`), run.json, report.md/png/json and the shipped
+model.onnx as artifacts, model.onnx registered as a version of `logger.register_model`.
+
+Runs of one sweep (`-m`, the Hydra callback `ParentRun`), one search (`kiln search`) or one
+cross-validation (`cv.folds`) are nested under one parent run: the parent's id travels to the
+runs in the environment variable KILN_MLFLOW_PARENT_RUN_ID (a SLURM job inherits it).
+
+The server is checked before anything trains (`check_server`): one line naming
+logger.tracking_uri when it does not answer. A password in the URI (http://user:pw@host) never
+reaches MLflow's own URI, its messages or any file: it is handed to MLflow as
+MLFLOW_TRACKING_USERNAME/PASSWORD, and the URI is recorded without it.
+
+mlflow is imported only when logger=mlflow (it costs about a second).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from kiln.errors import KilnError
+
+BUILDER = "kiln.tracking.tensorboard_and_mlflow"  # conf/logger/mlflow.yaml's _target_
+PARENT_RUN_VARIABLE = "KILN_MLFLOW_PARENT_RUN_ID"
+RECORD_KEY = "mlflow"  # run.json: {"run_id", "experiment_id", "experiment", "tracking_uri"}
+# What a finished run sends as artifacts, when its directory holds them (after export).
+ARTIFACTS = ("run.json", "cv.json", "report.json", "report.md", "report.png", "model.onnx")
+PARENT_ARTIFACTS = ("cv.json", "search.json")  # a parent's records
+MAX_PARAM_LENGTH = 6000  # the MLflow server's limit on a param's value
+_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+_checked: set[str] = set()  # tracking URIs that answered in this process
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """logger=mlflow's settings, the URI split from its credentials."""
+
+    tracking_uri: str  # without credentials: what MLflow, messages and records see
+    experiment: str
+    register_model: str | None
+    username: str | None = dataclasses.field(default=None, repr=False)
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def is_http(self) -> bool:
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def settings(cfg: Any) -> Settings | None:
+    """The MLflow settings of a composed config; None unless its logger is logger=mlflow."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(cfg, "logger", default=None)
+    if node is None or OmegaConf.select(node, "_target_", default=None) != BUILDER:
+        return None
+    uri = OmegaConf.select(node, "tracking_uri", default=None)
+    if not uri:
+        raise KilnError(
+            "logger.tracking_uri: logger=mlflow needs the tracking server, e.g. "
+            "logger.tracking_uri=http://127.0.0.1:5000 (or sqlite:///mlflow.db), or set MLFLOW_TRACKING_URI"
+        )
+    clean, username, password = split_credentials(str(uri))
+    experiment = OmegaConf.select(node, "experiment_name", default=None) or default_experiment(cfg)
+    register = OmegaConf.select(node, "register_model", default=None)
+    return Settings(clean, str(experiment), str(register) if register else None, username, password)
+
+
+def default_experiment(cfg: Any) -> str:
+    """The experiment= choice (digits_cnn), else kiln-<task> (kiln-train, kiln-search)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None) if cfg else None
+    task = OmegaConf.select(cfg, "task_name", default=None) if cfg else None
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        choice = choice or hydra.runtime.choices.get("experiment")
+        task = task or hydra.job.name
+    if choice and str(choice) != "null":
+        return str(choice)
+    return f"kiln-{task or 'train'}"
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """`http://user:pw@host:5000/x` -> (`http://host:5000/x`, user, pw); other URIs unchanged."""
+    from urllib.parse import unquote
+
+    scheme, separator, rest = uri.partition("://")
+    if not separator or "@" not in rest:
+        return uri, None, None
+    userinfo, _, host = rest.rpartition("@")  # the last '@': a password may hold '@' or '/'
+    if "/" in userinfo and ":" not in userinfo:  # an '@' in the path, not credentials
+        return uri, None, None
+    username, _, password = userinfo.partition(":")
+    return f"{scheme}://{host}", unquote(username) or None, unquote(password) or None
+
+
+def _use_credentials(found: Settings) -> None:
+    """MLflow reads basic-auth credentials from these variables (unless the user set them)."""
+    if found.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", found.username)
+    if found.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", found.password)
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def check_server(cfg: Any) -> Settings | None:
+    """logger=mlflow: the tracking server answers, or one KilnError naming logger.tracking_uri.
+    Checked once per URI and process, before anything trains."""
+    found = settings(cfg)
+    if found is None:
+        return None
+    _use_credentials(found)
+    if found.tracking_uri in _checked:
+        return found
+    if found.is_http:
+        _check_http(found)
+    else:
+        try:
+            client(found).search_experiments(max_results=1)
+        except Exception as exc:
+            raise KilnError(
+                f"logger.tracking_uri={found.tracking_uri}: MLflow cannot open it "
+                f"({type(exc).__name__}: {_first_line(exc)}); give a writable sqlite:///path/mlflow.db, "
+                "or the http:// address of a tracking server"
+            ) from exc
+    _checked.add(found.tracking_uri)
+    return found
+
+
+def _check_http(found: Settings) -> None:
+    import requests
+
+    uri = found.tracking_uri.rstrip("/")
+    auth = (found.username or "", found.password or "") if found.username or found.password else None
+    fix = (
+        "start the server (mlflow server --host 127.0.0.1 --port 5000) or give the address of a "
+        "running one, or train without it (logger=tensorboard)"
+    )
+    try:
+        answer = requests.get(f"{uri}/health", timeout=10, auth=auth)
+    except requests.RequestException as exc:
+        reason = "connection refused" if isinstance(exc, requests.ConnectionError) else type(exc).__name__
+        raise KilnError(
+            f"logger.tracking_uri={found.tracking_uri}: no MLflow tracking server answers there ({reason}); {fix}"
+        ) from None
+    if answer.status_code in (401, 403):
+        raise KilnError(
+            f"logger.tracking_uri={found.tracking_uri}: the server refused the credentials (HTTP "
+            f"{answer.status_code}); give them as http://USER:PASSWORD@host or in MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
+    if answer.status_code != 200:
+        raise KilnError(
+            f"logger.tracking_uri={found.tracking_uri}: answered HTTP {answer.status_code} on /health, "
+            f"so it is no MLflow tracking server; {fix}"
+        )
+
+
+def client(found: Settings) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    _use_credentials(found)
+    return MlflowClient(found.tracking_uri)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def experiment_id(mlflow_client: Any, name: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        return str(experiment.experiment_id)
+    try:
+        return str(mlflow_client.create_experiment(name))
+    except Exception:  # created by another job of the sweep meanwhile
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+# -- the loggers ---------------------------------------------------------------------------------
+
+
+def tensorboard_and_mlflow(
+    save_dir: str,
+    tracking_uri: str | None = None,
+    experiment_name: str | None = None,
+    run_name: str | None = None,
+    register_model: str | None = None,
+    name: str = "tensorboard",
+    version: str = "",
+    default_hp_metric: bool = False,
+    log_graph: bool = False,
+    run_id: str | None = None,
+) -> list[Any]:
+    """conf/logger/mlflow.yaml: TensorBoard exactly as logger=tensorboard, and MLflow beside it
+    (Lightning's MLFlowLogger; kiln ends its run once the run is complete, `finish_run`).
+    `run_id` is the MLflow run of a run being resumed (from its run.json)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    tensorboard = TensorBoardLogger(
+        save_dir=save_dir,
+        name=name,
+        version=version,
+        default_hp_metric=default_hp_metric,
+        log_graph=log_graph,
+    )
+    if not tracking_uri:
+        raise KilnError(
+            "logger.tracking_uri: logger=mlflow needs the tracking server, e.g. http://127.0.0.1:5000"
+        )
+    clean, username, password = split_credentials(tracking_uri)
+    _use_credentials(Settings(clean, "", None, username, password))
+    mlflow = kiln_mlflow_logger(
+        experiment_name=experiment_name or default_experiment(None),
+        run_name=run_name or Path(save_dir).name,
+        tracking_uri=clean,
+        run_id=run_id,
+    )
+    return [tensorboard, mlflow]  # TensorBoard first: trainer.logger stays the writer kiln's extras use
+
+
+@functools.cache
+def _mlflow_logger_class() -> type:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class _KilnMLFlowLogger(MLFlowLogger):
+        """Lightning's MLFlowLogger, nested under the parent run of the environment, and left
+        open when Lightning finishes fitting and testing: kiln ends the run once its record and
+        the shipped model are complete (`finish_run`). A failure Lightning sees ends it at once."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            parent = os.environ.get(PARENT_RUN_VARIABLE)
+            tags = {"mlflow.parentRunId": parent} if parent and not kwargs.get("run_id") else None
+            super().__init__(tags=tags, **kwargs)
+
+        def finalize(self, status: str = "success") -> None:
+            if status == "failed":
+                super().finalize(status)
+
+    return _KilnMLFlowLogger
+
+
+def kiln_mlflow_logger(**kwargs: Any) -> Any:  # the class is made on first use: mlflow imports late
+    return _mlflow_logger_class()(**kwargs)
+
+
+def logger_config(cfg: Any, record: dict[str, Any]) -> Any:
+    """The logger node to build: logger=mlflow's with its experiment named and, for a resumed run,
+    the MLflow run of its earlier attempt (`record`, its run.json as it was); others as they are."""
+    from omegaconf import OmegaConf
+
+    found = settings(cfg)
+    if found is None:
+        return cfg.logger
+    node = OmegaConf.to_container(cfg.logger, resolve=True)
+    assert isinstance(node, dict)
+    node.update(tracking_uri=found.tracking_uri, experiment_name=found.experiment)
+    earlier = record.get(RECORD_KEY) or {}
+    same_server = isinstance(earlier, dict) and earlier.get("tracking_uri") == found.tracking_uri
+    node["run_id"] = previous_run_id(record) if same_server else None  # else a new run on this server
+    return OmegaConf.create(node)
+
+
+def mlflow_logger(trainer: Any) -> Any:
+    """The trainer's MLflow logger, or None (logger=tensorboard)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return next((lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, MLFlowLogger)), None)
+
+
+def previous_run_id(record: dict[str, Any]) -> str | None:
+    """The MLflow run of a run directory's earlier attempt, continued when it is resumed."""
+    info = record.get(RECORD_KEY)
+    return str(info["run_id"]) if isinstance(info, dict) and info.get("run_id") else None
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+def start_run(trainer: Any, cfg: Any, run: Any) -> None:
+    """Once the trainer is built (rank 0): the MLflow run exists, holds the config as params and
+    the provenance as tags, and run.json names it."""
+    logger = mlflow_logger(trainer)
+    if logger is None or not run.writer:
+        return
+    from mlflow.entities import Param, RunTag
+
+    found = settings(cfg)
+    mlflow_client = logger.experiment  # creates the run (or finds the resumed one)
+    run_id = logger.run_id
+    existing = mlflow_client.get_run(run_id)
+    if existing.info.status != "RUNNING":  # a resumed run (its earlier attempt ended it) runs again
+        mlflow_client.update_run(run_id, status="RUNNING")
+    known = existing.data.params  # a resumed run has them already: MLflow never changes a param
+    params = [Param(key, value) for key, value in flat_config(cfg).items() if key not in known]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params a request
+        mlflow_client.log_batch(run_id, params=params[start : start + 100])
+    tags = [RunTag(key, value) for key, value in provenance_tags(run.record, run.directory).items()]
+    mlflow_client.log_batch(run_id, tags=tags)
+    run.update(
+        **{
+            RECORD_KEY: {
+                "run_id": run_id,
+                "experiment_id": logger.experiment_id,
+                "experiment": found.experiment if found else None,
+                "tracking_uri": found.tracking_uri if found else None,
+                "parent_run_id": os.environ.get(PARENT_RUN_VARIABLE),
+            }
+        }
+    )
+
+
+def flat_config(cfg: Any) -> dict[str, str]:
+    """The resolved config as `a.b.c -> text`, every password masked."""
+    from omegaconf import OmegaConf
+
+    from kiln.runs import without_credentials
+
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = without_credentials(str(node))[:MAX_PARAM_LENGTH]
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def provenance_tags(record: dict[str, Any], directory: Path) -> dict[str, str]:
+    """What run.json records about where the run came from, as MLflow tags."""
+    git = record.get("git") or {}
+    versions = record.get("versions") or {}
+    tags = {
+        "mlflow.source.git.commit": git.get("commit"),
+        "kiln.git_commit": git.get("commit"),
+        "kiln.git_dirty": git.get("dirty"),
+        "kiln.config_hash": record.get("config_hash"),
+        "kiln.data_fingerprint": record.get("data_fingerprint"),
+        "kiln.version": versions.get("kiln"),
+        "kiln.slurm_job_id": record.get("slurm_job_id"),
+        "kiln.seed": record.get("seed"),
+        "kiln.monitor": (record.get("monitor") or {}).get("metric"),
+        "kiln.run_dir": str(directory.resolve()),
+    }
+    return {key: str(value) for key, value in tags.items() if value is not None}
+
+
+def finish_run(cfg: Any, run_dir: Path) -> None:
+    """After a run (and its export) ended, however it ended: its record and shipped files as
+    artifacts, the model version, its status. Rank 0 only; nothing unless logger=mlflow and the
+    run reached MLflow. An MLflow failure after a completed run is one KilnError; after a failed
+    one, a warning (the run's own error is the one to see)."""
+    from kiln.config import is_rank_zero
+    from kiln.runs import RUN_RECORD, read_json
+
+    found = settings(cfg)
+    path = run_dir / RUN_RECORD
+    if found is None or not is_rank_zero() or not path.is_file():
+        return
+    record = read_json(path)
+    run_id = previous_run_id(record)
+    if run_id is None:
+        return
+    status = _STATUS.get(str(record.get("status")), "FAILED")
+    try:
+        _finish(found, run_dir, record, run_id, status)
+    except Exception as exc:
+        line = (
+            f"logger.tracking_uri={found.tracking_uri}: could not complete MLflow run {run_id} "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        )
+        if status == "FINISHED":
+            raise KilnError(f"{line}; the run itself is complete in {run_dir}") from exc
+        print(f"kiln: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _finish(found: Settings, run_dir: Path, record: dict[str, Any], run_id: str, status: str) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    from kiln.runs import MODEL
+
+    mlflow_client = client(found)
+    best = (record.get("best_checkpoint") or {}).get("score")
+    metrics = [Metric("best/score", float(best), _now_ms(), 0)] if isinstance(best, int | float) else []
+    tags = [RunTag("kiln.status", str(record.get("status")))]
+    delivery = record.get("delivery") or {}
+    if delivery.get("status"):
+        tags.append(RunTag("kiln.delivery", str(delivery["status"])))
+    mlflow_client.log_batch(run_id, metrics=metrics, tags=tags)
+    for name in ARTIFACTS:
+        if (run_dir / name).is_file():
+            mlflow_client.log_artifact(run_id, str(run_dir / name))
+    if found.register_model and (run_dir / MODEL).is_file() and status == "FINISHED":
+        register(mlflow_client, found.register_model, run_id)
+    mlflow_client.set_terminated(run_id, status)
+
+
+def register(mlflow_client: Any, name: str, run_id: str) -> Any:
+    """model.onnx, as the run logged it, as a new version of the registered model `name`."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    # "Waiting up to 300 seconds for model version to finish creation": kiln says what it registered
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/model.onnx"
+    version = mlflow_client.create_model_version(name, source, run_id=run_id)
+    print(f"kiln: registered model.onnx as {name} version {version.version}", flush=True)
+    return version
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+# -- parent runs ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def parent_run(cfg: Any, name: str, kind: str) -> Iterator[str | None]:
+    """A parent run for the runs started inside the block (folds, trials), nested itself under the
+    parent of the environment (a sweep's); its id is None unless logger=mlflow (and on rank > 0)."""
+    from kiln.config import is_rank_zero
+    from kiln.interrupts import Interrupted
+
+    found = check_server(cfg)
+    if found is None or not is_rank_zero():
+        yield None
+        return
+    run_id = create_parent(found, name, kind)
+    previous = os.environ.get(PARENT_RUN_VARIABLE)
+    os.environ[PARENT_RUN_VARIABLE] = run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_RUN_VARIABLE, None)
+        else:
+            os.environ[PARENT_RUN_VARIABLE] = previous
+        end_parent(found, run_id, status)
+
+
+def create_parent(found: Settings, name: str, kind: str) -> str:
+    mlflow_client = client(found)
+    tags = {"mlflow.runName": name, "kiln.kind": kind}
+    if os.environ.get(PARENT_RUN_VARIABLE):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_VARIABLE]
+    created = mlflow_client.create_run(experiment_id(mlflow_client, found.experiment), tags=tags)
+    return str(created.info.run_id)
+
+
+def end_parent(found: Settings, run_id: str, status: str) -> None:
+    try:
+        client(found).set_terminated(run_id, status)
+    except Exception as exc:
+        print(
+            f"kiln: warning: could not end MLflow parent run {run_id} ({type(exc).__name__}: {_first_line(exc)})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def log_summary(cfg: Any, run_id: str | None, directory: Path, metrics: dict[str, float]) -> None:
+    """A parent run's results (the folds' mean and std, a search's best score) and its record
+    files (cv.json, search.json)."""
+    found = settings(cfg)
+    if found is None or run_id is None:
+        return
+    from mlflow.entities import Metric
+
+    now = _now_ms()
+    mlflow_client = client(found)
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    if batch:
+        mlflow_client.log_batch(run_id, metrics=batch)
+    for name in PARENT_ARTIFACTS:
+        if (directory / name).is_file():
+            mlflow_client.log_artifact(run_id, str(directory / name))
+
+
+class ParentRun(Callback):
+    """hydra.callbacks.mlflow in conf/train.yaml: with logger=mlflow, a sweep (`-m`) gets one parent
+    run that every job's run is nested under (through PARENT_RUN_VARIABLE), created once the
+    server is known to answer; nothing otherwise."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.found: Settings | None = None
+        self.previous: str | None = None
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from kiln.sweep import SweepRefused
+
+        try:
+            found = check_server(config)
+        except KilnError as exc:  # a BaseException stops Hydra before any job starts
+            raise SweepRefused(str(exc)) from exc
+        if found is None:
+            return
+        self.found = found
+        self.previous = os.environ.get(PARENT_RUN_VARIABLE)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.run_id = create_parent(found, f"sweep {sweep_dir.name}", "sweep")
+        os.environ[PARENT_RUN_VARIABLE] = self.run_id
+        print(f"kiln: MLflow parent run {self.run_id} for the sweep in {sweep_dir}", flush=True)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        if self.run_id is None or self.found is None:
+            return
+        if self.previous is None:
+            os.environ.pop(PARENT_RUN_VARIABLE, None)
+        else:
+            os.environ[PARENT_RUN_VARIABLE] = self.previous
+        end_parent(self.found, self.run_id, "FINISHED")
+        self.run_id = None
