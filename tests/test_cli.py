@@ -222,3 +222,35 @@ def test_a_bad_value_is_reported_under_the_key_the_user_wrote(tmp_path):
         "kiln train: error: trainer.max_epochs='abc': expected an integer or null (Trainer's 'max_epochs'); "
         "fix the value, e.g. trainer.max_epochs=10"
     ]
+
+
+SWALLOWING_STAGE = """
+import os, signal, sys
+
+
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, while a library's code runs ...
+    except BaseException as exc:  # ... which takes it for an error of its own
+        print(f"kiln swallow: error: {type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0
+"""
+
+
+def test_a_signal_a_library_swallowed_still_exits_as_a_signal(tmp_path, monkeypatch, capsys):
+    from kiln import cli
+
+    (tmp_path / "swallowing_stage.py").write_text(SWALLOWING_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.STAGES, "swallow", ("swallowing_stage", "a stage whose library swallows Ctrl-C"))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the stage's own, while it runs
+    main_module = sys.modules["__main__"]
+    monkeypatch.setattr(main_module, "__spec__", getattr(main_module, "__spec__", None), raising=False)
+    assert cli.main(["swallow", "x=1"]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "kiln swallow: error: Interrupted",
+        "kiln swallow: interrupted by SIGINT (what it said above is the signal's doing); "
+        "run it again: kiln swallow x=1",
+    ]

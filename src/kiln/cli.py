@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 from kiln import __version__
 
@@ -79,14 +83,67 @@ def main(argv: list[str] | None = None) -> int:
     make_user_code_importable(args[1:])
     from kiln.interrupts import Interrupted, raising
 
+    received: list[int] = []
     try:
-        with raising():
-            return run_stage(name, args)
+        with raising(), noting(received):
+            code = run_stage(name, args)
     except Interrupted as exc:  # said in one line: what was saved, how to continue (kiln.interrupts)
-        print(
-            f"kiln {name}: {exc.message or f'interrupted by {exc.signal_name}'}", file=sys.stderr, flush=True
-        )
+        print(f"kiln {name}: {exc.message or stopped_early(exc, args)}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except Exception:
+        if not received:
+            raise  # a bug: its traceback
+        code = 1
+    if received and code != 0:
+        import shlex
+
+        # The signal's Interrupted was taken for an error by code on its way (a library that
+        # catches BaseException, or an import it broke): still a signal, said and exited as one.
+        stopped = Interrupted(received[0])
+        print(
+            f"kiln {name}: interrupted by {stopped.signal_name} (what it said above is the signal's doing); "
+            f"run it again: kiln {shlex.join(args)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return stopped.exit_code
+    return code
+
+
+@contextmanager
+def noting(received: list[int]) -> Iterator[None]:
+    """Note each SIGINT / SIGTERM in `received`, then hand it to the handler in place (kiln.interrupts
+    raises Interrupted). Inside `raising()`; training's own handlers replace these while it runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    inner: dict[int, Any] = {signum: signal.getsignal(signum) for signum in signals}
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        handler = inner[signum]
+        if callable(handler):
+            handler(signum, frame)
+
+    previous = {signum: signal.signal(signum, note) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stopped_early(exc: BaseException, args: list[str]) -> str:
+    """The line for a signal that came before the stage had started writing anything (while it
+    started up, or composed its config): a stage that was writing says what it kept itself."""
+    import shlex
+
+    signal_name = getattr(exc, "signal_name", "a signal")
+    return f"interrupted by {signal_name} before it wrote anything; run it again: kiln {shlex.join(args)}"
 
 
 def run_stage(name: str, args: list[str]) -> int:

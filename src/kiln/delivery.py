@@ -10,6 +10,7 @@ entry says what happened after it (shipped, or failed with the reason).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -51,27 +52,34 @@ def after_training(cfg: DictConfig, run_dir: Path | str) -> dict[str, Any] | Non
 
 
 def deliver(
-    run_dir: Path | str, recipe: Any, settings: Any, *, key: str = "run", export_after: bool = True
+    run_dir: Path | str,
+    recipe: Any,
+    settings: Any,
+    *,
+    key: str = "run",
+    export_after: bool = True,
+    again: str | None = None,
 ) -> dict[str, Any]:
     """Compress with `recipe`, then export (unless `export_after` is false): the report, or the
     manifest. `recipe=None` exports the variants of the run's last compression (`kiln export`),
-    or the uncompressed model when there was none."""
+    or the uncompressed model when there was none. `again` is the command that redoes it, said
+    when a signal stops it (default: kiln compress, then kiln export, on the run)."""
     from kiln.export.from_run import open_run
     from kiln.runs import locked
 
     run = open_run(run_dir, key=key)
     with locked(run.directory, key):  # one writer at a time, as for training
-        return _deliver(run, recipe, settings, export_after)
+        return _deliver(run, recipe, settings, export_after, again)
 
 
-def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool) -> dict[str, Any]:
+def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: str | None) -> dict[str, Any]:
     from kiln.compression.pipeline import read_manifest
     from kiln.compression.recipes import read_recipe
-    from kiln.export.from_run import load_trained
 
     quiet()
-    datamodule, module = load_trained(run)
+    remove_abandoned(run.directory)
     try:
+        datamodule, module = load(run)
         manifest = read_manifest(run.directory) if recipe is None else None
         if manifest is None:
             manifest = compress_run(
@@ -84,19 +92,60 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool) -> dict[s
         record(run.directory, {"status": "failed", "reason": str(exc)})
         raise
     except Interrupted as exc:  # the training stays completed; only what follows it is to redo
-        again = f"kiln export run={run.directory}"
-        if recipe is not None:
-            again = f"kiln compress run={run.directory} compress=... (as in its config), then {again}"
+        if again is None:
+            again = f"kiln export run={run.directory}"
+            if recipe is not None:
+                again = f"kiln compress run={run.directory} compress=... (as in its config), then {again}"
         record(run.directory, {"status": "interrupted", "reason": f"interrupted by {exc.signal_name}"})
+        what = "export" if recipe is None else "compression" if not export_after else "compression and export"
         raise exc.said(
-            f"interrupted by {exc.signal_name} during compression and export (the trained, tested run "
-            f"is complete and kept); redo them with: {again}"
+            f"interrupted by {exc.signal_name} during {what}; nothing half-written was left and the "
+            f"trained, tested run is kept as it was (best checkpoint, and any model.onnx shipped before); "
+            f"redo it with: {again}"
         ) from None
     record(
         run.directory,
         {"status": report["status"], "shipped": report["shipped"], "reason": report["reason"]},
     )
     return report
+
+
+# What a compress or export killed outright (SIGKILL, a power cut) leaves: its staging folders, the
+# old folder of a swap it had begun (kiln.runs.swap_in), and temp files of writes it had begun
+# (kiln.runs.replacing: `.<name>.<random>.tmp`).
+ABANDONED = (".compress.tmp-*", ".export.tmp-*", ".compress.old-*", ".export.old-*", ".*.tmp")
+
+
+def remove_abandoned(directory: Path) -> None:
+    """Delete what an earlier compress or export of this run left when it was killed. Called with
+    the run's lock held: no other process writes the run now, so none of it is in use."""
+    import shutil
+
+    for pattern in ABANDONED:
+        for path in directory.glob(pattern):
+            if path.name.endswith(f"-{os.getpid()}"):
+                continue  # this process's own (kiln train's export after training holds the lock too)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def load(run: Any) -> tuple[Any, Any]:
+    """The run's datamodule and trained module (kiln.export.from_run.load_trained); a failure that
+    is not already a KilnError becomes one, naming the run, so it is recorded and said in one line."""
+    from kiln.errors import one_line
+    from kiln.export.from_run import load_trained
+
+    try:
+        return load_trained(run)
+    except KilnError:
+        raise
+    except Exception as exc:
+        raise KilnError(
+            f"run={run.directory}: cannot rebuild the trained model from its saved config and best "
+            f"checkpoint ({type(exc).__name__}: {one_line(str(exc))})"
+        ) from exc
 
 
 def compress_run(run: Any, datamodule: Any, module: Any, recipe: Any, settings: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ measure, choose, ship model.onnx), unless export_after=false.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
     recipe = read_recipe(plain(cfg.compress))
     settings = read_settings(plain(cfg.export))
-    result = deliver(cfg.run, recipe, settings, export_after=bool(cfg.export_after))
+    # the command as given, said if a signal stops it (kiln.cli leaves the stage's own argv)
+    again = f"kiln compress {shlex.join(sys.argv[1:])}"
+    result = deliver(cfg.run, recipe, settings, export_after=bool(cfg.export_after), again=again)
     if not cfg.export_after:
         print(
             f"kiln compress: variants in {Path(str(cfg.run)) / COMPRESS_DIR}; next: kiln export run={cfg.run}"

@@ -12,6 +12,7 @@ written as model.onnx and the stage exits non-zero with the reason.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Any
 
@@ -27,7 +28,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from kiln.export.pipeline import read_settings
     from kiln.stages.build import plain
 
-    return deliver(cfg.run, None, read_settings(plain(cfg.export)))
+    # the command as given, said if a signal stops it (kiln.cli leaves the stage's own argv)
+    again = f"kiln export {shlex.join(sys.argv[1:])}"
+    return deliver(cfg.run, None, read_settings(plain(cfg.export)), again=again)
 
 
 if __name__ == "__main__":

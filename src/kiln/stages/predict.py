@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import EXIT_USER_ERROR, KilnError
+from kiln.interrupts import Interrupted
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 USAGE = """usage: kiln predict model=<file.onnx> input=<rows.csv|.parquet|.npy|image files or folder> output=<predictions.csv> [batch_size=1024]
@@ -45,19 +46,41 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
+    settings: dict[str, Any] = {}
+    written: list[Path] = []
     try:
         show = args[:2] == ["--cfg", "job"]
         settings = read_settings(args[2:] if show else args)
         if show:
             print("\n".join(f"{key}: {value}" for key, value in settings.items()))
             return 0
-        run(settings)
+        run(settings, written)
+    except Interrupted as exc:  # kiln.cli prints the line and exits 130 / 143
+        raise exc.said(interrupted_line(exc, settings, args, written)) from None
     except KilnError as exc:
         from kiln.errors import one_line
 
         print(f"kiln predict: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     return 0
+
+
+def interrupted_line(exc: Interrupted, settings: dict[str, Any], args: list[str], written: list[Path]) -> str:
+    """What a signal left: the predictions are written whole (a temp file, then a rename) or not
+    at all, and the drift report likewise."""
+    import shlex
+
+    again = f"kiln predict {shlex.join(args)}"
+    output = settings.get("output")
+    if not written:
+        return (
+            f"interrupted by {exc.signal_name} before the predictions were written: {output} was not "
+            f"written (nor changed, if it existed); run it again: {again}"
+        )
+    return (
+        f"interrupted by {exc.signal_name} after writing {written[0]} (complete), during the drift check "
+        f"(no drift report written); for the drift report, run it again: {again}"
+    )
 
 
 def read_settings(args: list[str]) -> dict[str, Any]:
@@ -89,7 +112,10 @@ def typed_value(key: str, value: str) -> Any:
         ) from None
 
 
-def run(settings: dict[str, Any]) -> dict[str, Any]:
+def run(settings: dict[str, Any], written: list[Path] | None = None) -> dict[str, Any]:
+    """Predict as `settings` say; the output file, once renamed into place, is appended to
+    `written` (what a signal coming after it leaves behind)."""
+    written = [] if written is None else written
     started = time.perf_counter()
     model, source, output = paths(settings["model"], settings["input"], settings["output"])
     batch_size = settings["batch_size"]
@@ -113,6 +139,7 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             results = predict_images(session, images, batch_size)
         embeddings = results.pop(projection["tensor"]) if projection is not None else None
         rows = write_predictions(output, results, meta, files=files)
+        written.append(output)
         drift = None
         if threshold is not None:
             columns = image_statistics(at_training_size(images, meta))
@@ -131,6 +158,7 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     with onnxruntime_errors(model):
         results = predict(session, feeds, batch_size)
     rows = write_predictions(output, results, meta)
+    written.append(output)
     drift = (
         check_drift(feature_columns(feeds, meta), meta, threshold, output) if threshold is not None else None
     )
@@ -183,7 +211,6 @@ def check_drift(
     import numpy as np
 
     from kiln.drift import FEW_ROWS, METADATA_KEY, drift_of, from_metadata
-    from kiln.runs import write_atomically
 
     if METADATA_KEY not in meta:
         print("kiln predict: no drift check: the model carries no training baseline", file=sys.stderr)
@@ -211,7 +238,7 @@ def check_drift(
         "drifted": list(drifted),
     }
     path = output.with_name(output.stem + ".drift.json")
-    write_atomically(path, json.dumps(report, indent=2) + "\n")
+    write_whole(path, json.dumps(report, indent=2) + "\n")
     for name, value in drifted.items():
         print(f"kiln predict: warning: drift in {name}: PSI {value:.3f} > {threshold}", file=sys.stderr)
     worst = max(scores.values()) if scores else float("nan")
@@ -504,8 +531,9 @@ def write_predictions(
     if files is not None:
         header = ["file", *header]
         rows = ([name, *row] for name, row in zip(files, rows, strict=True))
+    remove_abandoned_temps(output)
     try:
-        handle, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+        handle, temp = tempfile.mkstemp(dir=output.parent, prefix=temp_prefix(output), suffix=".tmp")
     except OSError as exc:
         raise KilnError(f"output={output}: cannot write in {output.parent} ({exc.strerror})") from exc
     try:
@@ -519,6 +547,39 @@ def write_predictions(
     finally:
         Path(temp).unlink(missing_ok=True)
     return count
+
+
+def temp_prefix(path: Path) -> str:
+    """The name of the temp file `path` is written to first: `.<name>.<pid>.<random>.tmp`, so that a
+    later predict can tell the temp files of a process that was killed (SIGKILL) from those of
+    one still writing."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_abandoned_temps(path: Path) -> None:
+    """Delete the temp files of `path` left by predicts that were killed (their process is gone)."""
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = temp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            temp.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # another user's live process; not a pid
+            continue
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`text` to a temp file beside `path` (named as temp_prefix says), then renamed onto it."""
+    remove_abandoned_temps(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    finally:
+        Path(temp).unlink(missing_ok=True)
 
 
 def refuse_non_finite_answers(results: dict[str, Any], files: list[str] | None) -> None:

@@ -1,0 +1,223 @@
+"""Ctrl-C and `kill` during `kiln compress`, `kiln export` and `kiln predict` (training's own are in
+test_run_ownership.py): one line saying what happened and how to redo it, exit 130 (SIGINT) or 143
+(SIGTERM), nothing half-written left that looks finished, the interruption in run.json's
+`delivery`, and everything saved before byte for byte as it was.
+
+Each test starts the real CLI and sends the signal on an event it sees (a line the stage prints,
+a file it creates), never after a sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kilntest import QUICK, ROOT, Output, copy_run, kiln_cli, kiln_command, ok, read_run, wait_for
+
+pytestmark = pytest.mark.slow
+
+SIGNALS = [pytest.param(signal.SIGINT, 130, id="SIGINT"), pytest.param(signal.SIGTERM, 143, id="SIGTERM")]
+# What a stage may change in a run it was stopped in: its record, its lock and Hydra's log of it.
+MAY_CHANGE = {"run.json", ".kiln.lock"}
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (but the record, the lock and logs) with a digest of its bytes."""
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name not in MAY_CHANGE and path.suffix != ".log"
+    }
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temp files and staging folders (`*.tmp*`, `.export.tmp-*`, `.compress.tmp-*`, a swap's `.old-*`)."""
+    return sorted(
+        str(path.relative_to(directory))
+        for path in directory.rglob("*")
+        if ".tmp" in path.name or ".old-" in path.name
+    )
+
+
+@pytest.fixture(scope="module")
+def shipped(penguins_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The penguins run compressed (fp32 and dynamic int8) and exported: model.onnx shipped."""
+    base = tmp_path_factory.mktemp("signals")
+    run = copy_run(penguins_run, base)
+    ok(
+        kiln_cli(
+            "compress",
+            f"run={run}",
+            "compress=quantize_dynamic",
+            "compress.max_metric_drop=100",
+            *QUICK,
+            cwd=base,
+        )
+    )
+    assert (run / "model.onnx").is_file() and read_run(run)["delivery"]["status"] == "passed"
+    return run
+
+
+def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], Output, Output]:
+    process = subprocess.Popen(
+        kiln_command(*args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return process, Output(process.stdout), Output(process.stderr)
+
+
+def stop_on(
+    process: subprocess.Popen[str], stdout: Output, stderr: Output, pattern: str, signum: int
+) -> tuple[int, list[str]]:
+    """Send `signum` once stdout shows `pattern`; the exit code and the stderr lines."""
+    try:
+        wait_for(lambda: stdout.search(pattern), repr(pattern), process=process, output=stderr)
+        process.send_signal(signum)
+        code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stdout.finish()
+    return code, stderr.finish().strip().splitlines()
+
+
+def check_said_once(lines: list[str], stage: str, name: str) -> str:
+    said = [line for line in lines if f"interrupted by {name}" in line]
+    assert len(said) == 1 and said[0] == lines[-1], "\n".join(lines)
+    assert not any(line.startswith("Traceback") for line in lines), "\n".join(lines)
+    assert said[0].startswith(f"kiln {stage}: interrupted by {name} during ")
+    return said[0]
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_during_compress_keeps_the_shipped_model(
+    shipped: Path, tmp_path: Path, signum: int, code: int
+):
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run)
+    before = snapshot(run)
+    args = [
+        "compress",
+        f"run={run}",
+        "compress=prune_structured",
+        "compress.prune_structured.finetune_epochs=5",
+        *QUICK,
+    ]
+    process, stdout, stderr = start(args, tmp_path)
+    # the first line: the uncompressed model being exported into the staging folder
+    exit_code, lines = stop_on(process, stdout, stderr, r"^kiln compress: exporting the uncompressed", signum)
+    name = signal.Signals(signum).name
+    assert exit_code == code, "\n".join(lines)
+    line = check_said_once(lines, "compress", name)
+    assert "during compression and export" in line and "nothing half-written was left" in line
+    assert line.endswith(f"redo it with: kiln {shlex.join(args)}")
+    record = read_run(run)
+    assert record["status"] == "completed"  # the training's own status is not the delivery's
+    assert record["delivery"] == {"status": "interrupted", "reason": f"interrupted by {name}"}
+    assert snapshot(run) == before  # best.ckpt, model.onnx, report, compress/, export/: as they were
+    assert leftovers(run) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_during_export_keeps_the_shipped_model(
+    shipped: Path, tmp_path: Path, signum: int, code: int
+):
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run)
+    before = snapshot(run)
+    # Many latency repeats: after the first variant's line, the second one takes seconds to measure.
+    args = ["export", f"run={run}", "export.latency_repeats=2000"]
+    process, stdout, stderr = start(args, tmp_path)
+    exit_code, lines = stop_on(process, stdout, stderr, r"^kiln export: ", signum)
+    name = signal.Signals(signum).name
+    assert exit_code == code, "\n".join(lines)
+    line = check_said_once(lines, "export", name)
+    assert line.endswith(f"redo it with: kiln {shlex.join(args)}")
+    record = read_run(run)
+    assert record["status"] == "completed"
+    assert record["delivery"] == {"status": "interrupted", "reason": f"interrupted by {name}"}
+    assert snapshot(run) == before
+    assert leftovers(run) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough penguin rows that writing their predictions takes a while (a signal lands in it)."""
+    import pandas as pd
+    from palmerpenguins import load_penguins
+
+    path = tmp_path_factory.mktemp("rows") / "rows.csv"
+    penguins = load_penguins()
+    pd.concat([penguins] * (400_000 // len(penguins)), ignore_index=True).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_during_predict_leaves_no_partial_predictions(
+    shipped: Path, many_rows: Path, tmp_path: Path, signum: int, code: int
+):
+    model = shipped / "model.onnx"
+    model_before = hashlib.sha256(model.read_bytes()).hexdigest()
+    output = tmp_path / "predictions.csv"
+    output.write_text("prediction\nfrom an earlier run\n")  # must stay as it was
+    args = ["predict", f"model={model}", f"input={many_rows}", f"output={output}"]
+    process, _, stderr = start(args, tmp_path)
+    try:
+        # the event: the predictions' temp file appears beside the output (kiln writes, then renames)
+        wait_for(
+            lambda: [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")],
+            "the predictions' temp file",
+            process=process,
+            output=stderr,
+            poll=0.01,
+        )
+        process.send_signal(signum)
+        exit_code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = stderr.finish().strip().splitlines()
+    name = signal.Signals(signum).name
+    assert exit_code == code, "\n".join(lines)
+    assert lines == [
+        f"kiln predict: interrupted by {name} before the predictions were written: {output} was not "
+        f"written (nor changed, if it existed); run it again: kiln {shlex.join(args)}"
+    ]
+    assert output.read_text() == "prediction\nfrom an earlier run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]  # no temp, no drift report
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == model_before
+
+
+def test_a_model_that_cannot_be_loaded_is_recorded_and_one_line(penguins_run: Path, tmp_path: Path):
+    run = copy_run(penguins_run, tmp_path)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"not a checkpoint")
+    result = kiln_cli("export", f"run={run}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kiln export: error: "), result.stderr
+    delivery = read_run(run)["delivery"]
+    assert delivery["status"] == "failed" and delivery["reason"] in lines[0]
+
+
+def test_the_stress_script_runs_one_iteration_and_says_it_was_consistent(tmp_path: Path):
+    """scripts/stress.sh N: the fault cases in a loop; one quick iteration here (train, two writers,
+    predict; the compress and export cases are the tests above), with a fixed seed."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "stress.sh"), "1", "--seed", "1", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.stdout.strip().splitlines()[-1] == "iterations=1 consistent=1 lost=0", (
+        result.stdout + result.stderr
+    )
+    assert result.returncode == 0
