@@ -159,6 +159,23 @@ SHORTER: dict[str, list[str]] = {
 DEMO_EXPERIMENTS = "tests/test_train_e2e.py::test_the_demo_experiments_reach_their_test_accuracy_targets"
 # Commands another test runs as written (or shortened the same way): command -> that test's node.
 COVERED_ELSEWHERE: dict[str, str] = {
+    # logger=mlflow: tests/test_mlflow.py runs these against a real `mlflow server` it starts
+    "kiln train experiment=digits_cnn logger=mlflow logger.tracking_uri=http://127.0.0.1:5000": (
+        "tests/test_mlflow.py::test_a_run_shows_its_config_metrics_tags_artifacts_and_model_version"
+    ),
+    "kiln train experiment=digits_cnn logger=mlflow logger.tracking_uri=http://127.0.0.1:5000 "
+    "logger.register_model=digits": (
+        "tests/test_mlflow.py::test_a_run_shows_its_config_metrics_tags_artifacts_and_model_version"
+    ),
+    "kiln train -m seed=1,2,3 logger=mlflow logger.tracking_uri=http://127.0.0.1:5000": (
+        "tests/test_mlflow.py::test_cli_sweep_is_nested_under_one_parent_run"
+    ),
+    "kiln train cv.folds=5 logger=mlflow logger.tracking_uri=sqlite:///mlflow.db": (
+        "tests/test_mlflow.py::test_cross_validation_folds_are_nested_under_one_parent"
+    ),
+    "kiln search hparams_search=digits_cnn logger=mlflow logger.tracking_uri=http://127.0.0.1:5000": (
+        "tests/test_mlflow.py::test_search_trials_are_nested_under_one_parent"
+    ),
     "kiln train data=table data.path=cars.csv data.target=Miles_per_Gallon": (
         "tests/data/test_table_input.py::test_the_readmes_cars_command_trains_on_a_table_with_missing_targets"
     ),

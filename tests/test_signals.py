@@ -221,3 +221,20 @@ def test_the_stress_script_runs_one_iteration_and_says_it_was_consistent(tmp_pat
         result.stdout + result.stderr
     )
     assert result.returncode == 0
+
+
+def test_a_signal_waits_for_renames_that_belong_together():
+    """`interrupts.held`: a signal during the block is delivered after it, to the stage's handler."""
+    import os
+
+    from kiln.interrupts import Interrupted, held, raising
+
+    steps = []
+    with pytest.raises(Interrupted) as caught, raising():
+        with held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("first rename")
+            steps.append("second rename")
+        steps.append("after the block")  # never: the signal is raised as the block ends
+    assert steps == ["first rename", "second rename"]
+    assert caught.value.exit_code == 143

@@ -81,3 +81,24 @@ def raising() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _owner.pop()
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends: for the few renames that must happen
+    together (a directory swap; a new model.onnx with its report). A signal that came meanwhile
+    is delivered again right after, to whatever handled it before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, _frame: received.append(signum)) for signum in SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            os.kill(os.getpid(), received[0])

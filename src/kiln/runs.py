@@ -290,11 +290,15 @@ def copy_atomically(source: Path, target: Path) -> None:
 
 
 def swap_in(staging: Path, target: Path) -> None:
-    """Replace the directory `target` by the finished `staging` directory: whole or not at all."""
+    """Replace the directory `target` by the finished `staging` directory: whole or not at all
+    (a signal waits for both renames)."""
+    from kiln.interrupts import held
+
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
+    with held():
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
 
 

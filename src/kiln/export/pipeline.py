@@ -103,6 +103,7 @@ def export(
     from kiln.export import measure
     from kiln.export.report import log_tensorboard, write_report
     from kiln.export.scoring import RowRecorder, evaluate
+    from kiln.interrupts import held
     from kiln.runs import copy_atomically, swap_in
 
     started = time.perf_counter()
@@ -219,9 +220,10 @@ def export(
             "compress_export": round(compress_seconds + export_seconds, 1),
         },
     }
-    if choice.name:
-        copy_atomically(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
-    write_report(run.directory, report)
+    with held():  # model.onnx and the report that describes it are replaced together
+        if choice.name:
+            copy_atomically(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
+        write_report(run.directory, report)
     try:
         log_tensorboard(run.directory, report)
     except Exception as exc:  # the report files are the record; TensorBoard is a view of them
