@@ -190,14 +190,19 @@ def test_upper_bound_refuses_a_variant_that_point_ships():
 
 
 def test_latencies_the_repeats_cannot_tell_apart_tie_and_the_smaller_file_wins():
-    fast = variant("pruned", 0.2, [0.0, 0.5], 1000.0, 400)  # runs 970 to 1030 us
-    # a median 10% slower, disturbed by a busy machine: its quickest run is as quick as pruned's
-    disturbed = variant("int8_static", 0.2, [0.0, 0.5], 1100.0, 100)
-    disturbed["latency_spread_us"]["256"] = [975.0, 1100.0, 4000.0]
-    assert choose([fast, disturbed], auto=True, wanted=None, max_drop=1.0).name == "int8_static"
-    slower = variant("int8_static", 0.2, [0.0, 0.5], 1100.0, 100)
-    slower["latency_spread_us"]["256"] = [1090.0, 1100.0, 5000.0]  # never near pruned's quickest
+    fast = variant("pruned", 0.2, [0.0, 0.5], 1000.0, 400)  # runs 970 to 1030 us: quiet
+    close = variant("int8_static", 0.2, [0.0, 0.5], 1040.0, 100)  # within 5%
+    assert choose([fast, close], auto=True, wanted=None, max_drop=1.0).name == "int8_static"
+    slower = variant("int8_static", 0.2, [0.0, 0.5], 1100.0, 100)  # 10% slower, 3% noise: slower
     assert choose([fast, slower], auto=True, wanted=None, max_drop=1.0).name == "pruned"
+    # a busy machine: pruned's median sits 300 us above its quickest run, so 10% cannot be told
+    busy = variant("pruned", 0.2, [0.0, 0.5], 1000.0, 400)
+    busy["latency_spread_us"]["256"] = [700.0, 1000.0, 9000.0]
+    assert choose([busy, slower], auto=True, wanted=None, max_drop=1.0).name == "int8_static"
+    # but a variant 4x slower is slower however noisy (its own quick runs do not matter)
+    much_slower = variant("int8_static", 0.2, [0.0, 0.5], 4000.0, 100)
+    much_slower["latency_spread_us"]["256"] = [690.0, 4000.0, 9000.0]
+    assert choose([busy, much_slower], auto=True, wanted=None, max_drop=1.0).name == "pruned"
 
 
 def test_a_variant_that_passes_on_validation_and_fails_on_test_ships_and_the_report_shows_both():

@@ -17,9 +17,10 @@ this validation split. Only the validation split decides: the test split is repo
 - A fixed recipe ships its one variant, if it passed its checks and is within the budget;
   otherwise nothing ships and the stage fails with the reason.
 - `auto` ships, among the variants that passed and are within the budget (the uncompressed fp32
-  model included), the fastest at batch 256. A variant ties with the fastest when its median or
-  its quickest repeat (the least disturbed by a busy machine) is within 5% of the fastest
-  variant's: the repeats cannot tell them apart. A tie goes to the smallest file.
+  model included), the fastest at batch 256. A variant ties with the fastest when its median is
+  within the fastest variant's own run-to-run spread (that variant's median minus its quickest
+  run: large on a busy machine, small on a quiet one) or within 5%, whichever is more: the repeats
+  cannot tell them apart. A tie goes to the smallest file.
 """
 
 from __future__ import annotations
@@ -144,10 +145,9 @@ def choose(
 
 
 def ties(variant: dict[str, Any], fastest: dict[str, Any], tie: float = TIE) -> bool:
-    """True when the latency repeats cannot tell `variant` from the fastest one: its median or its
-    quickest run is within `tie` of the fastest variant's."""
-    if variant["latency_us"]["256"] <= fastest["latency_us"]["256"] * (1 + tie):
-        return True
-    own = variant.get("latency_spread_us", {}).get("256")
-    theirs = fastest.get("latency_spread_us", {}).get("256")
-    return bool(own and theirs and own[0] <= theirs[0] * (1 + tie))
+    """True when the latency repeats cannot tell `variant` from the fastest one: its median is
+    within the fastest's run-to-run spread (median minus quickest run) or within `tie`."""
+    best = fastest["latency_us"]["256"]
+    spread = fastest.get("latency_spread_us", {}).get("256")
+    noise = best - spread[0] if spread else 0.0
+    return bool(variant["latency_us"]["256"] <= best + max(best * tie, noise))
