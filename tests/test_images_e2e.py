@@ -58,6 +58,7 @@ def image_run(tmp_path_factory) -> Path:
             "compress.steps=[prune_structured,quantize_static]",
             "compress.prune_structured.finetune_epochs=1",
             "compress.max_metric_drop=100",
+            "++compress.metric_unit=points",  # 100 points: any loss passes (a loss budget is percent by default)
             "export.latency_repeats=3",
             "progress=lines",
             f"run_dir={run_dir}",

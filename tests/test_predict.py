@@ -34,6 +34,7 @@ def penguins_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"run={run}",
             "compress=quantize_static",
             "compress.max_metric_drop=100",
+            "++compress.metric_unit=points",  # 100 points: any loss passes (a loss budget is percent by default)
             *QUICK,
             cwd=run.parent,
         )

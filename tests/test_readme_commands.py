@@ -149,6 +149,7 @@ SHORTER: dict[str, list[str]] = {
     "kiln compress run=runs/train/<run> compress=prune_structured": [
         "compress.prune_structured.finetune_epochs=1",
         "compress.max_metric_drop=100",
+        "++compress.metric_unit=points",  # 100 points: any loss passes (a loss budget is percent by default)
         "export.latency_repeats=3",
     ],
     "kiln search hparams_search=digits_cnn search.sampler=random search.n_trials=40": [  # one trial

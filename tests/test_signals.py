@@ -57,6 +57,7 @@ def shipped(penguins_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
             f"run={run}",
             "compress=quantize_dynamic",
             "compress.max_metric_drop=100",
+            "++compress.metric_unit=points",  # 100 points: any loss passes (a loss budget is percent by default)
             *QUICK,
             cwd=base,
         )

@@ -73,6 +73,7 @@ def test_each_recipe_ships_a_checked_model(
             f"run={run}",
             f"compress={recipe}",
             "compress.max_metric_drop=100",
+            "++compress.metric_unit=points",  # 100 points: any loss passes (a loss budget is percent by default)
             *fast(recipe),
             *extra,
             *QUICK,
@@ -112,6 +113,7 @@ def test_auto_tries_every_candidate_and_ships_the_fastest_within_budget(digits_c
             f"run={run}",
             "compress=auto",
             "compress.max_metric_drop=100",
+            "++compress.metric_unit=points",  # 100 points: any loss passes (a loss budget is percent by default)
             *fast("auto"),
             *QUICK,
             cwd=tmp_path,
