@@ -158,6 +158,7 @@ def compress_run(run: Any, datamodule: Any, module: Any, recipe: Any, settings: 
         recipe,
         monitor=run.monitor,
         opset=settings.opset,
+        exporter=settings.exporter,
         seed=int(run.saved_config().seed),
         finetune_trainer=finetune_trainer_settings(run.saved_config()),
         say=lambda line: print(f"kiln compress: {line}", flush=True),

@@ -86,6 +86,8 @@ def test_the_report_has_every_number_and_the_shipped_variant(digits_export: Path
         assert "test/acc" in entry["test_metrics"] and entry["size_bytes"] > 0 and entry["params"] > 0
         assert set(entry["latency_us"]) == {"1", "256"} and all(v > 0 for v in entry["latency_us"].values())
     assert data["baseline"]["name"] == "torch_fp32"
+    # a plain CNN is traced without a warning and answers like torch: auto keeps the quick exporter
+    assert {v["exporter"] for v in data["variants"]} == {"torchscript"}
     markdown = (digits_export / "report.md").read_text()
     assert "| fp32 (shipped) |" in markdown and "torch_fp32 (baseline)" in markdown
     assert (digits_export / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -42,6 +42,7 @@ def compress(
     opset: int,
     seed: int,
     finetune_trainer: dict[str, Any],
+    exporter: str = "auto",
     say: Callable[[str], None] = print,
     warn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def compress(
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
     from kiln.export.measure import Stopwatch
-    from kiln.export.onnx_export import example_input, export_net
+    from kiln.export.onnx_export import example_input, export_graph
 
     started = time.perf_counter()
     watch = Stopwatch()
@@ -63,7 +64,8 @@ def compress(
     try:
         say(f"exporting the uncompressed model ({count_parameters(target)} parameters)")
         with watch.part(f"{FP32}: export"):
-            save_onnx(export_net(target, example, opset), staging / f"{FP32}.net.onnx")
+            exported = export_graph(target, example, opset, exporter)
+            save_onnx(exported.model, staging / f"{FP32}.net.onnx")
         variants: list[dict[str, Any]] = [
             {
                 "name": FP32,
@@ -73,6 +75,7 @@ def compress(
                 "weights": None,
                 "params": count_parameters(target),
                 "nonzero_params": count_nonzero(target),
+                **exported_by(exported),
                 "notes": [],
             }
         ]
@@ -93,6 +96,7 @@ def compress(
                         monitor=monitor,
                         example=example,
                         opset=opset,
+                        exporter=exporter,
                         finetune_trainer=finetune_trainer,
                         say=say,
                     )
@@ -145,6 +149,7 @@ def prune(
     monitor: dict[str, str],
     example: Any,
     opset: int,
+    exporter: str,
     finetune_trainer: dict[str, Any],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -154,7 +159,7 @@ def prune(
 
     from kiln.compression import pruning
     from kiln.contract import export_module
-    from kiln.export.onnx_export import export_net
+    from kiln.export.onnx_export import export_graph
 
     work = copy.deepcopy(module)
     notes = []
@@ -177,7 +182,8 @@ def prune(
         notes.append(step.note(before, export_module(work), tuned, monitor["metric"]))
     target = export_module(work).eval()
     with watch.part(f"{name}: export"):
-        save_onnx(export_net(target, example, opset), staging / f"{name}.net.onnx")
+        exported = export_graph(target, example, opset, exporter)
+        save_onnx(exported.model, staging / f"{name}.net.onnx")
     torch.save(target.state_dict(), staging / f"{name}.pt")
     return {
         "precision": "fp32",
@@ -186,6 +192,7 @@ def prune(
         "params": pruning.count_parameters(target),
         "nonzero_params": pruning.count_nonzero(target),
         "sparsity": round(pruning.weight_sparsity(target), 4),
+        **exported_by(exported),
         "notes": notes,
     }
 
@@ -207,6 +214,14 @@ class Calibration:
                 self.datamodule, batches, batch_size, seed=self.seed
             )
         return self.drawn[batches, batch_size]
+
+
+def exported_by(exported: Any) -> dict[str, str]:
+    """A variant's record of the exporter that made its net (and why auto did not use torchscript)."""
+    record = {"exporter": exported.exporter}
+    if exported.fallback_reason:
+        record["exporter_fallback"] = exported.fallback_reason
+    return record
 
 
 def save_onnx(model: Any, path: Path) -> None:

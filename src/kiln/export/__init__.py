@@ -2,7 +2,7 @@
 
 Modules, in the order a model goes through them:
   from_run.py     a run directory back into its config, data, and best checkpoint
-  onnx_export.py  torch net -> ONNX (dynamo exporter, dynamic batch, pinned opset)
+  onnx_export.py  torch net -> ONNX (torchscript when trusted, else dynamo; dynamic batch, pinned opset)
   graphs.py       the deployable graph: raw-row table preprocessing in front, class names behind, metadata
   feeds.py        raw rows (a DataFrame or an array) -> onnxruntime inputs; torch-free, shared with predict
   checks.py       onnx.checker, onnxruntime sessions, parity with PyTorch

@@ -1,11 +1,12 @@
 """Measuring a variant: metrics (the same definitions training logs), latency, size, parameters.
 
-Latency is warm: a few untimed runs first, then up to `repeats` timed runs, in microseconds per
-call at each batch size: the median, and the spread [min, median, max] that tells whether two
-variants differ at all. A measurement stops early, after MIN_REPEATS runs, once it has taken
-TIME_BUDGET_S: a slow variant's median is steady after a few runs, and its repeats were most of
-an export's time. onnxruntime and torch use their default thread pools unless `threads` is given
-(one value for both, for a fair comparison).
+Latency is warm: untimed runs first (WARMUP, or fewer once WARMUP_BUDGET_S has passed: one run of
+a slow call warms it), then up to `repeats` timed runs, in microseconds per call at each batch
+size: the median, and the spread [min, median, max] that tells whether two variants differ at all.
+A measurement stops early, after MIN_REPEATS runs, once the runs agree (max - min within TIGHT of
+the median: the median is known) or it has taken TIME_BUDGET_S (a noisy machine: more runs would
+not settle it). Repeats were most of an export's time. onnxruntime and torch use their default
+thread pools unless `threads` is given (one value for both, for a fair comparison).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from kiln.export.feeds import tile_rows
 
 WARMUP = 3
+WARMUP_BUDGET_S = 0.02
 MIN_REPEATS = 5
+TIGHT = 0.1  # runs within 10% of their median agree
 TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
 
 
@@ -51,16 +54,22 @@ def scores(
 
 def timed(call: Callable[[], Any], repeats: int, budget_s: float = TIME_BUDGET_S) -> list[float]:
     """Microseconds of up to `repeats` warm calls (at least MIN_REPEATS unless `repeats` is
-    smaller; no more once `budget_s` has passed)."""
+    smaller; no more once they agree within TIGHT or `budget_s` has passed)."""
+    started = time.perf_counter()
     for _ in range(WARMUP):
         call()
+        if time.perf_counter() - started > WARMUP_BUDGET_S:
+            break
     samples: list[float] = []
     started = time.perf_counter()
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         call()
         samples.append((time.perf_counter() - start) * 1e6)
-        if len(samples) >= MIN_REPEATS and time.perf_counter() - started > budget_s:
+        if len(samples) >= MIN_REPEATS and (
+            max(samples) - min(samples) <= TIGHT * float(np.median(samples))
+            or time.perf_counter() - started > budget_s
+        ):
             break
     return samples
 

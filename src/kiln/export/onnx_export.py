@@ -1,8 +1,18 @@
-"""A torch net -> one ONNX file: the dynamo exporter, a dynamic batch axis, a pinned opset, no
-external data (DESIGN.md, "Facts measured": `dynamic_shapes` in the tuple form, an example batch
-above 1, `external_data=False`).
+"""A torch net -> one ONNX file with a dynamic batch axis and a pinned opset.
 
-When the exporter cannot handle the net, the error names the module it stopped at.
+Two exporters, chosen by `export.exporter`:
+  dynamo       torch.export + torchlib, torch's default since 2.9 (DESIGN.md, "Facts measured":
+               `dynamic_shapes` in the tuple form, an example batch above 1, `external_data=False`).
+               Its first export in a process costs seconds of imports and table building (4.7 s of
+               the demo's 9 s compress + export on 2 cores); later ones about a second.
+  torchscript  the tracing exporter: about 0.1 s a net, but deprecated by torch (removal announced)
+               and, being a trace, blind to Python control flow that depends on the input.
+  auto         (the default) torchscript when its graph can be trusted, else dynamo. Trusted means: the
+               tracer raised no TracerWarning (the trace may not generalize), the net returns one tensor,
+               and onnxruntime answers a 3-row input (not the traced 2: the batch axis really is dynamic)
+               like torch to 1e-4. Every variant is checked against torch again after export anyway.
+
+When no exporter can handle the net, the error names the module it stopped at.
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ import io
 import logging
 import warnings
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -48,11 +60,48 @@ def example_input(module: Any, datamodule: Any) -> Tensor:
     return example[:2].contiguous()
 
 
-def export_net(net: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
+EXPORTERS = ("auto", "dynamo", "torchscript")
+TRUST_ATOL = 1e-4  # torchscript's graph vs torch on a 3-row input, before auto uses it
+
+
+@dataclass(frozen=True)
+class Exported:
+    """An exported net, the exporter that made it, and why auto did not use torchscript (if so)."""
+
+    model: onnx.ModelProto
+    exporter: str
+    fallback_reason: str = ""
+
+
+def export_net(net: nn.Module, example: Tensor, opset: int, exporter: str = "auto") -> onnx.ModelProto:
     """`net` (its forward) as an ONNX model with input `input` of shape (batch, *example.shape[1:])
     and output `output`. A net that cannot be exported is one KilnError naming the part that failed."""
+    return export_graph(net, example, opset, exporter).model
+
+
+def export_graph(net: nn.Module, example: Tensor, opset: int, exporter: str = "auto") -> Exported:
+    """As export_net, saying which exporter made the graph (report.json records it)."""
+    if exporter not in EXPORTERS:
+        raise KilnError(f"export.exporter={exporter}: use one of {', '.join(EXPORTERS)}")
     device = next(iter(net.parameters()), torch.empty(0)).device
     net = net.cpu().eval()
+    try:
+        reason = ""
+        if exporter in ("auto", "torchscript"):
+            try:
+                return Exported(_export_torchscript(net, example, opset), "torchscript")
+            except Untrusted as exc:
+                if exporter == "torchscript":
+                    raise KilnError(
+                        f"export.exporter=torchscript: {exc}; use export.exporter=dynamo"
+                    ) from exc
+                reason = str(exc)
+        return Exported(_export_or_explain(net, example, opset), "dynamo", reason)
+    finally:
+        net.to(device)
+
+
+def _export_or_explain(net: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
     try:
         return _export(net, example, opset)
     except Exception as exc:
@@ -67,8 +116,6 @@ def export_net(net: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
             f"the ONNX exporter cannot handle {type(net).__name__}.forward ({reason}); make forward use "
             "operators ONNX supports, or define kiln_export_module() returning the part to deploy"
         ) from exc
-    finally:
-        net.to(device)
 
 
 def _export(module: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
@@ -95,6 +142,61 @@ def _export(module: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
         del node.metadata_props[:]
         node.doc_string = ""
     return model
+
+
+class Untrusted(Exception):
+    """The torchscript exporter failed, or made a graph kiln does not trust (the message says why)."""
+
+
+def _export_torchscript(net: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
+    _quiet_exporter()
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, redirect_stdout(io.StringIO()):
+        warnings.simplefilter("always")
+        try:
+            torch.onnx.export(
+                net,
+                (example,),
+                buffer,  # type: ignore[arg-type]  # the torchscript exporter writes to a file object too
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+        except Exception as exc:  # removed from torch, an unsupported operator or opset, ...
+            raise Untrusted(f"the torchscript exporter failed ({_root_reason(exc)})") from exc
+    traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    if traced:
+        first = str(traced[0].message).strip().split(". ")[0][:160]
+        raise Untrusted(f"the torchscript trace may not hold for other inputs ({first})")
+    model = onnx.load_from_string(buffer.getvalue())
+    _require_same_answers(net, model, example)
+    return model
+
+
+def _require_same_answers(net: nn.Module, model: onnx.ModelProto, example: Tensor) -> None:
+    """onnxruntime's answer to a 3-row input equals torch's, or the graph is not used."""
+    import onnxruntime as ort
+
+    if len(model.graph.output) != 1:
+        raise Untrusted(f"the net returns {len(model.graph.output)} outputs, not one tensor")
+    x = torch.cat([example, example[:1]])  # 3 rows: the traced batch was 2
+    with torch.no_grad():
+        expected = net(x)
+    if not isinstance(expected, Tensor):
+        raise Untrusted(f"the net returns a {type(expected).__name__}, not a tensor")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        (answer,) = session.run(None, {"input": x.numpy()})
+    except Exception as exc:
+        raise Untrusted(f"onnxruntime cannot run the torchscript graph ({_root_reason(exc)})") from exc
+    wanted = expected.float().numpy()
+    if answer.shape != wanted.shape or not np.allclose(answer, wanted, rtol=1e-3, atol=TRUST_ATOL):
+        raise Untrusted("the torchscript graph answers a 3-row input unlike torch")
 
 
 def find_unexportable(net: nn.Module, example: Tensor, opset: int) -> str | None:

@@ -45,6 +45,7 @@ EMBEDDING_IMAGES = 1000  # training images the shipped model embeds for its drif
 @dataclass(frozen=True)
 class ExportSettings:
     opset: int = 20
+    exporter: str = "auto"
     atol: float = 1e-4
     latency_repeats: int = 30
     threads: int | None = None
@@ -61,6 +62,13 @@ def read_settings(config: dict[str, Any] | None) -> ExportSettings:
     if not isinstance(settings.opset, int) or not 18 <= settings.opset <= 21:
         raise KilnError(
             f"export.opset={settings.opset}: use an opset from 18 to 21 (string one-hot needs 19+ for tables)"
+        )
+    from kiln.export.onnx_export import EXPORTERS
+
+    if settings.exporter not in EXPORTERS:
+        raise KilnError(
+            f"export.exporter={settings.exporter}: use auto (torchscript when its graph is trusted, else "
+            "dynamo), dynamo or torchscript"
         )
     if not isinstance(settings.atol, int | float) or settings.atol <= 0:
         raise KilnError(f"export.atol={settings.atol}: must be > 0, e.g. 1e-4")
@@ -356,6 +364,8 @@ def export_variant(
         "size_bytes": path.stat().st_size,
         "params": entry["params"],
         "nonzero_params": entry.get("nonzero_params"),
+        "exporter": entry.get("exporter"),
+        **({"exporter_fallback": entry["exporter_fallback"]} if entry.get("exporter_fallback") else {}),
         "val_metrics": val_metrics,
         "test_metrics": test_metrics,
         "val_drop": val_drop,
