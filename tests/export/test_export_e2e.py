@@ -85,6 +85,8 @@ def test_the_report_has_every_number_and_the_shipped_variant(digits_export: Path
     for entry in [data["baseline"], *data["variants"]]:
         assert "test/acc" in entry["test_metrics"] and entry["size_bytes"] > 0 and entry["params"] > 0
         assert set(entry["latency_us"]) == {"1", "256"} and all(v > 0 for v in entry["latency_us"].values())
+        wanted = data["latency_repeats"]
+        assert all(min(5, wanted) <= runs <= wanted for runs in entry["latency_runs"].values())
     assert data["baseline"]["name"] == "torch_fp32"
     # a plain CNN is traced without a warning and answers like torch: auto keeps the quick exporter
     assert {v["exporter"] for v in data["variants"]} == {"torchscript"}

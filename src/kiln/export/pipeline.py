@@ -147,6 +147,7 @@ def export(
             "size_bytes": run.require_best_checkpoint().stat().st_size,
             "latency_us": latency.median_us,
             "latency_spread_us": latency.spread_us,
+            "latency_runs": latency.repeats,
             "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
         }
         if metric not in baseline["val_metrics"]:
@@ -396,6 +397,7 @@ def export_variant(
         latency = measure.ort_latency(session, inputs.feeds(session), BATCHES, settings.latency_repeats)
     variant["latency_us"] = latency.median_us
     variant["latency_spread_us"] = latency.spread_us
+    variant["latency_runs"] = latency.repeats  # timed runs behind each median (measure.timed)
     return variant
 
 

@@ -79,6 +79,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {v['name']}: {note}")
         if v.get("drop_ci95_reason"):
             lines.append(f"- {v['name']}: no bootstrap interval: {v['drop_ci95_reason']}")
+        if v.get("exporter_fallback"):
+            lines.append(f"- {v['name']}: exported by dynamo: {v['exporter_fallback']}")
     timings = report.get("timings_s") or {}
     lines += [
         "",
@@ -86,8 +88,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'points (hundredths) of a bounded score' if unit == 'points' else 'percent of the metric (a relative change)'}; "
         "its 95% interval comes from a paired bootstrap over the validation rows. Latency: "
         "onnxruntime (torch eager for the baseline), warm, median of up to "
-        f"{report['latency_repeats']} runs per batch size, with the fastest and slowest run. "
-        "Size: the .onnx file.",
+        f"{report['latency_repeats']} runs per batch size (fewer once 5 agree within 10% or 0.3 s has "
+        "passed), with the fastest and slowest run. Size: the .onnx file. Exporter of each net: "
+        f"{_exporters(report['variants'])}.",
         "",
     ]
     if timings:
@@ -98,6 +101,11 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["![trade-off](report.png)", ""]
     return "\n".join(lines)
+
+
+def _exporters(variants: list[dict[str, Any]]) -> str:
+    used = sorted({str(v.get("exporter")) for v in variants if v.get("exporter")})
+    return ", ".join(used) or "not recorded"
 
 
 def _cell(entry: dict[str, Any], column: str) -> str:
