@@ -44,6 +44,12 @@ TINY_DIGITS_CNN = [
 ]
 # Fewer latency repeats: the tests check the stages' behaviour, not their timings.
 QUICK = ["export.latency_repeats=3"]
+# One torch thread, for the children of the tests that train longest. On a busy 2-core machine
+# (CI, beside another CPU-heavy process) torch's default of a thread per core makes a small
+# model's every step wait for whichever thread is not running: a 5-epoch MLP fitted in 7 s there
+# with the default and in 0.4 s with one thread, the demo CNN in 67 s and 7 s, with the same
+# test metrics. How many threads torch uses is not something any of these tests checks.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def kiln_command(*args: str) -> list[str]:
@@ -129,6 +135,39 @@ class PreemptAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if (trainer.current_epoch, args[-1]) == (self.epoch, self.chunk):
             self.preemption.received = signal.SIGTERM
+
+
+class HoldAt(L.Callback):
+    """For a test that kills a child `kiln` at a known point of its training: after training step
+    `step` (0-based) of epoch `epoch` (0-based), in a run directory named `run` (any run if ""),
+    touch `marker` and wait there to be killed, so that the kill lands exactly there however fast
+    or slow the machine is. The child finds this module through HOLD_ENV; `hold_at` is the
+    override that adds it. A stateless callback: it leaves nothing in checkpoints."""
+
+    def __init__(self, marker: str, epoch: int, step: int = 0, run: str = "") -> None:
+        self.marker, self.epoch, self.step, self.run = Path(marker), epoch, step, run
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if (trainer.current_epoch, args[-1]) != (self.epoch, self.step):
+            return
+        checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if self.run and (checkpoints is None or Path(checkpoints).parent.name != self.run):
+            return
+        self.marker.touch()
+        threading.Event().wait(WAIT_TIMEOUT)  # the test kills this process; a deadline if it never does
+        raise RuntimeError(f"nothing killed this process within {WAIT_TIMEOUT:.0f} s of {self.marker}")
+
+
+# The environment a child `kiln` needs to import HoldAt from this module.
+HOLD_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+
+
+def hold_at(marker: Path, epoch: int, step: int = 0, run: str = "") -> str:
+    """The override that makes a child `kiln` hold at a point of its training (HoldAt)."""
+    return (
+        f"+callbacks.hold_for_test={{_target_:kilntest.HoldAt,marker:'{marker}',"
+        f"epoch:{epoch},step:{step},run:'{run}'}}"
+    )
 
 
 # -- waiting for events ------------------------------------------------------------------------

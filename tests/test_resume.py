@@ -4,6 +4,7 @@ where an uninterrupted run with the same seed ends (deterministic mode)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -11,14 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from kilntest import NO_COMPRESSION, Output, assert_ok, kiln_command, read_run, run_kiln, wait_for
+from kilntest import (
+    HOLD_ENV,
+    NO_COMPRESSION,
+    ONE_THREAD,
+    Output,
+    assert_ok,
+    hold_at,
+    kiln_command,
+    read_run,
+    run_kiln,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 5
 SETTINGS = [
     "data=synthetic",
-    "data.num_samples=160000",
+    "data.num_samples=10000",  # 7,000 training rows: 28 mini-batches an epoch, in two chunks (16, 12)
     "data.num_features=16",
     "model=mlp",
     "model.net.hidden_sizes=[64]",
@@ -37,24 +49,18 @@ def last_epoch_and_step(run_dir: Path) -> tuple[int, int]:
     return checkpoint["epoch"], checkpoint["global_step"]
 
 
-def saved_epoch(run_dir: Path) -> int | None:
-    """The epoch (0-based) of last.ckpt so far; None before the first. kiln saves a checkpoint to a
-    temporary name and renames it: a last.ckpt that exists is whole."""
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return None
-    return last_epoch_and_step(run_dir)[0]
-
-
 def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path: Path):
     straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
-    assert_ok(run_kiln(["train", f"run_dir={straight_dir}", *SETTINGS], tmp_path))
+    assert_ok(run_kiln(["train", f"run_dir={straight_dir}", *SETTINGS], tmp_path, env=ONE_THREAD))
 
-    # Start the same run and SIGKILL it inside its third epoch: once it has printed its second
-    # epoch's line and saved that epoch's last.ckpt, with three epochs still to train. Both are
-    # events the test sees, so the kill lands mid-training however slow the machine.
+    # Start the same run and SIGKILL it inside its third epoch, after its first training step there
+    # (epoch 2's last.ckpt saved, three epochs still to train): the run holds at that point
+    # (kilntest.HoldAt) until it is killed, so the kill lands there however fast or slow the machine.
+    held = tmp_path / "held"
     process = subprocess.Popen(
-        kiln_command("train", f"run_dir={broken_dir}", *SETTINGS),
+        kiln_command("train", f"run_dir={broken_dir}", *SETTINGS, hold_at(held, epoch=2, step=0)),
         cwd=tmp_path,
+        env={**os.environ, **HOLD_ENV, **ONE_THREAD},
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -62,15 +68,9 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path: Pa
     stderr = Output(process.stderr)
     try:
         wait_for(
-            lambda: stderr.search(r"^epoch 2/\d+ "),
-            "the run's line for its second epoch",
+            held.exists,
+            "the run to hold after the first step of its third epoch",
             timeout=600,  # as long as run_kiln gives a whole run
-            process=process,
-            output=stderr,
-        )
-        wait_for(
-            lambda: (saved_epoch(broken_dir) or 0) >= 1,
-            "last.ckpt of the second epoch",
             process=process,
             output=stderr,
         )
@@ -79,12 +79,17 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path: Pa
         if process.poll() is None:
             process.kill()
         process.wait()
-    assert process.returncode == -signal.SIGKILL, stderr.finish()
+    printed = stderr.finish()
+    assert process.returncode == -signal.SIGKILL, printed
+    # it printed its second epoch's line and never its third's: killed inside the third epoch
+    assert re.search(rf"^epoch 2/{EPOCHS} ", printed, re.M) and not re.search(r"^epoch 3/", printed, re.M), (
+        printed
+    )
     killed_at, _ = last_epoch_and_step(broken_dir)
-    assert 1 <= killed_at < EPOCHS - 1, "the kill must land after epoch 2 was saved and before the run ended"
+    assert killed_at == 1, "the kill must land after epoch 2 was saved and before epoch 3 ended"
     assert read_run(broken_dir)["status"] == "running", "a killed run never claims to be finished"
 
-    resumed = run_kiln(["train", f"run_dir={broken_dir}", "resume=auto", *SETTINGS], tmp_path)
+    resumed = run_kiln(["train", f"run_dir={broken_dir}", "resume=auto", *SETTINGS], tmp_path, env=ONE_THREAD)
     assert_ok(resumed)
     assert f"resuming from {broken_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
 
@@ -109,7 +114,14 @@ def test_resume_auto_needs_the_run_to_continue(kiln):
 def test_resume_auto_in_a_directory_without_checkpoints_says_it_starts_fresh(kiln, tmp_path: Path):
     run_dir = tmp_path / "fresh"
     result = kiln(
-        "train", f"run_dir={run_dir}", "resume=auto", "model=mlp", "trainer.max_epochs=1", "progress=lines"
+        "train",
+        f"run_dir={run_dir}",
+        "resume=auto",
+        "model=mlp",
+        "trainer.max_epochs=1",
+        "progress=lines",
+        *NO_COMPRESSION,  # what is tested is the start, not the delivery after it
+        env=ONE_THREAD,
     )
     assert_ok(result)
     assert f"no checkpoint in {run_dir / 'checkpoints'}, starting fresh" in result.stderr

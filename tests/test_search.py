@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -11,7 +12,18 @@ import optuna
 import pytest
 import yaml
 
-from kilntest import NO_COMPRESSION, Output, kiln_cli, kiln_command, ok, read_run, wait_for
+from kilntest import (
+    HOLD_ENV,
+    NO_COMPRESSION,
+    ONE_THREAD,
+    Output,
+    hold_at,
+    kiln_cli,
+    kiln_command,
+    ok,
+    read_run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +44,10 @@ def search_dir(cwd: Path) -> Path:
     return directory
 
 
-def kiln_search(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return kiln_cli("search", f"paths.output_dir={cwd / 'runs'}", *args, cwd=cwd)
+def kiln_search(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return kiln_cli(
+        "search", f"paths.output_dir={cwd / 'runs'}", *args, cwd=cwd, env={**ONE_THREAD, **(env or {})}
+    )
 
 
 def test_search_trains_trials_as_runs_and_beats_or_matches_the_baseline(tmp_path: Path) -> None:
@@ -85,27 +99,32 @@ def test_a_poor_trial_is_pruned_on_the_monitored_metric(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_search_continues_where_it_stopped(tmp_path: Path) -> None:
+    held = tmp_path / "held"
     args = [
         f"paths.output_dir={tmp_path / 'runs'}",
         *TINY,
-        "trainer.max_epochs=30",
+        "trainer.max_epochs=2",  # what is tested is which trials ran, not how well they trained
         LR_AND_WIDTH,
         "search.n_trials=3",
+        # trial 1 holds after its first training step until it is killed (kilntest.HoldAt); the
+        # other trials, and every trial of the continued search, train through
+        hold_at(held, epoch=0, step=0, run="trial_001"),
     ]
     process = subprocess.Popen(
         kiln_command("search", *args),
         cwd=tmp_path,
+        env={**os.environ, **HOLD_ENV, **ONE_THREAD},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     output = Output(process.stdout)
     try:
-        # Killed while trial 1 trains (its 30 epochs take far longer than the kill): trial 0 has
-        # completed, since trials run one after another, and trial 1's run record exists.
+        # Killed while trial 1 trains: trial 0 has completed, since trials run one after another,
+        # and trial 1's run record exists.
         wait_for(
-            lambda: list(tmp_path.glob("runs/search/*/trial_001/run.json")),
-            "trial 1 to start (its run.json)",
+            held.exists,
+            "trial 1 to hold inside its training",
             timeout=600,
             process=process,
             output=output,
@@ -118,8 +137,9 @@ def test_an_interrupted_search_continues_where_it_stopped(tmp_path: Path) -> Non
     assert process.returncode == -signal.SIGKILL, output.finish()
     directory = search_dir(tmp_path)
     assert read_run(directory / "trial_000")["status"] == "completed"
+    assert read_run(directory / "trial_001")["status"] == "running"
 
-    result = ok(kiln_search(*args[1:], f"run_dir={directory}", cwd=tmp_path))
+    result = ok(kiln_search(*args[1:], f"run_dir={directory}", cwd=tmp_path, env=HOLD_ENV))
     assert "trial 1 was interrupted; it is replaced" in result.stdout
     record = json.loads((directory / "search.json").read_text())
     assert record["states"] == {"complete": 3, "fail": 1}  # the killed trial, replaced

@@ -12,7 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from kiln.data import DigitsDataModule
 from kiln.models.nets import mlp
-from kilntest import NO_COMPRESSION, assert_ok, read_run, run_dirs, run_kiln
+from kilntest import NO_COMPRESSION, ONE_THREAD, assert_ok, read_run, run_dirs, run_kiln
 
 pytestmark = pytest.mark.slow
 
@@ -200,6 +200,7 @@ def test_the_demo_experiments_reach_their_test_accuracy_targets(experiment: str,
             *NO_COMPRESSION,
         ],
         tmp_path,
+        env=ONE_THREAD,  # 30 and 60 epochs: see kilntest.ONE_THREAD
     )
     assert_ok(result)
     (run_dir,) = run_dirs(tmp_path / "runs")
