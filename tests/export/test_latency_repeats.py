@@ -44,6 +44,14 @@ def test_runs_that_agree_stop_at_the_minimum(clock: FakeClock):
     assert len(made) == measure.WARMUP + measure.MIN_REPEATS
 
 
+def test_one_slow_run_among_agreeing_ones_does_not_keep_the_measurement_going(clock: FakeClock):
+    call, _ = calls_taking(
+        clock, [0.001] * measure.WARMUP + [0.001, 0.004, 0.001, 0.001, 0.001] + [0.001] * 50
+    )
+    samples = measure.timed(call, repeats=30)
+    assert len(samples) == measure.MIN_REPEATS and max(samples) == pytest.approx(4000.0)
+
+
 def test_runs_that_disagree_go_on_until_the_time_budget():
     clock = FakeClock()
     measure_time, measure.time = measure.time, clock  # type: ignore[assignment]

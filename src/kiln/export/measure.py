@@ -3,9 +3,9 @@
 Latency is warm: untimed runs first (WARMUP, or fewer once WARMUP_BUDGET_S has passed: one run of
 a slow call warms it), then up to `repeats` timed runs, in microseconds per call at each batch
 size: the median, and the spread [min, median, max] that tells whether two variants differ at all.
-A measurement stops early, after MIN_REPEATS runs, once the runs agree (max - min within TIGHT of
-the median: the median is known) or it has taken TIME_BUDGET_S (a noisy machine: more runs would
-not settle it). Repeats were most of an export's time. onnxruntime and torch use their default
+A measurement stops early, after MIN_REPEATS runs, once the runs agree (their middle half, the
+interquartile range, within TIGHT of the median: the median is known; one slow outlier does not
+keep it going) or it has taken TIME_BUDGET_S (a noisy machine: more runs would not settle it). Repeats were most of an export's time. onnxruntime and torch use their default
 thread pools unless `threads` is given (one value for both, for a fair comparison).
 """
 
@@ -26,7 +26,7 @@ from kiln.export.feeds import tile_rows
 WARMUP = 3
 WARMUP_BUDGET_S = 0.02
 MIN_REPEATS = 5
-TIGHT = 0.1  # runs within 10% of their median agree
+TIGHT = 0.1  # runs whose middle half lies within 10% of their median agree
 TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
 
 
@@ -66,12 +66,14 @@ def timed(call: Callable[[], Any], repeats: int, budget_s: float = TIME_BUDGET_S
         start = time.perf_counter()
         call()
         samples.append((time.perf_counter() - start) * 1e6)
-        if len(samples) >= MIN_REPEATS and (
-            max(samples) - min(samples) <= TIGHT * float(np.median(samples))
-            or time.perf_counter() - started > budget_s
-        ):
+        if len(samples) >= MIN_REPEATS and (agree(samples) or time.perf_counter() - started > budget_s):
             break
     return samples
+
+
+def agree(samples: list[float]) -> bool:
+    low, median, high = np.percentile(samples, [25, 50, 75])
+    return bool(high - low <= TIGHT * median)
 
 
 @dataclass

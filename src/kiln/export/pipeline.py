@@ -110,7 +110,7 @@ def export(
     from kiln.compression.choose import choose
     from kiln.export import measure
     from kiln.export.report import log_tensorboard, write_report
-    from kiln.export.scoring import RowRecorder, evaluate
+    from kiln.export.scoring import RowRecorder, evaluate, evaluation_trainer
     from kiln.interrupts import held
     from kiln.runs import copy_atomically, swap_in
 
@@ -132,9 +132,12 @@ def export(
 
     with measure.Threads(settings.threads):
         with watch.part("baseline: score torch fp32"):
+            trainer = evaluation_trainer()  # one for every scoring pass of this export
             baseline_rows = RowRecorder(target)
-            val_metrics = evaluate(module, datamodule, "val", baseline_rows)
-            test_metrics = dict(run.record.get("test_metrics") or {}) or evaluate(module, datamodule, "test")
+            val_metrics = evaluate(module, datamodule, "val", baseline_rows, trainer)
+            test_metrics = dict(run.record.get("test_metrics") or {}) or evaluate(
+                module, datamodule, "test", trainer=trainer
+            )
         with watch.part("baseline: latency"):
             latency = measure.torch_latency(
                 target, inputs.torch_features(), BATCHES, settings.latency_repeats
@@ -170,7 +173,7 @@ def export(
                     inputs,
                     model,
                     entry,
-                    Reference(baseline, baseline_rows, gate),
+                    Reference(baseline, baseline_rows, gate, trainer),
                     manifest,
                     settings,
                     staging,
@@ -272,11 +275,13 @@ class Gate:
 
 @dataclass
 class Reference:
-    """What every variant is compared with: the torch fp32 model's metrics and validation rows."""
+    """What every variant is compared with: the torch fp32 model's metrics and validation rows,
+    the gate, and the Trainer that scored the baseline (and scores each variant the same way)."""
 
     baseline: dict[str, Any]
     rows: RowRecorder
     gate: Gate
+    trainer: Any
 
 
 def remove_abandoned_staging(directory: Path) -> None:
@@ -329,8 +334,9 @@ def export_variant(
     with watch.part(f"{name}: score"):
         net_session = checks.open_session(net_path, settings.threads)
         rows = RowRecorder(target)
-        val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name, rows)
-        test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name)
+        trainer = reference.trainer
+        val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name, rows, trainer)
+        test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name, trainer=trainer)
     with watch.part(f"{name}: bootstrap"):
         interval = drop_interval(
             metric, model.task, mode, gate.unit, reference.rows, rows, baseline, val_metrics

@@ -88,7 +88,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'points (hundredths) of a bounded score' if unit == 'points' else 'percent of the metric (a relative change)'}; "
         "its 95% interval comes from a paired bootstrap over the validation rows. Latency: "
         "onnxruntime (torch eager for the baseline), warm, median of up to "
-        f"{report['latency_repeats']} runs per batch size (fewer once 5 agree within 10% or 0.3 s has "
+        f"{report['latency_repeats']} runs per batch size (fewer once their middle half is within 10% or 0.3 s has "
         "passed), with the fastest and slowest run. Size: the .onnx file. Exporter of each net: "
         f"{_exporters(report['variants'])}.",
         "",

@@ -33,16 +33,27 @@ EVALUATION_TRAINER: dict[str, Any] = {
 }
 
 
-def evaluate(module: Any, datamodule: Any, split: str, rows: RowRecorder | None = None) -> dict[str, float]:
-    """What the module logs over one split ("val" or "test"), by its own validation/test step;
-    with `rows`, every row's output and target are kept as well (for the bootstrap)."""
+def evaluation_trainer() -> Any:
+    """A Lightning Trainer for evaluate(): one serves every pass of an export (building one reads
+    every installed package's entry points, 15-20 ms: a tenth of scoring a variant of the demo)."""
     import lightning as L
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with warnings.catch_warnings(), rows.active(module) if rows else nullcontext():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice (workers, srun) is about training, not this
-        trainer = L.Trainer(**EVALUATION_TRAINER)
+        return L.Trainer(**EVALUATION_TRAINER)
+
+
+def evaluate(
+    module: Any, datamodule: Any, split: str, rows: RowRecorder | None = None, trainer: Any = None
+) -> dict[str, float]:
+    """What the module logs over one split ("val" or "test"), by its own validation/test step;
+    with `rows`, every row's output and target are kept as well (for the bootstrap). `trainer`:
+    an evaluation_trainer() to reuse (else a new one)."""
+    trainer = trainer or evaluation_trainer()
+    with warnings.catch_warnings(), rows.active(module) if rows else nullcontext():
+        warnings.simplefilter("ignore")
         run = trainer.validate if split == "val" else trainer.test
         results = run(module, datamodule=datamodule, verbose=False)
     module.eval()
@@ -150,11 +161,12 @@ def evaluate_graph(
     split: str,
     variant: str,
     rows: RowRecorder | None = None,
+    trainer: Any = None,
 ) -> dict[str, float]:
     """The module's own metrics over a split with `target`'s forward served by `session`."""
     patched = OnnxForward(target, session)
     with patched.active():
-        metrics = evaluate(module, datamodule, split, rows)
+        metrics = evaluate(module, datamodule, split, rows, trainer)
     if patched.calls == 0:
         raise KilnError(
             f"scoring {variant}: the module's {'validation' if split == 'val' else 'test'}_step never "
