@@ -9,6 +9,7 @@ a file it creates), never after a sleep.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shlex
@@ -23,6 +24,7 @@ from kilntest import QUICK, ROOT, Output, copy_run, kiln_cli, kiln_command, ok, 
 
 pytestmark = pytest.mark.slow
 
+F_GETPIPE_SZ = 1032  # fcntl's "size of this pipe" (Linux)
 SIGNALS = [pytest.param(signal.SIGINT, 130, id="SIGINT"), pytest.param(signal.SIGTERM, 143, id="SIGTERM")]
 # What a stage may change in a run it was stopped in: its record, its lock and Hydra's log of it.
 MAY_CHANGE = {"run.json", ".kiln.lock"}
@@ -73,13 +75,41 @@ def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], Output, Ou
     return process, Output(process.stdout), Output(process.stderr)
 
 
-def stop_on(
-    process: subprocess.Popen[str], stdout: Output, stderr: Output, pattern: str, signum: int
+def start_held_at_first_line(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], int, Output]:
+    """kiln with its stdout a pipe left a few bytes short of full: its first line waits in write()
+    until the test reads (the kernel holds it, not a sleep), so a signal sent then lands exactly
+    there, however quickly the rest of the stage would have gone. Returns the pipe's read end."""
+    read_end, write_end = os.pipe()
+    size = fcntl.fcntl(write_end, F_GETPIPE_SZ)
+    os.write(write_end, b"\n" * (size - 16))  # any line kiln prints is longer than 16 bytes
+    process = subprocess.Popen(
+        kiln_command(*args), cwd=cwd, stdout=write_end, stderr=subprocess.PIPE, text=True
+    )
+    os.close(write_end)
+    return process, read_end, Output(process.stderr)
+
+
+def stop_held(
+    process: subprocess.Popen[str], read_end: int, stderr: Output, signum: int
 ) -> tuple[int, list[str]]:
-    """Send `signum` once stdout shows `pattern`; the exit code and the stderr lines."""
+    """Send `signum` once the process waits to write its first line; the exit code, stderr's lines."""
+    wchan = Path(f"/proc/{process.pid}/wchan")  # where in the kernel its main thread waits
+
+    def waiting_to_write() -> bool:
+        try:
+            return "pipe_write" in wchan.read_text()  # pipe_write, or anon_pipe_write (Linux 6.x)
+        except OSError:  # it has exited: wait_for says so, with its stderr
+            return False
+
     try:
-        wait_for(lambda: stdout.search(pattern), repr(pattern), process=process, output=stderr)
+        wait_for(
+            waiting_to_write,
+            "kiln to print its first line",
+            process=process,
+            output=stderr,
+        )
         process.send_signal(signum)
+        stdout = Output(os.fdopen(read_end))  # drained from now on: the held line, then the rest
         code = process.wait(timeout=300)
     finally:
         if process.poll() is None:
@@ -111,9 +141,9 @@ def test_a_signal_during_compress_keeps_the_shipped_model(
         "compress.prune_structured.finetune_epochs=5",
         *QUICK,
     ]
-    process, stdout, stderr = start(args, tmp_path)
-    # the first line: the uncompressed model being exported into the staging folder
-    exit_code, lines = stop_on(process, stdout, stderr, r"^kiln compress: exporting the uncompressed", signum)
+    # held at its first line, "exporting the uncompressed model": the staging folder exists
+    process, stdout, stderr = start_held_at_first_line(args, tmp_path)
+    exit_code, lines = stop_held(process, stdout, stderr, signum)
     name = signal.Signals(signum).name
     assert exit_code == code, "\n".join(lines)
     line = check_said_once(lines, "compress", name)
@@ -133,10 +163,9 @@ def test_a_signal_during_export_keeps_the_shipped_model(
     run = tmp_path / "run"
     shutil.copytree(shipped, run)
     before = snapshot(run)
-    # Many latency repeats: after the first variant's line, the second one takes seconds to measure.
-    args = ["export", f"run={run}", "export.latency_repeats=2000"]
-    process, stdout, stderr = start(args, tmp_path)
-    exit_code, lines = stop_on(process, stdout, stderr, r"^kiln export: ", signum)
+    args = ["export", f"run={run}"]
+    process, stdout, stderr = start_held_at_first_line(args, tmp_path)
+    exit_code, lines = stop_held(process, stdout, stderr, signum)
     name = signal.Signals(signum).name
     assert exit_code == code, "\n".join(lines)
     line = check_said_once(lines, "export", name)
