@@ -10,13 +10,6 @@ from pathlib import Path
 
 import pytest
 
-# One torch thread in this process and every kiln it starts, set before torch is imported. The
-# suite's nets are tiny, and on a busy 2-core machine (CI beside another CPU-heavy process)
-# torch's default pool of a thread per core makes every step wait for the thread that is not
-# running: the demo CNN trained in 67 s with it and 7 s without, to the same test metrics.
-# onnxruntime keeps its own pool; no test checks torch's thread count.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 from kilntest import TINY_DIGITS_CNN, TINY_PENGUINS, run_kiln, trained_run
 
 # Nothing downloads at run time (no internet here); built-in data sets (data=digit_images) are

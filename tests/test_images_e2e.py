@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from PIL import Image
 
 from kilntest import kiln_cli, ok, read_run, run_dirs
@@ -65,16 +64,7 @@ def image_run(tmp_path_factory) -> Path:
             f"run_dir={run_dir}",
         ],
     )
-    # Two torch threads, as torch's default on the 2-core machines this was written for, not the
-    # suite's one (conftest.py): a ResNet-18 trained from scratch for 4 epochs on 96 images is a
-    # fragile trajectory, and with one thread (another order of float sums) it ends at 0.87 test
-    # accuracy instead of 0.97+. Known fragility, noted in the session's closing note.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        train_stage.main.call(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    train_stage.main.call(cfg)
     return run_dir
 
 
