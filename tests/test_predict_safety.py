@@ -403,9 +403,10 @@ def exited_pid() -> int:
 def test_staging_folders_of_dead_exports_are_removed_and_live_ones_kept(tmp_path):
     from kiln.export.pipeline import remove_abandoned_staging
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # a live process: it waits for its stdin to close
+    waiting = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        dead, live, parent = exited_pid(), sleeper.pid, os.getpid()
+        dead, live, parent = exited_pid(), waiting.pid, os.getpid()
         for name in (f".export.tmp-{dead}", f".export.tmp-{live}", f".export.tmp-{parent}", ".export.tmp-x1"):
             (tmp_path / name).mkdir()
             (tmp_path / name / "fp32.onnx").write_bytes(b"half")
@@ -415,8 +416,8 @@ def test_staging_folders_of_dead_exports_are_removed_and_live_ones_kept(tmp_path
             [f".export.tmp-{live}", f".export.tmp-{parent}", ".export.tmp-x1", f".compress.tmp-{dead}"]
         )
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        waiting.kill()
+        waiting.wait()
 
 
 @pytest.mark.slow

@@ -52,14 +52,9 @@ def test_one_slow_run_among_agreeing_ones_does_not_keep_the_measurement_going(cl
     assert len(samples) == measure.MIN_REPEATS and max(samples) == pytest.approx(4000.0)
 
 
-def test_runs_that_disagree_go_on_until_the_time_budget():
-    clock = FakeClock()
-    measure_time, measure.time = measure.time, clock  # type: ignore[assignment]
-    try:
-        call, _ = calls_taking(clock, itertools.cycle([0.010, 0.020]))  # 50% apart: never tight
-        samples = measure.timed(call, repeats=100, budget_s=0.3)
-    finally:
-        measure.time = measure_time  # type: ignore[assignment]
+def test_runs_that_disagree_go_on_until_the_time_budget(clock: FakeClock):
+    call, _ = calls_taking(clock, itertools.cycle([0.010, 0.020]))  # 50% apart: never tight
+    samples = measure.timed(call, repeats=100, budget_s=0.3)
     # warm-up ends after 0.02 s (two calls); then runs until 0.3 s have passed: 20 runs of 15 ms average
     assert 19 <= len(samples) <= 21 and sum(samples) / 1e6 == pytest.approx(0.3, abs=0.021)
 

@@ -5,8 +5,9 @@ a slow call warms it), then up to `repeats` timed runs, in microseconds per call
 size: the median, and the spread [min, median, max] that tells whether two variants differ at all.
 A measurement stops early, after MIN_REPEATS runs, once the runs agree (their middle half, the
 interquartile range, within TIGHT of the median: the median is known; one slow outlier does not
-keep it going) or it has taken TIME_BUDGET_S (a noisy machine: more runs would not settle it). Repeats were most of an export's time. onnxruntime and torch use their default
-thread pools unless `threads` is given (one value for both, for a fair comparison).
+keep it going) or it has taken TIME_BUDGET_S (a noisy machine: more runs would not settle it).
+Repeats were most of an export's time. onnxruntime and torch use their default thread pools
+unless `threads` is given (one value for both, for a fair comparison).
 """
 
 from __future__ import annotations

@@ -79,10 +79,17 @@ def export_net(net: nn.Module, example: Tensor, opset: int, exporter: str = "aut
     return export_graph(net, example, opset, exporter).model
 
 
+def check_exporter(exporter: str) -> None:
+    if exporter not in EXPORTERS:
+        raise KilnError(
+            f"export.exporter={exporter}: use auto (torchscript when its graph is trusted, else dynamo), "
+            "dynamo or torchscript"
+        )
+
+
 def export_graph(net: nn.Module, example: Tensor, opset: int, exporter: str = "auto") -> Exported:
     """As export_net, saying which exporter made the graph (report.json records it)."""
-    if exporter not in EXPORTERS:
-        raise KilnError(f"export.exporter={exporter}: use one of {', '.join(EXPORTERS)}")
+    check_exporter(exporter)
     device = next(iter(net.parameters()), torch.empty(0)).device
     net = net.cpu().eval()
     try:
@@ -177,7 +184,7 @@ def _export_torchscript(net: nn.Module, example: Tensor, opset: int) -> onnx.Mod
 
 def _require_same_answers(net: nn.Module, model: onnx.ModelProto, example: Tensor) -> None:
     """onnxruntime's answer to a 3-row input equals torch's, or the graph is not used."""
-    import onnxruntime as ort
+    from kiln.export.checks import open_session
 
     if len(model.graph.output) != 1:
         raise Untrusted(f"the net returns {len(model.graph.output)} outputs, not one tensor")
@@ -186,13 +193,10 @@ def _require_same_answers(net: nn.Module, model: onnx.ModelProto, example: Tenso
         expected = net(x)
     if not isinstance(expected, Tensor):
         raise Untrusted(f"the net returns a {type(expected).__name__}, not a tensor")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = open_session("the torchscript graph", threads=1, model=model.SerializeToString())
         (answer,) = session.run(None, {"input": x.numpy()})
-    except Exception as exc:
+    except Exception as exc:  # a KilnError from open_session, or onnxruntime's own
         raise Untrusted(f"onnxruntime cannot run the torchscript graph ({_root_reason(exc)})") from exc
     wanted = expected.float().numpy()
     if answer.shape != wanted.shape or not np.allclose(answer, wanted, rtol=1e-3, atol=TRUST_ATOL):

@@ -63,13 +63,9 @@ def read_settings(config: dict[str, Any] | None) -> ExportSettings:
         raise KilnError(
             f"export.opset={settings.opset}: use an opset from 18 to 21 (string one-hot needs 19+ for tables)"
         )
-    from kiln.export.onnx_export import EXPORTERS
+    from kiln.export.onnx_export import check_exporter
 
-    if settings.exporter not in EXPORTERS:
-        raise KilnError(
-            f"export.exporter={settings.exporter}: use auto (torchscript when its graph is trusted, else "
-            "dynamo), dynamo or torchscript"
-        )
+    check_exporter(settings.exporter)
     if not isinstance(settings.atol, int | float) or settings.atol <= 0:
         raise KilnError(f"export.atol={settings.atol}: must be > 0, e.g. 1e-4")
     if not isinstance(settings.latency_repeats, int) or settings.latency_repeats < 1:
@@ -371,8 +367,7 @@ def export_variant(
         "size_bytes": path.stat().st_size,
         "params": entry["params"],
         "nonzero_params": entry.get("nonzero_params"),
-        "exporter": entry.get("exporter"),
-        **({"exporter_fallback": entry["exporter_fallback"]} if entry.get("exporter_fallback") else {}),
+        **{key: entry[key] for key in ("exporter", "exporter_fallback") if key in entry},  # compress's record
         "val_metrics": val_metrics,
         "test_metrics": test_metrics,
         "val_drop": val_drop,
