@@ -17,7 +17,8 @@ when colour and sharpness stay put.
 The comparison is the population stability index, PSI = sum((new - base) * ln(new / base)) over
 the bins (missing values are a bin of their own). Usual reading: under 0.1 stable, 0.1 to 0.25 a
 moderate shift, above 0.25 a large one. It needs a few hundred rows to mean much: with fewer,
-kiln says so.
+kiln says so, and under MIN_ROWS it makes no check at all (one line instead of a warning per
+feature).
 
 numpy only: `kiln predict` imports this and stays free of torch and pandas.
 """
@@ -38,7 +39,8 @@ DECILES = np.linspace(0.1, 0.9, 9)
 MAX_CATEGORIES = 30
 OTHER = "(other)"
 EPSILON = 1e-4  # an empty bin counts as this share, so that ln() stays finite
-FEW_ROWS = 200
+FEW_ROWS = 200  # below this PSI is noisy, and kiln predict says so
+MIN_ROWS = 50  # below this PSI is noise alone (about 0.2 from sampling): kiln predict skips the check
 PACKED = "zlib+base64:"  # the prefix of a packed baseline in ONNX metadata
 MAX_UNPACKED = 32 * 2**20  # a packed baseline that inflates past this is refused (a zip bomb in metadata)
 EMBEDDING_COMPONENTS = 4

@@ -85,19 +85,48 @@ TRACKED_PACKAGES = (
 
 
 @contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temp path beside `path` to write; renamed onto `path` when the block ends without error,
-    removed otherwise. Readers see the old file or the new one, never half of one."""
+def replacing(path: Path, prefix: str | None = None) -> Iterator[Path]:
+    """A temp path beside `path` to write (named `<prefix><random>.tmp`, by default
+    `.<name>.<random>.tmp`); renamed onto `path` when the block ends without error, removed
+    otherwise. Readers see the old file or the new one, never half of one. The file gets the mode
+    of the one it replaces, or what the user's umask gives a new file (mkstemp's 0600 would make
+    a shared file private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
     os.close(handle)
     temp = Path(name)
     try:
         yield temp
-        os.chmod(temp, 0o644)
+        os.chmod(temp, file_mode(path))
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits a new version of `path` gets: those of the file it replaces, else
+    0666 less the umask (what `open()` would give a new file)."""
+    import stat
+
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # no file there yet
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be: setting it to read it back (the only
+    portable way) would, for a moment, give files that other threads create mode 0666."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _CREDENTIAL = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?P<password>[^@\s'\"]+)@")

@@ -140,23 +140,47 @@ def _is_number(text: str) -> bool:
 def check_columns(
     present: Sequence[str], expected: Sequence[str], source: str, ignored: Sequence[str] = ()
 ) -> None:
-    """The rows must have exactly the model's columns (any order; `ignored` ones, e.g. the target, are dropped)."""
+    """The rows must have exactly the model's columns (any order; `ignored` ones, e.g. the target, are
+    dropped). The refusal is one short line however many columns there are: a table of 8 columns
+    fed to a model of 64 pixels names a few of each, not all of them twice."""
     present = [str(c) for c in present]
     missing = [c for c in expected if c not in present]
-    if missing:
+    takes = f"the model takes {len(expected)} column{plural(expected)}: {few(expected)}"
+    if missing and len(missing) == len(expected):
         raise KilnError(
-            f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
-            f"the model takes: {', '.join(expected)}"
+            f"{source}: none of the model's columns; {takes}; the file has {len(present)}: {few(present)}; "
+            "give rows with the model's columns"
         )
+    if missing:
+        raise KilnError(f"{source}: missing column{plural(missing)} {few(missing, quoted=True)}; {takes}")
     extra = [c for c in present if c not in expected and c not in ignored]
     if extra:
         raise KilnError(
-            f"{source}: column{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} not taken by the "
-            f"model; drop {'them' if len(extra) > 1 else 'it'} (the model takes: {', '.join(expected)})"
+            f"{source}: column{plural(extra)} {few(extra, quoted=True)} not taken by the model; drop "
+            f"{'them' if len(extra) > 1 else 'it'} ({takes})"
         )
     duplicated = sorted({c for c in present if present.count(c) > 1})
     if duplicated:
-        raise KilnError(f"{source}: column {duplicated[0]!r} appears more than once")
+        raise KilnError(f"{source}: column {shortened(duplicated[0])!r} appears more than once")
+
+
+SHOWN_NAMES = 4  # column names a refusal lists before "... and N more"
+LONGEST_NAME = 40  # characters of a column name a refusal shows (a header cell can be any length)
+
+
+def few(names: Sequence[str], quoted: bool = False) -> str:
+    """The first SHOWN_NAMES of `names` (each cut to LONGEST_NAME characters), then how many more."""
+    shown = [repr(shortened(n)) if quoted else shortened(n) for n in names[:SHOWN_NAMES]]
+    more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+    return ", ".join(shown) + more
+
+
+def shortened(name: str) -> str:
+    return name if len(name) <= LONGEST_NAME else name[: LONGEST_NAME - 3] + "..."
+
+
+def plural(items: Sequence[object]) -> str:
+    return "s" if len(items) > 1 else ""
 
 
 def array_feeds(values: np.ndarray, spec: InputSpec, source: str = "input") -> dict[str, np.ndarray]:

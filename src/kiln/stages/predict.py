@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,12 +131,15 @@ def run(settings: dict[str, Any], written: list[Path] | None = None) -> dict[str
         from kiln.export.images import at_training_size, model_channels, predict_images, read_images
 
         files, images = read_images(source, model_channels(session))
+        if threshold is not None and not enough_rows_for_drift(len(images)):
+            threshold = None
         projection = embedding_projection(meta) if threshold is not None else None
         if projection is not None:  # the same pass also returns the penultimate layer's output
             session = embedding_session(model, projection["tensor"])
         with onnxruntime_errors(model):
             results = predict_images(session, images, batch_size)
         embeddings = results.pop(projection["tensor"]) if projection is not None else None
+        check_answer_width(model, results, meta)
         rows = write_predictions(output, results, meta, files=files)
         written.append(output)
         drift = None
@@ -157,17 +159,32 @@ def run(settings: dict[str, Any], written: list[Path] | None = None) -> dict[str
     feeds = read_feeds(source, session, meta)
     with onnxruntime_errors(model):
         results = predict(session, feeds, batch_size)
+    check_answer_width(model, results, meta)
     rows = write_predictions(output, results, meta)
     written.append(output)
-    drift = (
-        check_drift(feature_columns(feeds, meta), meta, threshold, output) if threshold is not None else None
-    )
+    drift = None
+    if threshold is not None and enough_rows_for_drift(rows):
+        drift = check_drift(feature_columns(feeds, meta), meta, threshold, output)
     print(
         f"kiln predict: {rows} rows -> {output} ({(time.perf_counter() - started) * 1000:.0f} ms, "
         f"model {meta.get('kiln.variant', model.name)})",
         flush=True,
     )
     return {"rows": rows, "output": str(output), "drift": drift}
+
+
+def enough_rows_for_drift(rows: int) -> bool:
+    """Whether `rows` are enough for PSI to mean anything; if not, one line says so (rather than a
+    warning for every feature, each of them noise)."""
+    from kiln.drift import MIN_ROWS
+
+    if rows >= MIN_ROWS:
+        return True
+    print(
+        f"kiln predict: no drift check: it needs at least {MIN_ROWS} rows to mean anything, got {rows}",
+        file=sys.stderr,
+    )
+    return False
 
 
 def embedding_projection(meta: dict[str, str]) -> dict[str, Any] | None:
@@ -264,6 +281,8 @@ def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:
         raise KilnError(f"model={model}: no such file; give an .onnx file written by kiln export")
     if not source_path.exists():
         raise KilnError(f"input={source}: no such file or folder")
+    if not source_path.is_dir():
+        check_readable_size(source_path, f"input={source}")
     if not output_path.parent.is_dir():
         raise KilnError(f"output={output}: the directory {output_path.parent} does not exist")
     if output_path.is_dir():
@@ -282,6 +301,28 @@ def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:
             "predictions would replace; choose another file, e.g. output=predictions.csv"
         )
     return model_path, source_path, output_path
+
+
+MAX_INPUT_BYTES = 512 * 2**20  # predict reads its input whole: past this, memory runs out first
+
+
+def check_readable_size(path: Path, key: str) -> None:
+    """An input predict can read whole: a regular file (a pipe or a device such as /dev/zero may
+    never end) of at most MAX_INPUT_BYTES."""
+    import stat
+
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise KilnError(
+            f"{key}: not a regular file (a pipe or device, which may never end); save the rows to a file "
+            "and give that"
+        )
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES:
+        raise KilnError(
+            f"{key}: {size / 2**20:.1f} MiB, more than kiln predict reads at once ({MAX_INPUT_BYTES // 2**20} "
+            "MiB); split it into smaller files and predict each"
+        )
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -511,42 +552,91 @@ def write_predictions(
 ) -> int:
     """The predictions as CSV (written to a temp file, then renamed); for images, the file of
     each prediction in a first column `file`."""
-    import csv
-
-    if "label" in results:
-        classes = listed_names(meta, "kiln.class_names") or [
-            str(i) for i in range(results["probabilities"].shape[1])
-        ]
-        header = ["prediction", *(f"probability_{name}" for name in classes)]
-        rows: Any = (
-            [str(label), *(f"{p:.6g}" for p in probabilities)]
-            for label, probabilities in zip(results["label"], results["probabilities"], strict=True)
-        )
-        count = len(results["label"])
-    else:
-        values = results["prediction"] if "prediction" in results else next(iter(results.values()))
-        values = values.reshape(len(values), -1)[:, 0]
-        header, rows, count = ["prediction"], ([f"{v:.7g}"] for v in values), len(values)
+    header, rows = prediction_table(results, meta)
     refuse_non_finite_answers(results, files)
     if files is not None:
         header = ["file", *header]
-        rows = ([name, *row] for name, row in zip(files, rows, strict=True))
+        rows = [[name, *row] for name, row in zip(files, rows, strict=True)]
+    write_csv(output, header, rows)
+    return len(rows)
+
+
+def prediction_table(results: dict[str, Any], meta: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the answers: a classifier's class and each class's probability; otherwise
+    the model's answer, one column per number it gives a row (`prediction` when it gives one)."""
+    if "label" in results:
+        probabilities = results["probabilities"]
+        classes = listed_names(meta, "kiln.class_names") or [str(i) for i in range(probabilities.shape[1])]
+        header = ["prediction", *(f"probability_{name}" for name in classes)]
+        rows = [
+            [str(label), *(f"{p:.6g}" for p in row)]
+            for label, row in zip(results["label"], probabilities, strict=True)
+        ]
+        return header, rows
+    name = "prediction" if "prediction" in results else next(iter(results))
+    values = results[name]
+    values = values.reshape(len(values), -1)
+    header = ["prediction"] if values.shape[1] == 1 else [f"{name}_{i}" for i in range(values.shape[1])]
+    return header, [[number_text(v) for v in row] for row in values]
+
+
+def number_text(value: Any) -> str:
+    """A float to 7 significant digits (float32's precision); anything else as it is."""
+    import numpy as np
+
+    return f"{value:.7g}" if isinstance(value, float | np.floating) else str(value)
+
+
+def check_answer_width(model: Path, results: dict[str, Any], meta: dict[str, str]) -> None:
+    """A classifier's class names must be one per probability column: 3 names for 10 classes is
+    metadata changed after export, and would write a ragged CSV or name the wrong classes."""
+    names = listed_names(meta, "kiln.class_names")
+    if "label" not in results or not names:
+        return
+    width = results["probabilities"].reshape(len(results["probabilities"]), -1).shape[1]
+    if len(names) != width:
+        raise KilnError(
+            f"model={model}: its kiln.class_names metadata lists {len(names)} class names but the model "
+            f"answers {width} classes; the file was changed after export: export it again with kiln export"
+        )
+
+
+# A cell a spreadsheet would run as a formula (OWASP's CSV injection list): kept as text by a
+# leading quote. A number (-1.5) is not a formula and stays a number.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    if cell.startswith(FORMULA_STARTS) and not is_number(cell):
+        return "'" + cell
+    return cell
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_csv(output: Path, header: list[str], rows: list[list[str]]) -> None:
+    """`header` and `rows` to a temp file beside `output` (named as temp_prefix says), renamed onto
+    it once whole; every cell made safe to open in a spreadsheet."""
+    import csv
+
+    from kiln.runs import replacing
+
     remove_abandoned_temps(output)
     try:
-        handle, temp = tempfile.mkstemp(dir=output.parent, prefix=temp_prefix(output), suffix=".tmp")
-    except OSError as exc:
-        raise KilnError(f"output={output}: cannot write in {output.parent} ({exc.strerror})") from exc
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
+        with replacing(output, temp_prefix(output)) as temp, temp.open("w", newline="") as stream:
             writer = csv.writer(stream)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(temp, output)
-    except OSError as exc:  # a full disk, a read-only file system
-        raise KilnError(f"output={output}: cannot write it ({exc.strerror or exc})") from exc
-    finally:
-        Path(temp).unlink(missing_ok=True)
-    return count
+            writer.writerow([spreadsheet_safe(cell) for cell in header])
+            writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
+    except OSError as exc:  # a full disk, a read-only file system, a folder without write permission
+        raise KilnError(
+            f"output={output}: cannot write it in {output.parent} ({exc.strerror or exc})"
+        ) from exc
 
 
 def temp_prefix(path: Path) -> str:
@@ -572,14 +662,11 @@ def remove_abandoned_temps(path: Path) -> None:
 
 def write_whole(path: Path, text: str) -> None:
     """`text` to a temp file beside `path` (named as temp_prefix says), then renamed onto it."""
+    from kiln.runs import replacing
+
     remove_abandoned_temps(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    with replacing(path, temp_prefix(path)) as temp:
+        temp.write_text(text)
 
 
 def refuse_non_finite_answers(results: dict[str, Any], files: list[str] | None) -> None:
