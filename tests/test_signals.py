@@ -16,11 +16,24 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
-from kilntest import QUICK, ROOT, Output, copy_run, kiln_cli, kiln_command, ok, read_run, wait_for
+from kilntest import (
+    QUICK,
+    ROOT,
+    TINY_DIGITS,
+    Output,
+    copy_run,
+    kiln_cli,
+    kiln_command,
+    ok,
+    read_run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -268,3 +281,106 @@ def test_a_signal_waits_for_renames_that_belong_together():
         steps.append("after the block")  # never: the signal is raised as the block ends
     assert steps == ["first rename", "second rename"]
     assert caught.value.exit_code == 143
+
+
+# -- the windows the stress script found ------------------------------------------------------------
+
+
+class SignalAsTrainingEnds(L.Callback):
+    """Sends SIGINT to its own process as the last epoch ends, after kiln's StopOnSignal has looked
+    for a signal there: the moment a Ctrl-C used to be taken as 'test, export and exit 0'."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 == trainer.max_epochs:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_as_training_ends_stops_once_the_test_is_recorded(tmp_path: Path, monkeypatch):
+    from kiln import cli
+    from kiln.config import compose
+    from kiln.interrupts import Interrupted, raising
+    from kiln.stages import train as train_stage
+
+    run = tmp_path / "run"
+    overrides = [
+        *TINY_DIGITS,
+        "export.after_training=true",  # stopping must skip it: the user asked to stop
+        f"run_dir={run}",
+        "+callbacks.signal_for_test={_target_:test_signals.SignalAsTrainingEnds}",
+    ]
+    with pytest.raises(Interrupted) as caught, raising():
+        train_stage.main.call(compose("train", overrides))
+    assert caught.value.exit_code == 130
+    record = read_run(run)
+    assert record["status"] == "completed" and record["epochs"] == 2
+    assert set(record["test_metrics"]) >= {"test/acc", "test/loss"}  # tested whole, then stopped
+    assert not (run / "model.onnx").exists() and "delivery" not in record
+    printed = f"kiln export run={run}"
+    assert caught.value.message == (
+        "interrupted by SIGINT as training ended: the run is complete (tested and recorded in "
+        f"{run}/run.json), not exported; export it with: {printed}"
+    )
+    # the command it prints finishes the run
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    main_module = sys.modules["__main__"]
+    monkeypatch.setattr(main_module, "__spec__", getattr(main_module, "__spec__", None), raising=False)
+    assert cli.main([*shlex.split(printed)[1:], *QUICK]) == 0
+    assert read_run(run)["delivery"]["status"] == "passed" and (run / "model.onnx").is_file()
+
+
+SIGNAL_AT_SHUTDOWN = """
+import os, runpy, signal, sys
+
+class SignalAtShutdown:  # a module's object, destroyed as the interpreter tears its modules down
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+sys.modules["signal_at_shutdown"] = type(sys)("signal_at_shutdown")
+sys.modules["signal_at_shutdown"].it = SignalAtShutdown()
+sys.argv = ["kiln", "--version"]
+runpy.run_module("kiln", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_signal_after_kiln_finished_changes_nothing():
+    """Once kiln has done its work and said so, a Ctrl-C (here: as the interpreter shuts down)
+    leaves its exit code as it was: no death by signal, no second word."""
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_SHUTDOWN], capture_output=True, text=True, timeout=300
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "kiln 0.1.0\n", "")
+
+
+SIGNAL_AT_START = """
+import os, runpy, signal, sys
+
+def send_once(event, args, sent=[]):
+    if event == "import" and args[0] == "kiln.cli" and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), {signum})  # while `python -m kiln` imports its command line
+
+sys.addaudithook(send_once)
+sys.argv = ["kiln", "predict", "--help"]
+runpy.run_module("kiln", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_as_kiln_starts_is_one_line(tmp_path: Path, signum: int, code: int):
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_START.format(signum=int(signum))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    name = signal.Signals(signum).name
+    printed = "python -m kiln predict --help"
+    assert (result.returncode, result.stderr.splitlines()) == (
+        code,
+        [f"kiln: interrupted by {name} before it started; run it again: {printed}"],
+    )
+    again = subprocess.run(
+        [sys.executable, *shlex.split(printed)[1:]], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert again.returncode == 0 and again.stdout.startswith("usage: kiln predict")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -67,7 +67,44 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    """Run `kiln <args>`; its exit code. Without `argv`, kiln owns the process (the `kiln` script,
+    `python -m kiln`): a signal at any moment ends it with 130 / 143 and one line, and once the
+    outcome is decided and said, later signals are ignored (the work is done; see interrupts.ignore).
+    With `argv` (in-process callers) the handlers are kiln's only while it runs."""
+    from kiln.interrupts import ignore, install, raising
+
+    if argv is not None:
+        with raising():
+            return stopped_or_run(argv, settled=lambda: None)
+    install()  # first thing: before this, a Ctrl-C is Python's KeyboardInterrupt
+    try:
+        return stopped_or_run(sys.argv[1:], settled=ignore)
+    finally:
+        ignore()
+
+
+def stopped_or_run(args: list[str], settled: Callable[[], None]) -> int:
+    """`run_command`, or the one line of a signal that came before the stage started, where no
+    stage code was there yet to say what it kept."""
+    from kiln.interrupts import Interrupted
+
+    try:
+        return run_command(args, settled)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal_number("SIGINT"))
+        print(f"kiln: {stopped_early(stopped, args)}", file=sys.stderr, flush=True)
+        return stopped.exit_code
+
+
+def signal_number(name: str) -> int:
+    import signal
+
+    return int(signal.Signals[name])
+
+
+def run_command(args: list[str], settled: Callable[[], None]) -> int:
+    """The stage's exit code; `settled` is called as soon as the stage has returned (its outcome
+    is decided: a signal after that changes nothing)."""
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -81,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     make_user_code_importable(args[1:])
-    from kiln.interrupts import Interrupted, raising
+    from kiln.interrupts import Interrupted
 
     received: list[int] = []
+    returned: list[int] = []
     try:
-        with raising(), noting(received):
-            code = run_stage(name, args)
-    except Interrupted as exc:  # said in one line: what was saved, how to continue (kiln.interrupts)
+        with noting(received):
+            returned.append(run_stage(name, args))
+        settled()
+        code = returned[0]
+    except (Interrupted, KeyboardInterrupt) as caught:  # said in one line: what was saved, how to continue
+        if returned:  # came as kiln handed the stage's result back: the outcome stands
+            settled()
+            return returned[0]
+        exc = caught if isinstance(caught, Interrupted) else Interrupted(signal_number("SIGINT"))
         print(f"kiln {name}: {exc.message or stopped_early(exc, args)}", file=sys.stderr, flush=True)
         return exc.exit_code
     except Exception:

@@ -81,6 +81,42 @@ def raising() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _owner.pop()
+        _deferred.clear()  # a command's kept signal is its own, not the next in-process command's
+
+
+def install() -> None:
+    """For a process kiln owns (`kiln`, `python -m kiln`), first thing: SIGINT and SIGTERM raise
+    `Interrupted` from now on, never taken out again. Until then Python's own handling rules:
+    SIGINT raises KeyboardInterrupt and SIGTERM kills the process before it can say anything."""
+    if threading.current_thread() is threading.main_thread():
+        _owner.append(os.getpid())
+        for signum in SIGNALS:
+            signal.signal(signum, _raise)
+
+
+def ignore() -> None:
+    """For a process kiln owns, once its outcome is decided and said: a later signal changes
+    nothing. Ignored, it cannot kill the interpreter as it shuts down (Python restores the default
+    handlers there, and a SIGINT then ends the process as killed by it, after kiln said it finished)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+_deferred: list[int] = []  # a signal that came when stopping would have lost more than finishing
+
+
+def defer(signum: int) -> None:
+    """Keep a signal to act on at the next safe point (`take_deferred`): training's last epoch is
+    saved, and its test is what makes the run whole."""
+    _deferred.append(signum)
+
+
+def take_deferred() -> int | None:
+    """The signal kept by `defer`, if any (SIGTERM before SIGINT), now forgotten."""
+    signums = sorted(set(_deferred), key=lambda signum: signum != signal.SIGTERM)
+    _deferred.clear()
+    return signums[0] if signums else None
 
 
 @contextmanager

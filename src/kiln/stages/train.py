@@ -76,6 +76,7 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
                 f"{exc.message or f'interrupted by {exc.signal_name}'}; continue it with: "
                 f"kiln train run_dir={run_dir} resume=auto"
             ) from None
+        stop_if_signalled_as_training_ended(run_dir)
         if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
             # The tested checkpoint is recorded and safe; compression and export follow as their own
             # stage, so a failing gate there never touches the run's training results.
@@ -87,6 +88,21 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
         # run's status; however the run ended (rank 0 only)
         finish_run(cfg, run_dir)
     return test_metrics
+
+
+def stop_if_signalled_as_training_ended(run_dir: Path) -> None:
+    """A Ctrl-C or SIGTERM that came as the last epoch ended waited for the test (a run stopped
+    there could not be resumed: no epoch left to train); the run is complete now, so stop before
+    compression and export."""
+    from kiln.interrupts import Interrupted, take_deferred
+
+    signum = take_deferred()
+    if signum is not None:
+        stopped = Interrupted(signum)
+        raise stopped.said(
+            f"interrupted by {stopped.signal_name} as training ended: the run is complete (tested and "
+            f"recorded in {run_dir}/run.json), not exported; export it with: kiln export run={run_dir}"
+        )
 
 
 if __name__ == "__main__":  # how Lightning re-launches ranks > 0 of a DDP run

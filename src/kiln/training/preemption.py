@@ -33,7 +33,7 @@ import lightning as L
 import torch
 
 from kiln.errors import KilnError
-from kiln.interrupts import Interrupted
+from kiln.interrupts import Interrupted, defer
 from kiln.runs import mask_secrets
 from kiln.slurm import job_id
 
@@ -202,10 +202,11 @@ class StopOnSignal(SavesOnSignal):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.received is not None:  # came as training ended: it is whole; testing follows
+        if self.received is not None:  # came as training ended: it is whole; its test makes the run whole
+            defer(self.received)  # kiln train stops once the test is recorded (stages/train.py)
             log.warning(
                 f"kiln: {signal.Signals(self.received).name} came as training ended; testing the best "
-                "checkpoint now (send it again to stop)"
+                "checkpoint, then stopping (send it again to stop now)"
             )
 
 
