@@ -62,19 +62,23 @@ def run(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complete
     return subprocess.run(kiln(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def interrupt(args: list[str], cwd: Path, rng: random.Random, latest: float) -> tuple[int, int, str]:
+def interrupt(args: list[str], cwd: Path, rng: random.Random, latest: float) -> tuple[int, int, str, str]:
     """Start `kiln <args>`, send a random fault after a random delay of up to `latest` seconds;
-    (signal, exit code, stderr). A process that ended first just ends (exit code as it is)."""
+    (signal, exit code, stderr, what happened). A process that ended first just ends (exit code as
+    it is; said as 'finished before SIGINT', so that an exit 0 is not taken for a lost signal)."""
     fault = rng.choice(FAULTS)
     process = subprocess.Popen(
         kiln(*args), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    name = signal.Signals(fault).name
     try:
         process.wait(timeout=rng.uniform(0, latest))
+        happened = f"finished before {name}"
     except subprocess.TimeoutExpired:
         process.send_signal(fault)
+        happened = name
     _, stderr = process.communicate(timeout=900)
-    return fault, process.returncode, stderr
+    return fault, process.returncode, stderr, f"{happened} -> exit {process.returncode}"
 
 
 def check_exit(what: str, fault: int, code: int, stderr: str) -> None:
@@ -86,7 +90,7 @@ def check_exit(what: str, fault: int, code: int, stderr: str) -> None:
     if code not in (0, EXPECTED_CODES[fault]):
         raise Lost(f"{what}: exit {code} after {signal.Signals(fault).name}:\n{stderr[-2000:]}")
     if code in (130, 143):
-        last = stderr.strip().splitlines()[-1]
+        last = (stderr.strip().splitlines() or [""])[-1]
         if "interrupted by" not in last or "Traceback" in stderr:
             raise Lost(f"{what}: exit {code} without the one line saying how to continue:\n{stderr[-2000:]}")
 
@@ -203,8 +207,8 @@ def iteration(work: Path, rng: random.Random, say: Any, quick: bool = False) -> 
     # 1. training stopped anywhere: start-up, an epoch, testing, the export after it. A SIGKILL
     #    gets no say: what it left must be picked up by the next command, as a user would.
     first = work / "first"
-    fault, code, stderr = interrupt(["train", *TRAIN, f"run_dir={first}"], work, rng, latest=25)
-    say(f"train: {signal.Signals(fault).name} -> exit {code}")
+    fault, code, stderr, happened = interrupt(["train", *TRAIN, f"run_dir={first}"], work, rng, latest=25)
+    say(f"train: {happened}")
     check_exit("train", fault, code, stderr)
     if fault == signal.SIGKILL and code != 0:
         recover_training(first, work, say)
@@ -249,8 +253,8 @@ def iteration(work: Path, rng: random.Random, say: Any, quick: bool = False) -> 
         (["export", f"run={shared}", "export.latency_repeats=3"], 15.0),
     )
     for args, latest in () if quick else delivering:
-        fault, code, stderr = interrupt(args, work, rng, latest)
-        say(f"{args[0]}: {signal.Signals(fault).name} -> exit {code}")
+        fault, code, stderr, happened = interrupt(args, work, rng, latest)
+        say(f"{args[0]}: {happened}")
         check_exit(args[0], fault, code, stderr)
         if fault == signal.SIGKILL and code != 0:
             again = run(args, work)  # it also removes what the killed one left (kiln.delivery)
@@ -277,8 +281,8 @@ def iteration(work: Path, rng: random.Random, say: Any, quick: bool = False) -> 
     output.write_text("prediction\nfrom an earlier predict\n")  # to be replaced whole, or kept
     before = output.read_bytes()
     predict = ["predict", f"model={model}", f"input={rows}", f"output={output}"]
-    fault, code, stderr = interrupt(predict, work, rng, latest=4)
-    say(f"predict: {signal.Signals(fault).name} -> exit {code}")
+    fault, code, stderr, happened = interrupt(predict, work, rng, latest=4)
+    say(f"predict: {happened}")
     check_exit("predict", fault, code, stderr)
     if fault == signal.SIGKILL and code != 0:
         check_predictions(output, before, rows=1797 * 60, finished=False, killed=True)
