@@ -45,7 +45,15 @@ def one_line(text: str) -> str:
 
 
 def describe_user_error(exc: BaseException) -> str | None:
-    """One line for a mistake the user can fix, or None for a bug (which keeps its traceback)."""
+    """One line for a mistake the user can fix, or None for a bug (which keeps its traceback).
+    The line holds no secret: a password in a value it quotes is masked (kiln.secrets)."""
+    from kiln.secrets import without_credentials
+
+    line = _user_error_line(exc)
+    return None if line is None else without_credentials(line)
+
+
+def _user_error_line(exc: BaseException) -> str | None:
     from hydra.errors import (
         ConfigCompositionException,
         InstantiationException,

@@ -58,6 +58,14 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.secrets import (  # noqa: F401  (re-exported: kiln.runs was their home)
+    MASK,
+    SECRET_PREFIX,
+    mask_secrets,
+    secret_variable,
+    secrets_to_environment,
+    without_credentials,
+)
 
 RUN_RECORD = "run.json"
 LOCK_FILE = ".kiln.lock"
@@ -127,128 +135,6 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-_CREDENTIAL = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?P<password>[^@\s'\"]+)@")
-
-
-def without_credentials(text: str) -> str:
-    """`text` with the password of every URL in it masked: scheme://user:***@host. A reference to
-    an environment variable in the password's place (`${oc.env:NAME}`, see
-    `secrets_to_environment`) holds no secret and is kept."""
-
-    def mask(match: re.Match[str]) -> str:
-        if _is_reference(match["password"]):
-            return match.group(0)
-        return f"{match['head']}:***@"
-
-    return _CREDENTIAL.sub(mask, text)
-
-
-def _is_reference(password: str) -> bool:
-    return password.startswith("${") and password.endswith("}")
-
-
-SECRET_PREFIX = "KILN_SECRET_"
-MASK = "***"
-
-
-def secret_variable(key: str) -> str:
-    """The environment variable that gives the password of the URL at config key `key`:
-    `data.url` -> KILN_SECRET_DATA_URL."""
-    return SECRET_PREFIX + (re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_").upper() or "URL")
-
-
-def mask_secrets(value: Any) -> Any:
-    """`value` with every URL password masked in every string inside it (dicts, lists, tuples,
-    OmegaConf containers); the very same object when nothing needed masking. For what Lightning
-    writes from hyperparameters: hparams.yaml, TensorBoard's hparams, checkpoints."""
-    if isinstance(value, str):
-        return without_credentials(value)
-    if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        plain = OmegaConf.to_container(value, resolve=False)
-        masked = mask_secrets(plain)
-        return value if masked is plain else OmegaConf.create(masked)
-    if isinstance(value, dict):
-        items = {key: mask_secrets(item) for key, item in value.items()}
-        if all(items[key] is item for key, item in value.items()):
-            return value
-        try:
-            return type(value)(items)
-        except TypeError:
-            return items
-    if isinstance(value, list | tuple):
-        masked_items = [mask_secrets(item) for item in value]
-        if all(new is old for new, old in zip(masked_items, value, strict=True)):
-            return value
-        try:
-            return type(value)(masked_items)
-        except TypeError:
-            return masked_items
-    return value
-
-
-_secret_variables: dict[str, str] = {}  # password -> the variable that carries it, in this process
-
-
-def secrets_to_environment(cfg: Any) -> list[str]:
-    """Take every URL password out of a composed config, in place, Hydra's node included: each
-    becomes `${oc.env:KILN_SECRET_<KEY>}` (resolved where the value is used) and the password goes
-    into that environment variable of this process, which its jobs inherit (a local job, and a
-    SLURM job: sbatch exports the submitter's environment). What Hydra then writes
-    (multirun.yaml) and pickles for SLURM jobs (.submitit/) holds no password. Returns the
-    variables set."""
-    from omegaconf import DictConfig, ListConfig, open_dict, read_write
-
-    def variable(key: str, password: str) -> str:
-        if password not in _secret_variables:
-            name = secret_variable(key)
-            while os.environ.get(name, password) != password:  # another password under that name
-                name += "_"
-            _secret_variables[password] = name
-        os.environ[_secret_variables[password]] = password
-        return _secret_variables[password]
-
-    def replaced(key: str, text: str) -> str:
-        if key.startswith("hydra.overrides.") and "=" in text:  # an override: named by its key
-            key = text.split("=", 1)[0].lstrip("+~")
-
-        def reference(match: re.Match[str]) -> str:
-            if _is_reference(match["password"]):
-                return match.group(0)
-            return f"{match['head']}:${{oc.env:{variable(key, match['password'])}}}@"
-
-        return _CREDENTIAL.sub(reference, text)
-
-    def walk(node: Any, key: str) -> None:
-        children = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
-        for child in children:
-            label = str(child)
-            name = f"{key}.{label}" if key else label
-            value = node._get_node(child)
-            if isinstance(value, DictConfig | ListConfig):
-                if not value._is_none() and not value._is_missing():
-                    walk(value, name)
-                continue
-            raw = value._value() if value is not None else None
-            if isinstance(raw, str) and _CREDENTIAL.search(raw):
-                new = replaced(name, raw)
-                if new != raw:
-                    node[child] = new
-
-    # the user's keys first: a password gets the variable named after the key that holds it
-    keys = sorted(cfg.keys(), key=lambda k: k == "hydra") if isinstance(cfg, DictConfig) else []
-    with read_write(cfg), open_dict(cfg):
-        for top in keys:
-            value = cfg._get_node(top)
-            if isinstance(value, DictConfig | ListConfig):
-                if not value._is_none() and not value._is_missing():
-                    walk(value, str(top))
-            elif isinstance(value._value(), str) and _CREDENTIAL.search(value._value()):
-                cfg[top] = replaced(str(top), value._value())
-    return sorted(set(_secret_variables.values()))
 
 
 _MASKED_OR_REFERENCE = re.compile(
