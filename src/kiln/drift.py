@@ -40,7 +40,9 @@ MAX_CATEGORIES = 30
 OTHER = "(other)"
 EPSILON = 1e-4  # an empty bin counts as this share, so that ln() stays finite
 FEW_ROWS = 200  # below this PSI is noisy, and kiln predict says so
-MIN_ROWS = 50  # below this PSI is noise alone (about 0.2 from sampling): kiln predict skips the check
+# Below MIN_ROWS kiln predict makes no drift check. PSI of a sample against its own distribution
+# (measured, one normal feature): 0.23 at 50 rows, 0.10 at 100, 0.05 at 200: sampling noise alone.
+MIN_ROWS = 50
 PACKED = "zlib+base64:"  # the prefix of a packed baseline in ONNX metadata
 MAX_UNPACKED = 32 * 2**20  # a packed baseline that inflates past this is refused (a zip bomb in metadata)
 EMBEDDING_COMPONENTS = 4
