@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,8 @@ def deliver(
 def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: str | None) -> dict[str, Any]:
     from kiln.compression.pipeline import read_manifest
     from kiln.compression.recipes import read_recipe
+    from kiln.errors import describe_resource_fault
+    from kiln.runs import Run
 
     quiet()
     remove_abandoned(run.directory)
@@ -90,6 +94,12 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: st
         report = export_run(run, datamodule, module, manifest, settings)
     except KilnError as exc:
         record(run.directory, {"status": "failed", "reason": str(exc)})
+        raise
+    except (OSError, MemoryError) as exc:  # a full disk, a file size limit, memory: said in one line
+        reason = describe_resource_fault(exc)
+        if reason is None:
+            raise
+        Run.reopen(run.directory).update_after(exc, delivery={"status": "failed", "reason": reason})
         raise
     except Interrupted as exc:  # the training stays completed; only what follows it is to redo
         if again is None:
@@ -171,14 +181,43 @@ def export_run(
 ) -> dict[str, Any]:
     from kiln.export.pipeline import export
 
-    return export(
-        run,
-        module,
-        datamodule,
-        manifest,
-        settings,
-        say=lambda line: print(f"kiln export: {line}", flush=True),
-    )
+    with kept_until_shipped(run.directory):
+        return export(
+            run,
+            module,
+            datamodule,
+            manifest,
+            settings,
+            say=lambda line: print(f"kiln export: {line}", flush=True),
+        )
+
+
+# What export ships: replaced one by one, so a write that fails part-way (a full disk) would leave
+# a new model.onnx beside an old report, or the reverse.
+SHIPPED = ("model.onnx", "report.json", "report.md", "report.png")
+
+
+@contextmanager
+def kept_until_shipped(directory: Path) -> Iterator[None]:
+    """The shipped model and its report as they were, put back if the block runs out of disk,
+    file size or memory; kept as hard links meanwhile (no space needed, on a full disk too)."""
+    kept = {directory / name: directory / f".{name}.kept-{os.getpid()}.tmp" for name in SHIPPED}
+    for shipped, copy in kept.items():
+        copy.unlink(missing_ok=True)
+        if shipped.exists():
+            os.link(shipped, copy)
+    try:
+        yield
+    except (OSError, MemoryError):
+        for shipped, copy in kept.items():
+            if copy.exists():
+                os.replace(copy, shipped)
+            else:
+                shipped.unlink(missing_ok=True)  # new: there was none before
+        raise
+    finally:
+        for copy in kept.values():
+            copy.unlink(missing_ok=True)
 
 
 def finetune_trainer_settings(cfg: DictConfig) -> dict[str, Any]:

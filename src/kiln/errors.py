@@ -7,9 +7,12 @@ errors, into a single line. Anything else is a bug in kiln and keeps its full tr
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 EXIT_USER_ERROR = 2
@@ -95,6 +98,9 @@ def _user_error_line(exc: BaseException) -> str | None:
         return _describe_omegaconf_error(exc)
     if type(exc).__name__ == "UncompletedJobError":  # submitit: a SLURM job ended without a result
         return _describe_uncompleted_job(str(exc))
+    resource_fault = describe_resource_fault(exc)
+    if resource_fault is not None:
+        return resource_fault
     directory_error = _run_directory_error(exc)
     if directory_error is not None:
         return directory_error
@@ -139,6 +145,142 @@ def _describe_uncompleted_job(message: str) -> str:
         f"(state: {state.group(1) if state else 'unknown'}){logs}; jobs still running go on, and "
         f"`kiln report dir=<sweep dir>` tables what finished"
     )
+
+
+# -- resource faults: a full disk, a file size limit, a quota, memory -------------------------
+
+RESOURCE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# What torch's C++ writer says when a write fails: it keeps no errno (see `write_failure`).
+TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "iostream error")
+# kiln.runs.replacing writes `.<name>.<random>.tmp` beside the file it replaces.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
+
+
+def describe_resource_fault(exc: BaseException) -> str | None:
+    """One line for a full disk, a file size limit, a disk quota or memory running out, anywhere in
+    `exc`'s chain (a fault while saving the failed run record is chained to the first one); None
+    for anything else. Notes added on the way (run.json not updated) are said too."""
+    fault = next((e for e in _chain(exc) if _is_resource_fault(e)), None)
+    if fault is None:
+        fault = next((_torch_write_fault(e) for e in _chain(exc) if _is_torch_write_failure(e)), None)
+    if fault is None:
+        return None
+    if isinstance(fault, MemoryError):
+        line = (
+            "out of memory (MemoryError); use a smaller batch (data.batch_size) or a smaller model, "
+            "or give the process more memory (its memory limit, `ulimit -v`, or a larger machine)"
+        )
+    else:
+        assert isinstance(fault, OSError)
+        line = _describe_write_fault(fault.errno, _path_being_written(fault))
+    notes = [note for e in _chain(exc) for note in getattr(e, "__notes__", [])]
+    return one_line(" ".join([line, *notes]))
+
+
+def write_failure(path: Path, exc: BaseException) -> OSError:
+    """An OSError naming `path` for a write that failed inside torch's C++ writer (`torch.save`),
+    whose RuntimeError keeps no errno: the cause is told from the process's file size limit and
+    the free space left. Other errors are returned as they are, when already an OSError."""
+    if isinstance(exc, OSError):
+        return exc if exc.filename else OSError(exc.errno, exc.strerror, str(path))
+    if _file_size_limit() is not None:
+        code = errno.EFBIG
+    elif _free_bytes(path) < LOW_SPACE:
+        code = errno.ENOSPC
+    else:
+        code = errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
+LOW_SPACE = 64 * 2**20  # below this, a failed write is taken for a full disk
+
+
+def _is_resource_fault(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
+def _is_torch_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in TORCH_WRITE_FAILURES)
+
+
+def _torch_write_fault(exc: BaseException) -> OSError:
+    """torch.save's error, where no caller named the file: the file is its argument `f`."""
+    frame = next(
+        (f for f in reversed(_frames(exc)) if f.f_code.co_name == "save" and "f" in f.f_locals), None
+    )
+    target = frame.f_locals["f"] if frame is not None else None
+    path = Path(os.fsdecode(target)) if isinstance(target, str | os.PathLike) else Path.cwd()
+    return write_failure(path, exc)
+
+
+def _describe_write_fault(code: int | None, path: Path | None) -> str:
+    where = f"writing {path}" if path is not None else "writing its files"
+    if code == errno.EFBIG:
+        limit = _file_size_limit()
+        said = f" of {limit} bytes" if limit is not None else ""
+        return (
+            f"a file grew past the file size limit{said} while {where}; raise the limit "
+            "(`ulimit -f` in the shell that starts kiln) and run it again; files saved earlier are kept"
+        )
+    if code == errno.EDQUOT:
+        return (
+            f"disk quota exceeded while {where}; free space in your quota (or set paths.output_dir "
+            "to a disk with room) and run it again; files saved earlier are kept"
+        )
+    return (
+        f"no space left on the device while {where}; free space there (or set paths.output_dir "
+        "to a disk with room) and run it again; files saved earlier are kept"
+    )
+
+
+def _path_being_written(exc: OSError) -> Path | None:
+    """The file a failed write was for: the error's own filename, else a file open for writing in
+    the innermost frame that holds one (`stream.write` raises without a filename). A temp file of
+    kiln.runs.replacing is named by the file it was to replace."""
+    name = os.fsdecode(exc.filename) if exc.filename else _open_file_in_traceback(exc)
+    if name is None:
+        return None
+    path = Path(name)
+    temp = _TEMP_NAME.match(path.name)
+    return path.with_name(temp.group("name")) if temp else path
+
+
+def _open_file_in_traceback(exc: BaseException) -> str | None:
+    for frame in reversed(_frames(exc)):  # the innermost first
+        for value in frame.f_locals.values():
+            mode = getattr(value, "mode", None)
+            name = getattr(value, "name", None)
+            if isinstance(mode, str) and isinstance(name, str) and any(c in mode for c in "wax+"):
+                return name
+    return None
+
+
+def _frames(exc: BaseException) -> list[FrameType]:
+    frames = []
+    traceback = exc.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    return frames
+
+
+def _file_size_limit() -> int | None:
+    """The process's file size limit in bytes (`ulimit -f`), None when unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    for directory in [path, *path.parents]:
+        if directory.is_dir():
+            return shutil.disk_usage(directory).free
+    return LOW_SPACE
 
 
 # -- a run directory that cannot be made ------------------------------------------------------

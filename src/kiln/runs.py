@@ -347,8 +347,57 @@ class Run:
             if isinstance(exc, Interrupted):
                 self.update(status="interrupted", finished=_now(), error=str(exc))
             else:
-                self.update(status="failed", finished=_now(), error=f"{type(exc).__name__}: {exc}")
+                self.record_failure(exc)
             raise
+
+    def record_failure(self, exc: BaseException) -> None:
+        """status failed, with the reason (a full disk or memory said as the user reads it)."""
+        from kiln.errors import describe_resource_fault
+
+        reason = describe_resource_fault(exc) or f"{type(exc).__name__}: {exc}"
+        self.update_after(exc, status="failed", finished=_now(), error=reason)
+
+    def update_after(self, exc: BaseException, **fields: Any) -> None:
+        """`update(**fields)` to record that `exc` happened, when `exc` may have been a full disk
+        that refuses run.json too: the space the failed write still holds is let go and the
+        record saved again; failing that, it is written over the old record's bytes if it fits
+        in them. Else the old record stays whole, and `exc` notes that it was not updated."""
+        import traceback
+
+        from kiln.errors import describe_resource_fault
+
+        try:
+            self.update(**fields)
+            return
+        except OSError as unsaved:
+            if describe_resource_fault(unsaved) is None:
+                raise
+            why = unsaved.strerror
+        for failed in _exception_chain(exc):  # the frames of the failed write hold its open file
+            traceback.clear_frames(failed.__traceback__)
+        try:
+            self.save()
+        except OSError:
+            if not self._overwrite_record_in_place():
+                exc.add_note(f"({RUN_RECORD} could not be updated, {why}: it says what it said before)")
+
+    def _overwrite_record_in_place(self) -> bool:
+        """Write the record, compact, over the bytes run.json already has on disk: no new block is
+        needed, so a full disk takes it. Only when it fits (else nothing is written)."""
+        path = self.directory / RUN_RECORD
+        compact = json.dumps(self.record, separators=(",", ":"), default=str)
+        data = (without_credentials(compact) + "\n").encode()
+        try:
+            if not self.writer or len(data) > os.stat(path).st_blocks * 512:
+                return False
+            with path.open("r+b") as stream:
+                stream.write(data)
+                stream.truncate()
+                stream.flush()
+                os.fsync(stream.fileno())
+        except OSError:
+            return False
+        return True
 
     @staticmethod
     def read_record(directory: Path) -> dict[str, Any]:
@@ -947,6 +996,15 @@ def check_finite_results(fields: dict[str, Any], monitor: dict[str, Any], direct
 
 def _finite(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and math.isfinite(value))
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

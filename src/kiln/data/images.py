@@ -83,6 +83,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         fold: int = 0,
         refit: bool = False,
         seed: int = 0,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
         from kiln.data.augment import check_augment
@@ -129,6 +130,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.fold = fold
         self.refit = refit
         self.seed = seed
+        require(
+            max_image_pixels is None or (isinstance(max_image_pixels, int) and max_image_pixels >= 1),
+            "max_image_pixels",
+            f"must be a number of pixels >= 1, or null for Pillow's default; got {max_image_pixels!r}",
+        )
+        self.max_image_pixels = max_image_pixels
         # filled by setup()
         self.images: ImageList | None = None
         self.splits: Splits | None = None
@@ -165,6 +172,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.images is not None:
             return
+        if self.max_image_pixels is not None:  # Pillow's limit is a global; workers fork after this
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         images = self.list_images()
         self.images = images
         self.class_names = images.class_names
@@ -211,7 +222,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         for image_path, label in entries:
             if label is None:
                 continue
-            problem, mode, pixels = _inspect(image_path, decode=self.bad_images == "error")
+            problem, mode, pixels = self._inspect_refusing_bombs(image_path)
             if problem is not None:
                 if self.bad_images == "error":
                     raise KilnError(
@@ -243,6 +254,17 @@ class ImageFolderDataModule(L.LightningDataModule):
             converted=converted,
             smallest=smallest,
         )
+
+    def _inspect_refusing_bombs(self, path: Path) -> tuple[str | None, str | None, int]:
+        """`_inspect`, but a decompression bomb (a header declaring more pixels than Pillow will
+        decode) stops the run whatever data.bad_images says: either it is hostile, or it is a
+        genuine image that the user must allow, and training without it would hide either."""
+        from PIL import Image
+
+        try:
+            return _inspect(path, decode=self.bad_images == "error")
+        except Image.DecompressionBombError as exc:
+            raise KilnError(_bomb_line(self.source, path)) from exc
 
     def _folder_entries(self) -> list[tuple[Path, str | None]]:
         root = self.path
@@ -466,6 +488,32 @@ def _decode(path: Path, channels: int) -> np.ndarray:
         converted = image.convert("RGB" if channels == 3 else "L")
         pixels = np.asarray(converted, dtype=np.uint8)
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _bomb_line(source: str, path: Path) -> str:
+    """One line for an image over Pillow's decompression-bomb limit: its size, the limit, the fix."""
+    from PIL import Image
+
+    width, height = _declared_size(path)
+    limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)  # Pillow refuses above twice MAX_IMAGE_PIXELS
+    return (
+        f"{source}: {path} declares {width}x{height} = {width * height} pixels, over Pillow's "
+        f"decompression-bomb limit of {limit} (a small file that would decode to gigabytes); remove it, "
+        f"or, if it is a genuine image, raise the limit with +data.max_image_pixels={width * height}"
+    )
+
+
+def _declared_size(path: Path) -> tuple[int, int]:
+    """The width and height a bomb's header declares, read with Pillow's check off."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 # Pillow modes that need no conversion for each channel count

@@ -27,8 +27,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if key in checkpoint:
                 checkpoint[key] = mask_secrets(checkpoint[key])
-        with replacing(path) as temp:
-            torch.save(checkpoint, temp)
+        from kiln.errors import TORCH_WRITE_FAILURES, write_failure
+
+        try:
+            with replacing(path) as temp:
+                torch.save(checkpoint, temp)
+        except RuntimeError as exc:  # torch's C++ writer: a full disk or a file size limit, no errno
+            if not any(marker in str(exc) for marker in TORCH_WRITE_FAILURES):
+                raise
+            raise write_failure(path, exc) from exc
 
 
 def check_finite_weights(checkpoint: dict[str, Any], path: Path) -> None:
