@@ -86,6 +86,32 @@ def test_a_bad_override_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert raised.value.returncode == 2
 
 
+def test_a_single_override_string_is_one_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`api.train("trainer.max_epochs=0")` reaches the stage as that one override (it was split into
+    characters: "Error parsing override 't'"); the stage's own line about the value comes back."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(api.StageError) as raised:
+        api.train("trainer.max_epochs=0", echo=False)
+    assert str(raised.value).startswith("kiln train: error: trainer.max_epochs=0: nothing would be trained")
+    assert raised.value.returncode == 2
+
+
+def test_several_overrides_in_one_string_are_refused_before_any_stage_runs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    with pytest.raises(KilnError) as raised:
+        api.train(f"data=digits paths.output_dir={runs}", echo=False)
+    assert str(raised.value) == (
+        f"overrides='data=digits paths.output_dir={runs}': give several overrides as a list, "
+        f"e.g. ['data=digits', 'paths.output_dir={runs}']"
+    )
+    assert not isinstance(raised.value, api.StageError)  # refused here: no child process ran
+    assert not runs.exists()
+    with pytest.raises(
+        KilnError, match=r"^overrides: 3 is not a string; each override is a 'key=value' string$"
+    ):
+        api.export(tmp_path, ["compress=none", 3])  # type: ignore[list-item]
+
+
 # -- training through the API (slow) ----------------------------------------------------------
 
 

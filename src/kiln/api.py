@@ -71,14 +71,15 @@ RunResult = RunDirectory
 
 
 def train(
-    overrides: Sequence[str] | None = None,
+    overrides: Sequence[str] | str | None = None,
     *,
     config_dir: str | os.PathLike[str] | None = None,
     echo: bool = True,
 ) -> RunResult:
     """`kiln train <overrides>`; returns the completed run. `config_dir` is the CLI's `--config-dir`
-    (your own configs next to kiln's). `echo=False` keeps the stage's output quiet."""
-    args = list(overrides or [])
+    (your own configs next to kiln's). `echo=False` keeps the stage's output quiet. `overrides` is
+    a list of `key=value` strings; a single string is one override (`api.train("data=digits")`)."""
+    args = override_list(overrides)
     _refuse_sweeps(args)
     directory = _requested_run_dir(args)
     if directory is None:
@@ -104,14 +105,14 @@ def train(
 
 
 def compress(
-    run_dir: str | os.PathLike[str], overrides: Sequence[str] | None = None, *, echo: bool = True
+    run_dir: str | os.PathLike[str], overrides: Sequence[str] | str | None = None, *, echo: bool = True
 ) -> RunResult:
     """`kiln compress run=<run_dir> <overrides>` (then export, unless export_after=false)."""
     return _run_on("compress", run_dir, overrides, echo)
 
 
 def export(
-    run_dir: str | os.PathLike[str], overrides: Sequence[str] | None = None, *, echo: bool = True
+    run_dir: str | os.PathLike[str], overrides: Sequence[str] | str | None = None, *, echo: bool = True
 ) -> RunResult:
     """`kiln export run=<run_dir> <overrides>`: re-export the last compress (or fp32), ship model.onnx."""
     return _run_on("export", run_dir, overrides, echo)
@@ -136,10 +137,10 @@ def predict(
 
 
 def _run_on(
-    stage: str, run_dir: str | os.PathLike[str], overrides: Sequence[str] | None, echo: bool
+    stage: str, run_dir: str | os.PathLike[str], overrides: Sequence[str] | str | None, echo: bool
 ) -> RunResult:
+    args = override_list(overrides)
     directory = load(run_dir).directory  # a clear error before a child process starts
-    args = list(overrides or [])
     _refuse_sweeps(args)
     if any(arg.split("=", 1)[0].lstrip("+") == "run" for arg in args):
         raise KilnError(
@@ -240,6 +241,24 @@ def _child_environment() -> dict[str, str]:
     environment["PYTHONUNBUFFERED"] = "1"  # progress shows as it happens, not when a pipe buffer fills
     environment.setdefault("PYTHONIOENCODING", "utf-8")  # decoded as UTF-8 here
     return environment
+
+
+def override_list(overrides: Sequence[str] | str | None) -> list[str]:
+    """The overrides as a list: a single string is one override (`"data=digits"`), not a list of
+    characters; several in one string are refused, since a value may itself hold spaces."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        words = overrides.split()
+        if len(words) > 1 and all("=" in word for word in words):
+            listed = ", ".join(repr(word) for word in words)
+            raise KilnError(f"overrides={overrides!r}: give several overrides as a list, e.g. [{listed}]")
+        return [overrides]
+    args = list(overrides)
+    for arg in args:
+        if not isinstance(arg, str):
+            raise KilnError(f"overrides: {arg!r} is not a string; each override is a 'key=value' string")
+    return args
 
 
 def _refuse_sweeps(args: Sequence[str]) -> None:

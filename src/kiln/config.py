@@ -242,6 +242,8 @@ def check_config(cfg: Any) -> None:
 
     A typo in `trainer.max_epochs=abc` then fails in a second, not after the data is loaded and the
     model is built. Each component is checked again, with its run-time arguments, when it is built.
+    Every `_target_` must first be one a config may call (kiln.targets): a refused one stops the
+    stage before anything is imported or run.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -257,9 +259,14 @@ def check_config(cfg: Any) -> None:
 
         check_accelerator(config["trainer"], _group_choice("trainer"))
         config["trainer"] = with_resolved_precision(config["trainer"])  # `auto` is kiln's, not Lightning's
+    from kiln.targets import check_name
+
+    nodes = list(iter_targets(config))
+    for key, node in nodes:  # what a config may call, by name, before any target is imported
+        check_name(key, node["_target_"])
     # The trainer first: other nodes copy its values (a scheduler's T_max: ${trainer.max_epochs}), and
     # a bad value must be reported under the key the user wrote, not under a copy of it.
-    for key, node in sorted(iter_targets(config), key=lambda item: not item[0].startswith("trainer")):
+    for key, node in sorted(nodes, key=lambda item: not item[0].startswith("trainer")):
         check_target(key, node, sources=sources)
 
 
@@ -381,17 +388,13 @@ def check_target(
     """Raise KilnError if `node`'s arguments do not bind to its `_target_`'s signature or types.
 
     `sources` maps an argument's key to the key it copies (`data.seed` -> `seed`): a bad value is
-    reported under the key to fix."""
-    from hydra.utils import get_object
+    reported under the key to fix. What a target may be at all is kiln.targets' rule, applied
+    before the target is imported."""
+    from kiln import targets
 
     target_name = node["_target_"]
-    try:
-        target = get_object(target_name)
-    except Exception as exc:
-        raise KilnError(
-            f"{key}._target_={target_name}: cannot import it ({type(exc).__name__}: {exc}); "
-            "check the module path and that its package is installed"
-        ) from exc
+    target = targets.resolve(key, target_name)
+    check_callback(key, target_name, target)
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
@@ -428,6 +431,31 @@ def check_target(
         )
         if required and name not in args and name not in allow_missing and name != "self":
             raise KilnError(f"{key}.{name}: {short} needs this argument; set {key}.{name}=VALUE")
+
+
+def is_callback_key(key: str) -> bool:
+    """`callbacks.<name>`: a node the Trainer receives as one of its callbacks."""
+    return re.fullmatch(r"callbacks\.[^.\[\]]+", key) is not None
+
+
+def check_callback(key: str, target_name: str, target: Any) -> None:
+    """A `callbacks.<name>` class must be a Lightning Callback (a builder function is checked on
+    what it returns, when it is built): otherwise the Trainer fails with a traceback, after the
+    data and the model were built."""
+    if not is_callback_key(key) or not inspect.isclass(target):
+        return
+    from lightning.pytorch.callbacks import Callback
+
+    if not issubclass(target, Callback):
+        raise KilnError(not_a_callback(key, target_name))
+
+
+def not_a_callback(key: str, target_name: str) -> str:
+    return (
+        f"{key}._target_={target_name}: not a Lightning callback; {key} must build a "
+        "lightning.pytorch.callbacks.Callback, e.g. "
+        f"+{key}={{_target_: lightning.pytorch.callbacks.LearningRateMonitor}}, or remove it with ~{key}"
+    )
 
 
 def _type_hints(target: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     open_run(dir)   kiln.runs: checks that it is a trained run (says what is missing)
     load_trained()  rebuilds the datamodule from the saved config (same seed: same splits, same fitted
-                    preprocessing) and the LightningModule from checkpoints/best.ckpt (weights_only=True)
+                    preprocessing) and the LightningModule from checkpoints/best.ckpt (weights_only=True);
+                    the saved config may call only what kiln.targets allows, checked before building
 
 Today's conf/ is never read here: a run is compressed and exported with the data and model it was
 trained with.
@@ -20,10 +21,14 @@ __all__ = ["load_trained", "open_run", "raw_split", "table_state"]
 def load_trained(run: RunDirectory) -> tuple[Any, Any]:
     """(datamodule set up, the run's LightningModule with the best weights, in eval mode): kiln's
     KilnModule or a user's own, built from the run's saved config as `kiln train` built it."""
-    from kiln.stages.build import build, build_module
+    from kiln.stages.build import build, build_module, check_allowed_targets, plain
     from kiln.training.checkpoints import check_fits, load_checkpoint
 
     cfg = run.saved_config()
+    # A run directory is data: its config may name only what a config may call (kiln.targets),
+    # all of it checked before the data or the model is built.
+    for key in ("data", "model"):
+        check_allowed_targets(plain(cfg[key]), key)
     datamodule = build("data", cfg.data, seed=cfg.seed)  # the run's seed, if the datamodule takes one
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kiln.config import HYDRA_KEYS, check_target
+from kiln.config import HYDRA_KEYS, check_target, is_callback_key, iter_targets, not_a_callback
 from kiln.errors import InvalidArgument, KilnError
 
 
@@ -35,13 +35,14 @@ def build(key: str, node: Any, **runtime: Any) -> Any:
     config = plain(node)
     if not isinstance(config, dict) or "_target_" not in config:
         raise KilnError(f"{key}: expected a config with a _target_, got {config!r}")
+    check_allowed_targets(config, key)
     check_target(key, config)
     target = get_object(config["_target_"])
     runtime = runtime_arguments(target, runtime, config)
     if not config.get("_partial_"):
         _check_nothing_missing(key, target, {*config, *runtime})
     try:
-        return instantiate(config, _convert_="all", **runtime)
+        built = instantiate(config, _convert_="all", **runtime)
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, InvalidArgument):
@@ -49,6 +50,29 @@ def build(key: str, node: Any, **runtime: Any) -> Any:
         if isinstance(cause, KilnError):
             raise cause from None
         raise
+    if is_callback_key(key):
+        _check_is_callback(key, config["_target_"], built)
+    return built
+
+
+def check_allowed_targets(config: Any, key: str = "") -> None:
+    """Every `_target_` in `config`, nested ones included (Hydra builds those too), is one a config
+    may call (kiln.targets), checked before any of them is imported or built."""
+    from kiln.targets import check_name, resolve
+
+    nodes = list(iter_targets(config, key))
+    for node_key, node in nodes:  # every name first: importing one module can already run code
+        check_name(node_key, node["_target_"])
+    for node_key, node in nodes:
+        resolve(node_key, node["_target_"])
+
+
+def _check_is_callback(key: str, target_name: str, built: Any) -> None:
+    """A builder function named under `callbacks.<name>` must return a Lightning Callback."""
+    from lightning.pytorch.callbacks import Callback
+
+    if not isinstance(built, Callback):
+        raise KilnError(not_a_callback(key, target_name))
 
 
 def _check_nothing_missing(key: str, target: Any, supplied: set[str]) -> None:
