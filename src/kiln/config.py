@@ -151,6 +151,8 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
             failures.clear()
             # Hydra re-raises composition errors instead of printing its own multi-line report.
             os.environ["HYDRA_FULL_ERROR"] = "1"
+            if config_name == "train":  # before Hydra reads the command line
+                sys.argv = [sys.argv[0], *continued_command_line(sys.argv[1:])]
             app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
                 guarded
             )
@@ -186,6 +188,18 @@ def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int
     return wrap
 
 
+def continued_command_line(arguments: list[str]) -> list[str]:
+    """`kiln train`'s overrides (and Hydra flags): a continued run (`run_dir=R resume=auto`, a
+    requeued SLURM job) gets R's saved overrides first (kiln.runs.with_saved_overrides), so its
+    recovery line continues that run, not one of today's defaults. A sweep (-m) is left alone."""
+    from kiln import runs, slurm
+
+    runs.remember_new_run_dir(arguments)
+    if any(argument in ("-m", "--multirun") for argument in arguments):
+        return list(arguments)
+    return runs.with_saved_overrides(arguments, requeued=slurm.is_requeued())
+
+
 def compose(config_name: str, overrides: Sequence[str] = (), extra_config_dir: str | None = None) -> Any:
     """A stage's config composed as the CLI composes it (kiln's conf/, `extra_config_dir` as
     `--config-dir`, then `overrides`), with Hydra's runtime set as for a run, so that the stage
@@ -207,6 +221,8 @@ def compose(config_name: str, overrides: Sequence[str] = (), extra_config_dir: s
     os.environ.pop(RUN_NAME_VARIABLE, None)
     GlobalHydra.instance().clear()
     arguments = list(overrides)
+    if config_name == "train":
+        arguments = continued_command_line(arguments)
     if extra_config_dir is not None:
         arguments.append(f"hydra.searchpath=[file://{Path(extra_config_dir).resolve()}]")
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -722,10 +722,71 @@ def claim(directory: Path, *, continuing: bool, key: str = "run_dir") -> None:
         raise KilnError(f"{key}={directory}: a file, not a directory; give a directory for the run")
     if directory.is_dir():
         _check_is_kiln_run_or_new(directory, key)
+        _check_not_held(directory, key)  # a run being written: name its writer, whatever its record says
         _check_may_continue(directory, continuing, key)  # before the lock: a refusal writes nothing
+    _entries_before_claim[directory.resolve()] = (
+        {entry.name for entry in directory.iterdir()} if directory.is_dir() else set()
+    )
     directory.mkdir(parents=True, exist_ok=True)
     lock(directory, key)
     _check_may_continue(directory, continuing, key)  # again: the holder may have just finished it
+
+
+_entries_before_claim: dict[Path, set[str]] = {}  # what a claimed directory held before the claim
+_new_run_dirs: set[Path] = set()  # run_dir=... given on this process's command line, not there before
+
+
+def remember_new_run_dir(arguments: list[str]) -> None:
+    """Note a `run_dir=...` of `arguments` that does not exist yet (before Hydra makes it): a start
+    refused there removes the directory again (`undo_refused_start`)."""
+    _new_run_dirs.clear()
+    for argument in arguments:
+        if _is_override(argument) and override_key(argument) == "run_dir" and "=" in argument:
+            requested = _unquoted(argument.split("=", 1)[1])
+            if requested not in ("", "null", "None") and not Path(requested).expanduser().exists():
+                _new_run_dirs.add(Path(requested).expanduser().resolve())
+
+
+def remember_new_directory(directory: Path) -> None:
+    """`directory` is new to this run (a run name drawn now): `undo_refused_start` may remove it."""
+    _new_run_dirs.add(directory.resolve())
+
+
+def undo_refused_start(directory: Path) -> None:
+    """A run refused before its record started (a resume that does not fit, a bad setting) leaves
+    `directory` as it found it, so that the plain retry is not refused for a half-made run: the
+    lock, config and log this start wrote are removed, and the directory too if this command
+    made it. Nothing is touched once anything else was written there."""
+    resolved = directory.resolve()
+    release(directory)
+    before = _entries_before_claim.pop(resolved, None)
+    if before is None or not directory.is_dir():
+        return
+    now = {entry.name for entry in directory.iterdir()}
+    made = now - before
+    if not all(_is_start_file(name) for name in made) or any(name in now for name in _KILN_RECORDS):
+        return
+    if resolved in _new_run_dirs and all(_is_start_file(name) for name in now):
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for name in made:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _is_start_file(name: str) -> bool:
+    return name in _BEFORE_A_RECORD or name.endswith(".log")
+
+
+def _check_not_held(directory: Path, key: str) -> None:
+    if directory.resolve() not in _locks and is_locked(directory):
+        raise KilnError(
+            f"{key}={directory}: {_holder(directory / LOCK_FILE)} is writing this run now; wait for it "
+            f"to end, or choose another {key}"
+        )
 
 
 def _check_may_continue(directory: Path, continuing: bool, key: str) -> None:
@@ -966,6 +1027,136 @@ def resume_checkpoint(
         check(path, checkpoint)
     print(f"kiln: resuming from {path}", file=sys.stderr)
     return path
+
+
+# -- continuing a run: its own overrides and config, never today's defaults ----------------------
+
+# Keys a continuation takes from its own command line only, never from the run's saved overrides.
+LINE_ONLY_KEYS = frozenset({"run_dir", "resume", "resume_data_changed"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """`kiln train run_dir=R resume=auto ...` of a run that saved its overrides: the overrides
+    carried over from R, and what this command line sets besides run_dir and resume."""
+
+    directory: Path
+    carried: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"kiln: continuing {self.directory} with its saved overrides {list(self.carried)}; "
+            f"changed on this line: {list(self.changed)}"
+        )
+
+
+_continuations: list[Continuation] = []  # the one composed by this process, if any
+
+
+def override_key(override: str) -> str:
+    """The config key or group an override sets: `+a.b=1`, `++a.b=1`, `~a.b`, `a.b=1` -> a.b."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_override(argument: str) -> bool:
+    return not argument.startswith("-") and ("=" in argument or argument.startswith("~"))
+
+
+def _is_carried(key: str) -> bool:
+    return key not in LINE_ONLY_KEYS and not key.startswith("hydra")
+
+
+def with_saved_overrides(arguments: list[str], *, requeued: bool = False) -> list[str]:
+    """`arguments` (a command line's overrides and Hydra flags) with, for a continued run
+    (`run_dir=R resume=auto`, or a requeued SLURM job), R's saved overrides that the line does
+    not set put first: the run goes on with its own settings, and only what the line sets
+    changes. Idempotent: a line that holds all of R's overrides (a DDP rank re-launched from
+    the effective command line, a requeued job) gets nothing added."""
+    _continuations.clear()
+    overrides = [argument for argument in arguments if _is_override(argument)]
+    values = {override_key(o): _unquoted(o.split("=", 1)[1]) for o in overrides if "=" in o}
+    requested = values.get("run_dir", "")
+    if requested in ("", "null", "None") or not (values.get("resume") == "auto" or requeued):
+        return list(arguments)
+    directory = Path(requested).expanduser()
+    saved = _saved_overrides(directory)
+    if saved is None:
+        return list(arguments)
+    on_line = {override_key(o) for o in overrides}
+    carried = tuple(o for o in saved if _is_carried(override_key(o)) and override_key(o) not in on_line)
+    changed = tuple(o for o in overrides if _is_carried(override_key(o)))
+    _continuations.append(Continuation(directory.resolve(), carried, changed))
+    return [*carried, *arguments]
+
+
+def continuation(directory: Path) -> Continuation | None:
+    """The continuation composed in this process for `directory` (with_saved_overrides), if any."""
+    found = [c for c in _continuations if c.directory == directory.resolve()]
+    return found[0] if found else None
+
+
+def _unquoted(value: str) -> str:
+    value = value.strip()
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+
+
+def _saved_overrides(directory: Path) -> list[str] | None:
+    """A run's `.hydra/overrides.yaml`: None when it has none, one KilnError when it is damaged."""
+    import yaml
+
+    path = directory / OVERRIDES
+    if not path.is_file():
+        return None
+    try:
+        items = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        items = exc
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise KilnError(
+            f"{path}: unreadable as a list of overrides; the run's saved overrides are damaged: "
+            f"restore the file, or continue its checkpoint in a new run: "
+            f"kiln train resume={directory / CHECKPOINTS / 'last.ckpt'} <its overrides>"
+        )
+    return items
+
+
+def keep_saved_values(cfg: Any, directory: Path, line_keys: frozenset[str] | None) -> list[str]:
+    """Continuing the run in `directory`: every value of `cfg` (composed now) that differs from
+    the run's saved config, at a key that none of `line_keys` (the new command line's keys; None:
+    none) sets, takes its saved value, so a kiln upgrade that changed a default does not change a
+    run halfway. Returns `key=saved (today: new)` for each value taken."""
+    from omegaconf import OmegaConf
+
+    path = directory / SAVED_CONFIG
+    if not path.is_file():
+        return []
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:
+        raise KilnError(f"{path}: unreadable ({exc}); the run's saved config is damaged") from exc
+    today = OmegaConf.to_container(cfg, resolve=False)
+    touched = line_keys or frozenset()
+    if not isinstance(today, dict) or any("." not in key and key not in today for key in touched):
+        return []  # a group of global settings on the line (experiment=...): it may set any key
+    kept = []
+    for key, old, new in _differences(saved, today, ""):
+        if key in LINE_ONLY_KEYS or any(key == k or key.startswith(f"{k}.") for k in touched):
+            continue
+        if isinstance(old, str) and ("***@" in old or "${oc.env:" in old):
+            continue  # a masked password: the value given now is the real one
+        OmegaConf.update(cfg, key, old, merge=False)
+        kept.append(f"{key}={old!r} (today: {new!r})")
+    return kept
+
+
+def _differences(saved: Any, today: Any, key: str) -> Iterator[tuple[str, Any, Any]]:
+    """(key, saved value, today's value) where both configs hold the key and the values differ."""
+    if isinstance(saved, dict) and isinstance(today, dict):
+        for child in saved.keys() & today.keys():
+            yield from _differences(saved[child], today[child], f"{key}.{child}" if key else str(child))
+    elif saved != today:
+        yield key, saved, today
 
 
 def check_finite_results(fields: dict[str, Any], monitor: dict[str, Any], directory: Path) -> None:

@@ -35,14 +35,52 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     def save_config() -> None:
         runs.save_run_config(run_dir, cfg, list(hydra.overrides.task), hydra)
 
+    continuing = cfg.resume is not None or slurm.is_requeued()
+    kept = keep_saved_config(cfg, run_dir, list(hydra.overrides.task)) if continuing else []
     if not is_rank_zero():  # the other ranks of a DDP run write nothing
         return train(cfg, run_dir, save_config)
     tracking.check_server(cfg)  # logger=mlflow: before the run directory is claimed or written
-    runs.claim(run_dir, continuing=cfg.resume is not None or slurm.is_requeued())
+    if not cfg.run_dir and not slurm.is_requeued():
+        runs.remember_new_directory(run_dir)  # a run name drawn now
+    runs.claim(run_dir, continuing=continuing)
+    say_what_continues(run_dir, kept)
     try:
         return train(cfg, run_dir, save_config)
+    except BaseException:
+        runs.undo_refused_start(run_dir)  # nothing recorded yet: the directory as it was found
+        raise
     finally:
         runs.release(run_dir)  # in-process callers (kiln.api, tests) go on without it
+
+
+def keep_saved_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[str]:
+    """A continued run keeps its saved config wherever this command line sets nothing: a value
+    composed differently today (a kiln upgrade changed a default) takes the saved one. The other
+    ranks of a DDP run take rank 0's config of this attempt, saved before they started. Returns
+    the values kept (kiln.runs.keep_saved_values)."""
+    from kiln import runs
+    from kiln.config import is_rank_zero
+
+    if not is_rank_zero():
+        return runs.keep_saved_values(cfg, run_dir, None)
+    continued = runs.continuation(run_dir)
+    line = continued.changed if continued is not None else overrides
+    return runs.keep_saved_values(cfg, run_dir, frozenset(runs.override_key(o) for o in line))
+
+
+def say_what_continues(run_dir: Path, kept: list[str]) -> None:
+    """One line for the overrides a continued run carries, one for saved values it kept."""
+    from kiln import runs
+
+    if (continued := runs.continuation(run_dir)) is not None:
+        print(continued.describe(), file=sys.stderr, flush=True)
+    if kept:
+        print(
+            f"kiln: {run_dir}'s saved config differs from today's where this line sets nothing; "
+            f"continuing with the saved values: {', '.join(kept)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> dict[str, Any]:

@@ -24,6 +24,10 @@ class EpochLines(Callback):
         self.stream = stream
         self._started = 0.0
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume inside an epoch gets no on_train_epoch_start for it: its time counts from here.
+        self._started = time.perf_counter()
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
 

@@ -191,6 +191,27 @@ def check_fits(path: Path, checkpoint: dict[str, Any], model: torch.nn.Module) -
         )
 
 
+def epochs_trained(checkpoint: dict[str, Any]) -> int:
+    """Whole epochs a checkpoint has trained: the fit loop's processed epochs (its `epoch` field is
+    the epoch it was saved in, whether or not that epoch had ended)."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    processed = progress.get("processed")
+    if isinstance(processed, int):
+        return processed
+    epoch = checkpoint.get("epoch")
+    return int(epoch) if isinstance(epoch, int) else 0
+
+
+def stopped_early(checkpoint: dict[str, Any]) -> int | None:
+    """For a checkpoint saved after early stopping ended its run: the epochs it had waited
+    without improvement; None if early stopping did not stop it."""
+    for name, state in (checkpoint.get("callbacks") or {}).items():
+        if str(name).startswith("EarlyStopping") and isinstance(state, dict) and state.get("stopped_epoch"):
+            waited = state.get("wait_count")
+            return int(waited) if isinstance(waited, int) else None
+    return None
+
+
 def _its_config(path: Path) -> str:
     """Where the config of the run that wrote a checkpoint lies (<run_dir>/checkpoints/x.ckpt)."""
     config = path.resolve().parent.parent / ".hydra" / "config.yaml"

@@ -57,13 +57,17 @@ def train_once(
 
     existing = run.has_record()
     previous = Run.read_record(run_dir) if existing else {}  # a resumed run continues its MLflow run
-    if not existing:
+    # A run that exists, or a new one that resumes a checkpoint, starts its record only once the
+    # resume is accepted: a refused one leaves nothing behind (kiln.runs.undo_refused_start).
+    record_after_resume_check = existing or cfg.resume is not None
+    if not record_after_resume_check:
         start_record()
     with one_distributed_job(), run.recording():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build("data", cfg.data, seed=cfg.seed)  # the run's seed, if the datamodule takes one
         datamodule.setup("fit")
-        run.update(data_fingerprint=getattr(datamodule, "fingerprint", None))
+        fingerprint = getattr(datamodule, "fingerprint", None)
+        run.update(data_fingerprint=fingerprint)
         if OmegaConf.select(cfg, "report.group_by"):
             from kiln.training.groups import check_group_column
 
@@ -77,9 +81,11 @@ def train_once(
             "auto" if requeued else cfg.resume,
             bool(cfg.run_dir) or requeued,
             run,
-            check=lambda path, saved: check_resumable(path, saved, module, cfg),
+            check=lambda path, saved: check_resumable(
+                path, saved, module, cfg, fingerprint, previous or record_beside(path)
+            ),
         )
-        if existing:  # the resume is accepted (or there was nothing to resume): the record changes now
+        if record_after_resume_check:  # the resume is accepted (or nothing to resume): record it now
             start_record()
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
@@ -123,19 +129,72 @@ def train_once(
 # -- steps -------------------------------------------------------------------------------------
 
 
-def check_resumable(path: Path, checkpoint: dict[str, Any], module: Any, cfg: DictConfig) -> None:
-    """The checkpoint fits the model (kiln.training.checkpoints.check_fits) and has epochs left to
-    train: Lightning refuses one that does not with a traceback."""
-    from kiln.training.checkpoints import check_fits
+def check_resumable(
+    path: Path,
+    checkpoint: dict[str, Any],
+    module: Any,
+    cfg: DictConfig,
+    fingerprint: str | None = None,
+    record: dict[str, Any] | None = None,
+) -> None:
+    """The checkpoint fits the model (kiln.training.checkpoints.check_fits), has training left to
+    do (Lightning would retest a finished one, or refuse it with a traceback), and was trained on
+    the data there is now (`fingerprint` against the `record` of the run that wrote it)."""
+    from kiln.training.checkpoints import check_fits, epochs_trained, stopped_early
 
     check_fits(path, checkpoint, module)
     max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
-    done = checkpoint.get("epoch")
-    if isinstance(max_epochs, int) and max_epochs >= 0 and isinstance(done, int) and done >= max_epochs:
+    done = epochs_trained(checkpoint)
+    if isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs:
         raise KilnError(
-            f"trainer.max_epochs={max_epochs}: {path} has reached epoch {done + 1} already; to continue "
-            f"it, give a larger trainer.max_epochs, e.g. trainer.max_epochs={done + 1 + max(max_epochs, 10)}"
+            f"trainer.max_epochs={max_epochs}: {path} has trained {done} epochs already, nothing is left to "
+            f"train; to continue it, give a larger trainer.max_epochs, e.g. "
+            f"trainer.max_epochs={done + max(max_epochs, 10)}"
         )
+    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
+    waited = stopped_early(checkpoint)
+    if waited is not None and isinstance(patience, int) and waited >= patience:
+        raise KilnError(
+            f"callbacks.early_stopping.patience={patience}: {path} was stopped early after {done} epochs "
+            f"({waited} without improvement), nothing is left to train; to continue it, give a larger "
+            f"patience, e.g. callbacks.early_stopping.patience={waited + max(patience, 5)}"
+        )
+    check_same_data(path, fingerprint, record or {}, cfg)
+
+
+def check_same_data(path: Path, fingerprint: str | None, record: dict[str, Any], cfg: DictConfig) -> None:
+    """A checkpoint continues on the data it was trained on: its best epoch was scored on that
+    validation split. Changed data is refused unless `resume_data_changed=accept`."""
+    choice = OmegaConf.select(cfg, "resume_data_changed", default="refuse")
+    if choice not in ("refuse", "accept"):
+        raise KilnError(f"resume_data_changed={choice}: must be refuse or accept")
+    before = record.get("data_fingerprint")
+    if not before or not fingerprint or before == fingerprint or choice == "accept":
+        return
+    raise KilnError(
+        f"data: {_data_source(cfg)} has changed since {path} was trained (data fingerprint "
+        f"{before} then, {fingerprint} now): its best epoch was scored on the old validation split; "
+        "continue on the new data anyway with resume_data_changed=accept, or start a new run"
+    )
+
+
+def _data_source(cfg: DictConfig) -> str:
+    for key in ("path", "root", "name"):
+        value = OmegaConf.select(cfg, f"data.{key}")
+        if value:
+            return f"data.{key}={value}"
+    return "the data"
+
+
+def record_beside(checkpoint: Path) -> dict[str, Any]:
+    """The record of the run a checkpoint file lies in (<run>/checkpoints/x.ckpt), or {}."""
+    from kiln.runs import RUN_RECORD, read_json
+
+    path = checkpoint.resolve().parent.parent / RUN_RECORD
+    try:
+        return read_json(path) if path.is_file() else {}
+    except KilnError:
+        return {}
 
 
 def quiet_lightning() -> None:
