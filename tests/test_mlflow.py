@@ -402,3 +402,78 @@ def test_credentials_are_taken_out_of_the_uri(uri: str, expected: tuple[Any, ...
     from kiln.tracking import split_credentials
 
     assert split_credentials(uri) == expected
+
+
+# -- git provenance: what run.json records, nothing of kiln's own checkout ---------------------------
+
+
+@pytest.fixture
+def fresh_git_context() -> Iterator[None]:
+    """MLflow reads git once a process (its GitRunContext caches it): read again in the test and
+    after it."""
+    from mlflow.tracking.context.git_context import GitRunContext
+    from mlflow.tracking.context.registry import _run_context_provider_registry
+
+    def forget() -> None:
+        for provider in _run_context_provider_registry:
+            if isinstance(provider, GitRunContext):
+                provider._cache.clear()
+
+    forget()
+    yield
+    forget()
+
+
+def test_a_project_outside_git_gets_no_git_tags_of_kilns_checkout(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_git_context: None
+) -> None:
+    """run.json records no commit for a project outside git (kiln.runs.git_state finds none, as
+    for kiln installed from a wheel). MLflow reads git from where the program lives (sys.argv[0]:
+    here a script in a git checkout of its own, as `python -m kiln` from kiln's checkout is); the
+    run shows what run.json records, so no git tag at all."""
+    from kiln import runs
+
+    checkout = tmp_path / "kiln-checkout"
+    checkout.mkdir()
+    (checkout / "__main__.py").write_text("# the program MLflow sees\n")
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "kiln"]):
+        git = ["git", "-c", "user.name=k", "-c", "user.email=k@example.com", *command]
+        subprocess.run(git, cwd=checkout, check=True, capture_output=True)
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(
+        runs, "git_state", lambda directory: {"commit": None, "dirty": None, "repository": None}
+    )
+    monkeypatch.setattr(sys, "argv", [str(checkout / "__main__.py"), "train"])
+    run_dir, _ = train_in_process(
+        tmp_path / "runs",
+        *TINY,
+        *NO_EXPORT,
+        "logger=mlflow",
+        f"logger.tracking_uri={mlflow_server}",
+        "logger.experiment_name=outside-git",
+    )
+    assert read_run(run_dir)["git"]["commit"] is None
+    (run,) = runs_of(mlflow_server, "outside-git")
+    assert tags(run)["kiln.status"] == "completed"  # the tags were read
+    assert sorted(key for key in tags(run) if "git" in key) == []
+
+
+@pytest.mark.parametrize(
+    ("mlflow_commit", "recorded", "stray"),
+    [
+        ("abc", "abc", []),  # MLflow's tags describe the recorded commit: kept
+        ("kiln", "abc", ["mlflow.source.git.commit", "mlflow.source.git.branch"]),  # another repository
+        (None, None, ["mlflow.source.git.branch"]),  # a branch of kiln's checkout, no commit
+    ],
+)
+def test_mlflow_git_tags_are_kept_only_for_the_recorded_commit(
+    mlflow_commit: str | None, recorded: str | None, stray: list[str]
+) -> None:
+    from kiln.tracking import stray_git_tags
+
+    found = {"mlflow.source.git.branch": "main", "mlflow.user": "me"}
+    if mlflow_commit:
+        found["mlflow.source.git.commit"] = mlflow_commit
+    assert stray_git_tags(found, {"git": {"commit": recorded}}) == stray

@@ -44,6 +44,8 @@ RECORD_KEY = "mlflow"  # run.json: {"run_id", "experiment_id", "experiment", "tr
 # What a finished run sends as artifacts, when its directory holds them (after export).
 ARTIFACTS = ("run.json", "cv.json", "report.json", "report.md", "report.png", "model.onnx")
 PARENT_ARTIFACTS = ("cv.json", "search.json")  # a parent's records
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_GIT_TAGS = (MLFLOW_GIT_COMMIT, "mlflow.source.git.branch", "mlflow.source.git.repoURL")
 MAX_PARAM_LENGTH = 6000  # the MLflow server's limit on a param's value
 _STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 _checked: set[str] = set()  # tracking URIs that answered in this process
@@ -323,6 +325,8 @@ def start_run(trainer: Any, cfg: Any, run: Any) -> None:
     params = [Param(key, value) for key, value in flat_config(cfg).items() if key not in known]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params a request
         mlflow_client.log_batch(run_id, params=params[start : start + 100])
+    for key in stray_git_tags(existing.data.tags, run.record):
+        mlflow_client.delete_tag(run_id, key)
     tags = [RunTag(key, value) for key, value in provenance_tags(run.record, run.directory).items()]
     mlflow_client.log_batch(run_id, tags=tags)
     run.update(
@@ -357,12 +361,23 @@ def flat_config(cfg: Any) -> dict[str, str]:
     return flat
 
 
+def stray_git_tags(tags: dict[str, str], record: dict[str, Any]) -> list[str]:
+    """MLflow's own git tags on a new run that do not describe the commit run.json records.
+    MLflow reads them from the directory of the program it runs in (the `kiln` script: kiln's
+    own checkout, for an editable install), not from the user's project: unless its commit is
+    the recorded one, they go, and the recorded commit (if any) is what the run shows."""
+    recorded = (record.get("git") or {}).get("commit")
+    if recorded and tags.get(MLFLOW_GIT_COMMIT) == recorded:
+        return []
+    return [key for key in MLFLOW_GIT_TAGS if key in tags]
+
+
 def provenance_tags(record: dict[str, Any], directory: Path) -> dict[str, str]:
     """What run.json records about where the run came from, as MLflow tags."""
     git = record.get("git") or {}
     versions = record.get("versions") or {}
     tags = {
-        "mlflow.source.git.commit": git.get("commit"),
+        MLFLOW_GIT_COMMIT: git.get("commit"),
         "kiln.git_commit": git.get("commit"),
         "kiln.git_dirty": git.get("dirty"),
         "kiln.config_hash": record.get("config_hash"),
