@@ -151,6 +151,21 @@ def test_a_refused_data_target_stops_before_the_model_is_built(trained: Path, tm
     assert not marker.exists()
 
 
+def test_a_resume_keeps_no_tampered_target(trained: Path, tmp_path: Path) -> None:
+    """`resume=auto` continues with the run's saved values (kiln.runs.keep_saved_values): a
+    tampered `_target_` among them is refused when it would be built."""
+    run = copy_run(trained, tmp_path)
+    marker = tmp_path / "marker"
+    tamper(run, "model.net", payloads(run, marker)["pathlib.Path.write_text"])
+    from kiln.stages import train as train_stage
+
+    cfg = compose("train", [f"run_dir={run}", "resume=auto", "trainer.max_epochs=3"])  # the rest: saved
+    with pytest.raises(KilnError) as raised:
+        train_stage.main.call(cfg)
+    assert_refused(raised.value, "model.net", "pathlib.Path.write_text")
+    assert not marker.exists()
+
+
 def test_the_cli_refuses_a_callback_that_writes_a_file_before_anything_runs(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     node = f"{{_target_:pathlib.Path.write_text,self:{{_target_:pathlib.Path,_args_:[{marker}]}},data:pwned}}"
