@@ -358,3 +358,9 @@ def test_the_first_epoch_after_a_resume_inside_it_times_from_the_resumed_start()
     shown = float(re.search(r"\((\d+\.\d) s\)$", stream.getvalue().strip()).group(1))  # type: ignore[union-attr]
     assert stream.getvalue().startswith("epoch 3/5 ")
     assert shown <= round(elapsed, 1) + 0.1
+
+
+def test_a_misspelt_resume_data_changed_is_refused_at_start_leaving_no_run(tmp_path: Path):
+    message = refused(table_run(tmp_path, "resume_data_changed=acept"))
+    assert message == "resume_data_changed=acept: must be refuse or accept, e.g. resume_data_changed=accept"
+    assert not (tmp_path / "run").exists()

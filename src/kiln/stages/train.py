@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     try:
         return train(cfg, run_dir, save_config)
     except BaseException:
-        runs.undo_refused_start(run_dir)  # nothing recorded yet: the directory as it was found
+        runs.undo_refused_start(run_dir)  # refused before its record started: left as it was found
         raise
     finally:
         runs.release(run_dir)  # in-process callers (kiln.api, tests) go on without it

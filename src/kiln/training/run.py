@@ -46,6 +46,7 @@ def train_once(
     relaunch_ranks_as_this_job()
     monitor = check_monitor_setting(cfg)
     check_report_setting(cfg)
+    resume_data_changed(cfg)  # a misspelt choice is refused at start-up, not at the resume it is for
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         tracking.check_server(cfg)  # logger=mlflow: a server that does not answer stops the run here
     run = Run(run_dir, writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
@@ -165,17 +166,24 @@ def check_resumable(
 def check_same_data(path: Path, fingerprint: str | None, record: dict[str, Any], cfg: DictConfig) -> None:
     """A checkpoint continues on the data it was trained on: its best epoch was scored on that
     validation split. Changed data is refused unless `resume_data_changed=accept`."""
-    choice = OmegaConf.select(cfg, "resume_data_changed", default="refuse")
-    if choice not in ("refuse", "accept"):
-        raise KilnError(f"resume_data_changed={choice}: must be refuse or accept")
     before = record.get("data_fingerprint")
-    if not before or not fingerprint or before == fingerprint or choice == "accept":
+    if not before or not fingerprint or before == fingerprint or resume_data_changed(cfg) == "accept":
         return
     raise KilnError(
         f"data: {_data_source(cfg)} has changed since {path} was trained (data fingerprint "
         f"{before} then, {fingerprint} now): its best epoch was scored on the old validation split; "
         "continue on the new data anyway with resume_data_changed=accept, or start a new run"
     )
+
+
+def resume_data_changed(cfg: DictConfig) -> str:
+    """`resume_data_changed`: refuse (the default) or accept a resume on changed data."""
+    choice = OmegaConf.select(cfg, "resume_data_changed", default="refuse")
+    if choice not in ("refuse", "accept"):
+        raise KilnError(
+            f"resume_data_changed={choice}: must be refuse or accept, e.g. resume_data_changed=accept"
+        )
+    return str(choice)
 
 
 def _data_source(cfg: DictConfig) -> str:
