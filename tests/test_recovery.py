@@ -364,3 +364,26 @@ def test_a_misspelt_resume_data_changed_is_refused_at_start_leaving_no_run(tmp_p
     message = refused(table_run(tmp_path, "resume_data_changed=acept"))
     assert message == "resume_data_changed=acept: must be refuse or accept, e.g. resume_data_changed=accept"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_of_a_run_early_stopping_ended_is_refused_and_changes_nothing(tmp_path: Path):
+    stopping = [
+        *[o for o in table_run(tmp_path) if o != "callbacks.early_stopping=null"],
+        "callbacks.early_stopping.patience=1",
+        "callbacks.early_stopping.min_delta=100",  # no epoch after the first improves by that much
+        "trainer.max_epochs=6",
+    ]
+    train_call(stopping)
+    run_dir = tmp_path / "run"
+    assert (
+        read_run(run_dir)["status"] == "completed" and epochs_in(run_dir / "checkpoints" / "last.ckpt") == 2
+    )
+    before = snapshot(run_dir)
+
+    message = refused([*stopping, "resume=auto", "trainer.max_epochs=12"])
+    assert message == (
+        f"callbacks.early_stopping.patience=1: {run_dir / 'checkpoints' / 'last.ckpt'} was stopped early after "
+        "2 epochs (1 without improvement), nothing is left to train; to continue it, give a larger patience, "
+        "e.g. callbacks.early_stopping.patience=6"
+    )
+    assert snapshot(run_dir) == before
