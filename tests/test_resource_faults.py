@@ -2,7 +2,8 @@
 naming the file and the fix, with run.json saying failed and why; nothing saved earlier is touched.
 
 The full-disk tests write into a small tmpfs of their own (`mount -t tmpfs`, which needs root, as
-in the container CI runs in); where mounting is not allowed they are skipped, and say so.
+in the container CI runs in). Where mounting is not allowed they are skipped on a developer's
+machine, and fail in CI (CI=true): a check that cannot run there must not pass silently.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def small_disk(path: Path, kilobytes: int) -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        reason = f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     try:
         yield path
     finally:

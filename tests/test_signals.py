@@ -328,6 +328,46 @@ def test_a_signal_as_training_ends_stops_once_the_test_is_recorded(tmp_path: Pat
     assert read_run(run)["delivery"]["status"] == "passed" and (run / "model.onnx").is_file()
 
 
+class SignalDuringTheTest(L.Callback):
+    """Sends SIGINT to its own process as the best checkpoint's test starts: every epoch is
+    trained, nothing is tested or recorded yet."""
+
+    def on_test_batch_start(self, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_during_the_test_is_continued_by_the_line_it_prints(tmp_path: Path, monkeypatch):
+    """All epochs trained, the test interrupted: the printed `resume=auto` trains nothing more and
+    tests and records the run (before, it was refused: no epochs left)."""
+    from kiln import cli
+    from kiln.config import compose
+    from kiln.interrupts import Interrupted, raising
+    from kiln.stages import train as train_stage
+
+    run = tmp_path / "run"
+    overrides = [
+        *TINY_DIGITS,
+        f"run_dir={run}",
+        "+callbacks.signal_in_test={_target_:test_signals.SignalDuringTheTest}",
+    ]
+    with pytest.raises(Interrupted) as caught, raising():
+        train_stage.main.call(compose("train", overrides))
+    assert caught.value.exit_code == 130
+    assert read_run(run)["status"] != "completed"
+    printed = caught.value.message.split("continue it with: ", 1)[1]
+    assert printed == f"kiln train run_dir={run} resume=auto"
+    last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    main_module = sys.modules["__main__"]
+    monkeypatch.setattr(main_module, "__spec__", getattr(main_module, "__spec__", None), raising=False)
+    # the saved overrides come back with the line, the test-time signal among them: drop it here
+    assert cli.main([*shlex.split(printed)[1:], "~callbacks.signal_in_test"]) == 0
+    record = read_run(run)
+    assert record["status"] == "completed" and record["epochs"] == 2
+    assert set(record["test_metrics"]) >= {"test/acc", "test/loss"}
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == last  # nothing more was trained
+
+
 SIGNAL_AT_SHUTDOWN = """
 import os, runpy, signal, sys
 

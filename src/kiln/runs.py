@@ -1087,7 +1087,11 @@ def with_saved_overrides(arguments: list[str], *, requeued: bool = False) -> lis
     carried = tuple(o for o in saved if _is_carried(override_key(o)) and override_key(o) not in on_line)
     changed = tuple(o for o in overrides if _is_carried(override_key(o)))
     _continuations.append(Continuation(directory.resolve(), carried, changed))
-    return [*carried, *arguments]
+    # `~key` on the line for a key the run itself added (`+key=...`): not carrying it removes it;
+    # Hydra would refuse to delete a key today's config does not have
+    added = {override_key(o) for o in saved if o.startswith("+") and not o.startswith("++")}
+    kept = [a for a in arguments if not (a.startswith("~") and override_key(a) in added)]
+    return [*carried, *kept]
 
 
 def continuation(directory: Path) -> Continuation | None:

@@ -144,6 +144,11 @@ def check_resumable(
     from kiln.training.checkpoints import check_fits, epochs_trained, stopped_early
 
     check_fits(path, checkpoint, module)
+    check_same_data(path, fingerprint, record or {}, cfg)
+    if (record or {}).get("status") not in ("completed", None):
+        # Stopped after its last epoch but before its best checkpoint was tested and recorded (a
+        # signal during the test): Lightning trains nothing more, and the run is tested and recorded.
+        return
     max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     done = epochs_trained(checkpoint)
     if isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs:
@@ -160,7 +165,6 @@ def check_resumable(
             f"({waited} without improvement), nothing is left to train; to continue it, give a larger "
             f"patience, e.g. callbacks.early_stopping.patience={waited + max(patience, 5)}"
         )
-    check_same_data(path, fingerprint, record or {}, cfg)
 
 
 def check_same_data(path: Path, fingerprint: str | None, record: dict[str, Any], cfg: DictConfig) -> None:
