@@ -72,6 +72,18 @@ def kiln_cli(
     return run_kiln(list(args), cwd, env=env, timeout=timeout)
 
 
+def kiln_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """`kiln <args>` through the CLI's own entry point in this process, for tests of what the
+    command line says and returns where a child process would only add seconds of imports. The
+    stage's Hydra app reads (and kiln rewrites) sys.argv and __main__'s spec: both are restored."""
+    from kiln import cli
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    main_module = sys.modules["__main__"]
+    monkeypatch.setattr(main_module, "__spec__", getattr(main_module, "__spec__", None), raising=False)
+    return cli.main(list(args))
+
+
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, (
         f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

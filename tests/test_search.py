@@ -20,6 +20,7 @@ from kilntest import (
     hold_at,
     kiln_cli,
     kiln_command,
+    kiln_in_process,
     ok,
     read_run,
     wait_for,
@@ -184,14 +185,16 @@ def test_a_search_in_which_every_trial_fails_says_why_each_failed(tmp_path: Path
     ],
 )
 def test_bad_search_settings_are_one_line_and_no_trial(
-    tmp_path: Path, overrides: list[str], message: str
+    tmp_path: Path, overrides: list[str], message: str, capfd: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
-    result = kiln_search(*TINY, *overrides, cwd=tmp_path)
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kiln search: error: ") and message in lines[0], (
-        result.stderr
-    )
+    """Through the CLI's own entry point, in this process: a refusal comes before any trial (and
+    before any torch work), so a child process would only add its imports."""
+    monkeypatch.chdir(tmp_path)
+    code = kiln_in_process(monkeypatch, "search", f"paths.output_dir={tmp_path / 'runs'}", *TINY, *overrides)
+    stderr = capfd.readouterr().err
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kiln search: error: ") and message in lines[0], stderr
     assert not list(tmp_path.glob("runs/search/*/trial_*"))
 
 

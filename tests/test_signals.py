@@ -30,6 +30,7 @@ from kilntest import (
     copy_run,
     kiln_cli,
     kiln_command,
+    kiln_in_process,
     ok,
     read_run,
     wait_for,
@@ -296,7 +297,6 @@ class SignalAsTrainingEnds(L.Callback):
 
 
 def test_a_signal_as_training_ends_stops_once_the_test_is_recorded(tmp_path: Path, monkeypatch):
-    from kiln import cli
     from kiln.config import compose
     from kiln.interrupts import Interrupted, raising
     from kiln.stages import train as train_stage
@@ -321,10 +321,7 @@ def test_a_signal_as_training_ends_stops_once_the_test_is_recorded(tmp_path: Pat
         f"{run}/run.json), not exported; export it with: {printed}"
     )
     # the command it prints finishes the run
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    main_module = sys.modules["__main__"]
-    monkeypatch.setattr(main_module, "__spec__", getattr(main_module, "__spec__", None), raising=False)
-    assert cli.main([*shlex.split(printed)[1:], *QUICK]) == 0
+    assert kiln_in_process(monkeypatch, *shlex.split(printed)[1:], *QUICK) == 0
     assert read_run(run)["delivery"]["status"] == "passed" and (run / "model.onnx").is_file()
 
 
@@ -339,7 +336,6 @@ class SignalDuringTheTest(L.Callback):
 def test_a_signal_during_the_test_is_continued_by_the_line_it_prints(tmp_path: Path, monkeypatch):
     """All epochs trained, the test interrupted: the printed `resume=auto` trains nothing more and
     tests and records the run (before, it was refused: no epochs left)."""
-    from kiln import cli
     from kiln.config import compose
     from kiln.interrupts import Interrupted, raising
     from kiln.stages import train as train_stage
@@ -357,11 +353,8 @@ def test_a_signal_during_the_test_is_continued_by_the_line_it_prints(tmp_path: P
     printed = caught.value.message.split("continue it with: ", 1)[1]
     assert printed == f"kiln train run_dir={run} resume=auto"
     last = (run / "checkpoints" / "last.ckpt").read_bytes()
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    main_module = sys.modules["__main__"]
-    monkeypatch.setattr(main_module, "__spec__", getattr(main_module, "__spec__", None), raising=False)
     # the saved overrides come back with the line, the test-time signal among them: drop it here
-    assert cli.main([*shlex.split(printed)[1:], "~callbacks.signal_in_test"]) == 0
+    assert kiln_in_process(monkeypatch, *shlex.split(printed)[1:], "~callbacks.signal_in_test") == 0
     record = read_run(run)
     assert record["status"] == "completed" and record["epochs"] == 2
     assert set(record["test_metrics"]) >= {"test/acc", "test/loss"}
