@@ -802,7 +802,6 @@ def compressed_rates(net: Any, example: torch.Tensor, rate: Any) -> dict[str, fl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-images-"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("KILN_CACHE_DIR", str(work / "cache"))
     try:
         ratio, rss = throughput_part(args, work)

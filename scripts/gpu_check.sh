@@ -19,6 +19,8 @@
 # context) and nvidia-smi's memory.used of the GPU sampled every 200 ms (everything on that GPU,
 # other processes' included); and the training process's peak RSS (ru_maxrss). Then one line per step:
 #   gpu_check: summary <step>: ok wall_s=W images_per_s=R fit_images_per_s=F delivery=D peak_alloc_mib=A peak_used_mib=U peak_rss_mib=M
+# On a GPU it then runs the suite's gpu tier (`pytest -m gpu`, tests/test_gpu.py; GPU_CHECK_TESTS=0
+# skips it, GPU_CHECK_TESTS_TIMEOUT is its limit, 420 s) and adds a "summary tests" line.
 # (FAILED instead of ok, with the exit code, when a run fails, times out or does not ship its model).
 #
 # Without a GPU (torch.cuda.is_available() is False) it says "gpu_check: no GPU: CPU fallback" and
@@ -40,7 +42,6 @@ cd "$(dirname "$0")/.." || exit 1
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 OUT="${GPU_CHECK_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/kiln-gpu-check-XXXXXX")}"
 mkdir -p "$OUT"
 echo "gpu_check: python $PYTHON, runs in $OUT"
@@ -197,6 +198,20 @@ fi
 run_step images "${TIMEOUTS[0]}" "${IMAGES[@]}" "${TINY_IMAGES[@]}" "${COMMON[@]}"
 run_step digits "${TIMEOUTS[1]}" "${DIGITS[@]}" "${COMMON[@]}"
 run_step ddp "${TIMEOUTS[2]}" "${DDP[@]}" "${TINY_IMAGES[@]}" "${COMMON[@]}"
+
+# the test suite's gpu tier (pytest -m gpu: bf16-mixed, torch.compile, DDP on one GPU, export of a
+# CUDA-trained checkpoint with parity on the CPU); without a GPU those tests only skip, so not run here
+if [[ $GPU == 1 && "${GPU_CHECK_TESTS:-1}" != 0 ]]; then
+    echo
+    echo "gpu_check: step tests: pytest -m gpu"
+    started=$EPOCHREALTIME
+    timeout --kill-after=15 "${GPU_CHECK_TESTS_TIMEOUT:-420}" "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
+    code=${PIPESTATUS[0]}
+    wall=$(awk -v now="$EPOCHREALTIME" -v then="$started" 'BEGIN { printf "%.1f", now - then }')
+    status=ok
+    if [[ $code != 0 ]]; then status="FAILED(exit=$code)"; FAILED=1; fi
+    SUMMARIES+=("gpu_check: summary tests: $status wall_s=$wall $(grep -Eo '[0-9]+ (passed|failed|skipped)' "$OUT/tests.log" | paste -sd' ')")
+fi
 
 echo
 printf '%s\n' "${SUMMARIES[@]}"

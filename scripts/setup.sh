@@ -15,10 +15,13 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
 
-# torch first and pinned: an open range would pull a multi-GB CUDA build onto a CPU machine.
+# torch and torchvision first, pinned, from TORCH_INDEX_URL when given: by default the build
+# `pip install torch` gives on Linux (CUDA 13; it runs on the CPU too; about 5 GB with its nvidia-*
+# wheels); a CPU-only index gives a much smaller one for machines without a GPU.
 torch_pin=$(grep -E '^torch==' scripts/constraints.txt)
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${torch_pin#torch==}')" 2>/dev/null; then
-  pip_install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$torch_pin"
+vision_pin=$(grep -E '^torchvision==' scripts/constraints.txt)
+if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '${torch_pin#torch==}')" 2>/dev/null; then
+  pip_install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} -c scripts/constraints.txt "$torch_pin" "$vision_pin"
 fi
 pip_install -c scripts/constraints.txt -e ".[dev]"
-"$VENV/bin/python" -c "import torch, lightning, kiln; print(f'kiln {kiln.__version__} ready: torch {torch.__version__}, lightning {lightning.__version__}, cuda={torch.cuda.is_available()}')"
+"$VENV/bin/python" -c "import torch, torchvision, timm, lightning, kiln; print(f'kiln {kiln.__version__} ready: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, lightning {lightning.__version__}, cuda={torch.cuda.is_available()}')"

@@ -14,7 +14,6 @@ from kilntest import TINY_DIGITS_CNN, TINY_PENGUINS, run_kiln, trained_run
 
 # Nothing downloads at run time (no internet here); built-in data sets (data=digit_images) are
 # written once per test session to a fresh cache, never to the user's ~/.cache/kiln.
-os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-cache-"))
 
 
@@ -41,3 +40,19 @@ def penguins_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def digits_cnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return trained_run(tmp_path_factory, "digits_cnn", TINY_DIGITS_CNN)
+
+
+GPU_SKIP = "needs a CUDA GPU (torch.cuda.is_available() is False): pytest -m gpu on a GPU machine runs it"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `gpu` tier runs only where CUDA is: elsewhere its tests are skipped, saying why."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in gpu_tests:
+        item.add_marker(pytest.mark.skip(reason=GPU_SKIP))

@@ -20,7 +20,6 @@ def run_gpu_check(tmp_path: Path, knobs: dict[str, str], timeout: float) -> subp
         **os.environ,
         "PYTHON": sys.executable,
         "KILN_CACHE_DIR": str(tmp_path / "cache"),
-        "HF_HUB_OFFLINE": "1",
         "CUDA_VISIBLE_DEVICES": "",  # the fallback even on a machine with a GPU
         "GPU_CHECK_OUT": str(tmp_path / "out"),
         **knobs,

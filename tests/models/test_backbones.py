@@ -1,13 +1,13 @@
-"""`kiln.models.backbones`: every architecture builds for small and grayscale images; weights load
-strictly from files and save_pretrained directories (the wrong ones name the first tensor that does
-not fit); resnet18 exports to ONNX with parity and survives structured pruning. Offline: transformers
-builds the nets from configs, nothing downloads."""
+"""`kiln.models.backbones`: any timm model builds for small and grayscale images, with timm's data
+config; weights load strictly from files and directories (the wrong ones name the first tensor that
+does not fit) and a line says what was loaded; resnet18 exports to ONNX with parity and survives
+structured pruning. Offline: timm builds the nets from their names, nothing downloads."""
 
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kiln.compression.pruning import count_parameters, prune_structured
+from kiln.data.images import IMAGENET_MEAN, IMAGENET_STD
 from kiln.errors import InvalidArgument, KilnError
 from kiln.export.onnx_export import export_net
-from kiln.models.backbones import ARCHS, Backbone, _import_error, backbone
+from kiln.models import backbones
+from kiln.models.backbones import Backbone, backbone
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # transformers is imported lazily, after this
-TIMM_IMPORTS = _import_error("timm") is None
 SHAPE = (3, 32, 32)
-
-
-def hf_backbone(input_shape: Sequence[int], num_outputs: int, **config: Any) -> Backbone:
-    """The transformers path, the one that runs here, even where timm imports."""
-    return backbone(input_shape, num_outputs, library="transformers", **config)
-
-
-def hf_model(net: Backbone) -> Any:
-    """The transformers model inside the backbone (its save_pretrained, its raw outputs)."""
-    return net.backbone.model
+NAMES = ["resnet18", "resnet50", "convnext_atto", "vit_tiny", "mobilenetv3_small_050"]
 
 
 def images(rows: int = 2, shape: tuple[int, ...] = SHAPE, seed: int = 0) -> torch.Tensor:
@@ -61,7 +52,7 @@ def built(name: str) -> Backbone:
     """One net per architecture for the whole module (building them all takes seconds); tests that
     change a net build their own."""
     torch.manual_seed(0)
-    return hf_backbone(SHAPE, 7, name=name).eval()
+    return backbone(SHAPE, 7, name=name).eval()
 
 
 @pytest.fixture
@@ -71,18 +62,18 @@ def resnet18() -> Backbone:
 
 def weights_error(**config: Any) -> str:
     with pytest.raises(KilnError) as info:
-        hf_backbone(SHAPE, 3, **config)
+        backbone(SHAPE, 3, **config)
     message = str(info.value)
     assert "\n" not in message
     return message
 
 
-# published sizes less the 1000-class head: resnet18 11.69M, resnet50 25.56M, convnext_tiny 28.59M
-PUBLISHED = {"resnet18": 11_176_512, "resnet50": 23_508_032, "convnext_tiny": 27_820_128}
+# published sizes less the 1000-class head: resnet18 11.69M, resnet50 25.56M
+PUBLISHED = {"resnet18": 11_176_512, "resnet50": 23_508_032}
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
-def test_every_architecture_maps_images_to_logits(name: str):
+@pytest.mark.parametrize("name", NAMES)
+def test_timm_models_map_images_to_logits(name: str):
     net = built(name)
     x = images()
     with torch.no_grad():
@@ -91,14 +82,23 @@ def test_every_architecture_maps_images_to_logits(name: str):
     assert type(pooled) is torch.Tensor and pooled.shape == (2, net.feature_size)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     assert net.head[-1].in_features == net.feature_size and net.head[-1].out_features == 7
-    assert (net.name, net.library) == (name, "transformers")
+    assert (net.name, net.library) == (name, "timm")
     if name in PUBLISHED:
         assert count_parameters(net.backbone) == PUBLISHED[name]
 
 
+def test_the_net_carries_timms_data_config():
+    resnet = built("resnet18").data_config
+    assert resnet["mean"] == pytest.approx(IMAGENET_MEAN) and resnet["std"] == pytest.approx(IMAGENET_STD)
+    assert (resnet["input_size"], resnet["interpolation"]) == ([3, 224, 224], "bicubic")  # timm's a1_in1k
+    vit = built("vit_tiny").data_config  # timm's ViTs are normalized to [-1, 1]
+    assert (vit["mean"], vit["std"], vit["interpolation"]) == ([0.5] * 3, [0.5] * 3, "bicubic")
+    json.dumps(resnet)  # plain values: they go into run records and ONNX metadata
+
+
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "vit_tiny"])
 def test_grayscale_images_work(name: str):
-    net = hf_backbone((1, 32, 32), 3, name=name).eval()
+    net = backbone((1, 32, 32), 3, name=name).eval()
     stem = next(m for m in net.backbone.modules() if isinstance(m, nn.Conv2d))
     assert stem.in_channels == 1
     with torch.no_grad():
@@ -106,127 +106,138 @@ def test_grayscale_images_work(name: str):
 
 
 def test_vit_picks_a_patch_that_tiles_the_image_and_takes_the_cls_token():
-    net = hf_backbone((1, 28, 28), 10, name="vit_tiny").eval()  # digits: 16 does not divide 28, 14 does
+    net = backbone((1, 28, 28), 10, name="vit_tiny").eval()  # digits: 16 does not divide 28, 14 does
     patch = next(m for m in net.backbone.modules() if isinstance(m, nn.Conv2d))
     assert patch.kernel_size == (14, 14)
-    wide = hf_backbone((3, 32, 16), 4, name="vit_tiny", patch_size=8).eval()
+    wide = backbone((3, 32, 16), 4, name="vit_tiny", patch_size=8).eval()
     x = images(shape=(3, 32, 16))
     with torch.no_grad():
-        hidden = hf_model(wide)(pixel_values=x).last_hidden_state
+        hidden = wide.backbone.forward_features(x)
         assert hidden.shape == (2, 1 + 4 * 2, 192)  # CLS + a 4x2 grid of patches
         assert torch.equal(wide.backbone(x), hidden[:, 0])
     with pytest.raises(InvalidArgument, match=r"patch_size: must divide the image size 32x32, got 5"):
-        hf_backbone(SHAPE, 2, name="vit_tiny", patch_size=5)
+        backbone(SHAPE, 2, name="vit_tiny", patch_size=5)
     with pytest.raises(InvalidArgument, match="only ViT backbones take a patch size"):
-        hf_backbone(SHAPE, 2, name="resnet18", patch_size=8)
+        backbone(SHAPE, 2, name="resnet18", patch_size=8)
 
 
 def test_dropout_goes_before_the_head_and_bad_values_are_refused():
-    net = hf_backbone(SHAPE, 2, name="convnext_atto", dropout=0.3)
+    net = backbone(SHAPE, 2, name="convnext_atto", dropout=0.3)
     assert isinstance(net.head[0], nn.Dropout) and net.head[0].p == 0.3
     assert isinstance(net.head[1], nn.Linear)
     with pytest.raises(InvalidArgument, match=r"dropout: must be in \[0, 1\), got 1.5"):
-        hf_backbone(SHAPE, 2, dropout=1.5)
+        backbone(SHAPE, 2, dropout=1.5)
 
 
-def test_an_unknown_name_lists_near_matches():
+def test_an_unknown_name_lists_near_timm_matches():
     with pytest.raises(KilnError) as info:
-        hf_backbone(SHAPE, 2, name="resnt18")
-    assert str(info.value).startswith(
-        "model.net.name=resnt18: not a backbone kiln knows; did you mean resnet18"
-    )
-    assert "known: resnet18, resnet34, resnet50, convnext_atto" in str(info.value)
+        backbone(SHAPE, 2, name="resnt18")
+    message = str(info.value)
+    assert message.startswith("model.net.name=resnt18: not a timm model; did you mean resnet18")
+    assert message.endswith("""python -c 'import timm; print(timm.list_models("res*"))' lists them""")
+    with pytest.raises(KilnError, match=r"did you mean efficientnet_b0"):
+        backbone(SHAPE, 2, name="efficientnet-b0")
 
 
 def test_convnext_refuses_images_it_would_shrink_to_nothing():
     with pytest.raises(KilnError, match=r"at least 32x32 pixels .* the data has 16x16"):
-        hf_backbone((3, 16, 16), 2, name="convnext_atto")
+        backbone((3, 16, 16), 2, name="convnext_atto")
 
 
-@pytest.mark.skipif(TIMM_IMPORTS, reason="timm imports here")
-def test_a_forced_library_that_does_not_import_says_why_and_auto_falls_back():
+def test_timm_missing_is_one_line_with_the_install_command(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(
+        backbones, "_import_error", lambda library: "ModuleNotFoundError: No module named 'timm'"
+    )
     with pytest.raises(KilnError) as info:
-        backbone(SHAPE, 2, library="timm")
-    message = str(info.value)
-    assert message.startswith("model.net.library=timm: timm does not import here (")
-    assert "set model.net.library=transformers" in message and "\n" not in message
-    with pytest.raises(InvalidArgument, match="library: must be one of auto, transformers, timm"):
-        backbone(SHAPE, 2, library="keras")
-    assert backbone(SHAPE, 2, name="convnext_atto").library == "transformers"  # auto falls back
+        backbone(SHAPE, 2)
+    assert str(info.value) == (
+        "model=backbone needs timm, and timm does not import here (ModuleNotFoundError: No module named "
+        "'timm'); pip install timm torchvision (scripts/setup.sh installs both)"
+    )
 
 
-def test_weights_round_trip_through_pt_safetensors_ckpt_and_save_pretrained(
+def test_a_line_says_which_weights_were_loaded_or_that_the_net_starts_from_scratch(
+    resnet18: Backbone, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+):
+    capfd.readouterr()
+    backbone(SHAPE, 3, name="resnet18")
+    assert capfd.readouterr().err == (
+        "kiln: model.net: timm resnet18 starts from scratch (random weights; model.net.weights=FILE loads some)\n"
+    )
+    torch.save(resnet18.state_dict(), tmp_path / "own.pt")
+    backbone(SHAPE, 3, name="resnet18", weights=str(tmp_path / "own.pt"))
+    tensors = len(resnet18.backbone.state_dict())  # its head's two tensors are not the backbone's
+    assert tensors == len(resnet18.state_dict()) - 2
+    assert capfd.readouterr().err == (
+        f"kiln: model.net: timm resnet18 with weights from {tmp_path / 'own.pt'} ({tensors} tensors)\n"
+    )
+
+
+def test_weights_round_trip_through_pt_safetensors_ckpt_and_a_timm_directory(
     resnet18: Backbone, tmp_path: Path
 ):
     x = images()
     expected = features(resnet18, x)
-    inner = hf_model(resnet18).state_dict()
+    inner = resnet18.backbone.state_dict()
     # a Backbone's own state dict, head included: the head stays new, sized to the data
     torch.save(resnet18.state_dict(), tmp_path / "own.pt")
-    # transformers' ResNetForImageClassification keys, with its classifier
-    hf = {f"resnet.{k}": v for k, v in inner.items()} | {"classifier.1.weight": torch.zeros(1000, 512)}
-    save_file({k: v.contiguous() for k, v in hf.items()}, tmp_path / "hf.safetensors")
-    # a Lightning checkpoint of a KilnModule (net.backbone.model.*, net.head.*, other entries)
+    # timm's own resnet18 keys, with its 1000-class fc
+    timm_keys = inner | {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    save_file({k: v.contiguous() for k, v in timm_keys.items()}, tmp_path / "timm.safetensors")
+    # a Lightning checkpoint of a KilnModule (net.backbone.*, net.head.*, other entries)
     checkpoint = {f"net.{k}": v for k, v in resnet18.state_dict().items()}
     torch.save({"epoch": 3, "state_dict": checkpoint}, tmp_path / "run.ckpt")
-    hf_model(resnet18).save_pretrained(tmp_path / "pretrained")
-    for weights in ("own.pt", "hf.safetensors", "run.ckpt", "pretrained"):
+    # a directory as timm's save_pretrained/push_to_hub writes it
+    (tmp_path / "hub").mkdir()
+    save_file({k: v.contiguous() for k, v in timm_keys.items()}, tmp_path / "hub" / "model.safetensors")
+    (tmp_path / "hub" / "config.json").write_text(
+        json.dumps({"architecture": "resnet18", "num_classes": 1000})
+    )
+    for weights in ("own.pt", "timm.safetensors", "run.ckpt", "hub"):
         torch.manual_seed(1)  # another initialization: only the file can make them equal
-        loaded = hf_backbone(SHAPE, 3, name="resnet18", weights=str(tmp_path / weights))
+        loaded = backbone(SHAPE, 3, name="resnet18", weights=str(tmp_path / weights))
         assert torch.equal(features(loaded, x), expected), weights
         assert loaded.head[-1].out_features == 3
-    assert not torch.equal(features(hf_backbone(SHAPE, 3, name="resnet18"), x), expected)
+    assert not torch.equal(features(backbone(SHAPE, 3, name="resnet18"), x), expected)
 
 
 def test_weights_of_another_architecture_name_the_first_tensor_that_does_not_fit(tmp_path: Path):
     torch.save(built("resnet50").state_dict(), tmp_path / "r50.pt")
     message = weights_error(name="resnet18", weights=str(tmp_path / "r50.pt"))
     assert message == (
-        f"model.net.weights={tmp_path / 'r50.pt'}: tensor encoder.stages.0.layers.0.layer.0.convolution.weight "
+        f"model.net.weights={tmp_path / 'r50.pt'}: tensor layer1.0.conv1.weight "
         "has shape (64, 64, 1, 1) in the file but (64, 64, 3, 3) in resnet18; these weights are for another "
         "architecture: set model.net.name to theirs"
     )
-    torch.save(built("resnet34").state_dict(), tmp_path / "r34.pt")
+    torch.save(backbone(SHAPE, 3, name="resnet34").state_dict(), tmp_path / "r34.pt")
     message = weights_error(name="resnet18", weights=str(tmp_path / "r34.pt"))
-    assert (
-        "tensor encoder.stages.0.layers.2.layer.0.convolution.weight (64, 64, 3, 3) in the file " in message
-    )
-    assert "has no place in resnet18" in message
+    assert "tensor layer1.2.conv1.weight (64, 64, 3, 3) in the file has no place in resnet18" in message
     # RGB weights for grayscale data
     torch.save(built("convnext_atto").state_dict(), tmp_path / "rgb.pt")
     with pytest.raises(KilnError) as info:
-        hf_backbone((1, 32, 32), 2, name="convnext_atto", weights=str(tmp_path / "rgb.pt"))
-    assert (
-        "tensor embeddings.patch_embeddings.weight has shape (40, 3, 4, 4) in the file but (40, 1, 4, 4)"
-        in str(info.value)
-    )
+        backbone((1, 32, 32), 2, name="convnext_atto", weights=str(tmp_path / "rgb.pt"))
+    assert "tensor stem.0.weight has shape (40, 3, 4, 4) in the file but (40, 1, 4, 4)" in str(info.value)
     assert "these weights are for 3-channel images and the data has 1" in str(info.value)
     torch.save(built("vit_tiny").state_dict(), tmp_path / "vit16.pt")  # patches of 16 pixels
     message = weights_error(name="vit_tiny", patch_size=8, weights=str(tmp_path / "vit16.pt"))
     assert message.endswith(
-        "tensor embeddings.position_embeddings has shape (1, 5, 192) in the file but (1, 17, 192) in vit_tiny; "
+        "tensor pos_embed has shape (1, 5, 192) in the file but (1, 17, 192) in vit_tiny; "
         "these weights are for another image size or patch size: resize the images or set "
         "model.net.patch_size to theirs"
     )
-    message = weights_error(name="vit_tiny", weights=str(tmp_path / "rgb.pt"))
-    assert message.endswith(
-        "tensor embeddings.cls_token (1, 1, 192) of vit_tiny is not in the file (it has 2 of vit_tiny's tensors "
-        "under 'backbone.model.'); these weights are for another architecture: set model.net.name to theirs"
+
+
+def test_a_timm_directory_of_another_architecture_says_so(tmp_path: Path):
+    (tmp_path / "r34").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in backbone(SHAPE, 3, name="resnet34").backbone.state_dict().items()},
+        tmp_path / "r34" / "model.safetensors",
     )
-
-
-def test_a_save_pretrained_directory_of_another_architecture_says_so(tmp_path: Path):
-    hf_model(built("resnet34")).save_pretrained(tmp_path / "r34")
+    (tmp_path / "r34" / "config.json").write_text(json.dumps({"architecture": "resnet34"}))
     message = weights_error(name="resnet18", weights=str(tmp_path / "r34"))
     assert message == (
-        f"model.net.weights={tmp_path / 'r34'}: its config.json is for a resnet (ResNetModel) that is not "
-        "resnet18; set model.net.name=resnet34"
-    )
-    hf_model(built("convnext_atto")).save_pretrained(tmp_path / "atto")
-    message = weights_error(name="vit_tiny", weights=str(tmp_path / "atto"))
-    assert (
-        "its config.json is for a convnext (ConvNextModel) that is not vit_tiny; set model.net.name=convnext_atto"
-        in message
+        f"model.net.weights={tmp_path / 'r34'}: its config.json is for timm's resnet34, not resnet18; "
+        "set model.net.name=resnet34"
     )
 
 
@@ -242,7 +253,7 @@ def test_files_that_are_not_state_dicts_are_one_line_naming_the_file(tmp_path: P
         "settings.pt": "not a state dict of tensors (its entry 'lr' is a float)",
         "weights.txt": "not a weights file (expected .safetensors, .pt, .pth, .bin, .ckpt)",
         "missing.pt": "no such file or directory",
-        "empty": "the directory has no model.safetensors or pytorch_model.bin",
+        "empty": "the directory has no model.safetensors or pytorch_model.bin (what timm writes)",
     }
     for name, reason in cases.items():
         message = weights_error(weights=str(tmp_path / name))
@@ -285,3 +296,39 @@ def test_structured_pruning_of_convnext_and_vit_runs_and_rebuilds_from_its_state
         rebuilt = fit_to_state_dict(backbone(SHAPE, 7, name=name), pruned.state_dict()).eval()
         assert torch.equal(rebuilt(images()), out)
     assert out.shape == (len(images()), 7)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "mean", "said"),
+    [([], [0.5] * 3, True), (["data.mean=[0.1,0.2,0.3]", "data.std=[1,1,1]"], [0.1, 0.2, 0.3], False)],
+)
+def test_the_image_data_takes_the_timm_normalization_unless_the_data_config_sets_one(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], overrides: list[str], mean: list[float], said: bool
+):
+    from kiln import contract
+    from kiln.config import compose
+    from kiln.stages.build import build, build_module
+    from test_images_e2e import colour_folder
+
+    folder = colour_folder(tmp_path / "photos", per_class=8)
+    cfg = compose(
+        "train",
+        [
+            "data=image_folder",
+            f"data.path={folder}",
+            "data.image_size=32",
+            "model=backbone",
+            "model.net.name=vit_tiny",
+            *overrides,
+        ],
+    )
+    datamodule = build("data", cfg.data, seed=0)
+    datamodule.setup("fit")
+    capfd.readouterr()
+    build_module(cfg, datamodule)
+    image = contract.image_input(datamodule)  # what the exported graph repeats
+    assert image is not None and image["mean"] == pytest.approx(mean)
+    line = (
+        "kiln: data: normalized with vit_tiny's timm data config: mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]"
+    )
+    assert (line in capfd.readouterr().err) is said

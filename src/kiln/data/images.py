@@ -97,6 +97,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.image_size = _size(image_size)
         require(channels in (1, 3), "channels", f"must be 3 (RGB) or 1 (grayscale), got {channels}")
         self.channels = channels
+        self.normalization_given = mean is not None or std is not None  # else a net's data config may set it
         self.mean = _per_channel(mean, IMAGENET_MEAN if channels == 3 else (0.5,), channels, "mean")
         self.std = _per_channel(std, IMAGENET_STD if channels == 3 else (0.5,), channels, "std")
         require(all(s > 0 for s in self.std), "std", f"must be > 0, got {list(self.std)}")
@@ -162,6 +163,21 @@ class ImageFolderDataModule(L.LightningDataModule):
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+    def use_net_normalization(self, data_config: dict[str, Any], net_name: str) -> None:
+        """Normalize with the net's own mean and std (a timm data config) when the data config left
+        data.mean and data.std unset; the exported graph then repeats them too. Said in one line."""
+        mean, std = data_config.get("mean"), data_config.get("std")
+        if self.normalization_given or mean is None or std is None:
+            return
+        if len(mean) != self.channels:  # timm gives RGB values; grayscale takes their average
+            mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        print(
+            f"kiln: data: normalized with {net_name}'s timm data config: mean={list(self.mean)}, "
+            f"std={list(self.std)} (set data.mean and data.std to choose others)",
+            file=sys.stderr,
+        )
 
     @property
     def source(self) -> str:

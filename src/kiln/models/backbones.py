@@ -1,15 +1,15 @@
-"""Known image architectures (ResNet, ConvNeXt, ViT) as kiln nets: `backbone(input_shape, num_outputs, name=...)`.
+"""Image backbones from timm as kiln nets: `backbone(input_shape, num_outputs, name=<any timm model>)`.
 
-torchvision and timm do not import with the CPU torch (DESIGN.md, "Vision libraries with the CPU
-torch"), so the architectures come from Hugging Face transformers, built from a config (nothing
-downloads); timm is used instead when it imports (`library=auto`). Either way the net is a
-`Backbone`: `backbone` maps images to pooled features as a plain tensor (a transformers ModelOutput
-never leaves forward, so the exporter and the pruner see tensors only) and `head` is a new linear
-layer sized to the data.
+timm builds the architecture from its name (nothing downloads; `pretrained=False`), returning pooled
+features (`num_classes=0`); the net is a `Backbone` whose `head` is a new linear layer sized to the
+data. timm's own data config for the model (input size, mean, std, interpolation) rides along as
+`Backbone.data_config`: kiln's image datamodule normalizes with its mean and std when the data
+config leaves them unset, and the exported graph repeats what the datamodule did.
 
 `weights=PATH` loads a state dict into the backbone only, strictly: a file from another
 architecture, another channel count or another image size is one error naming the first tensor
-that does not fit, not a silently half-loaded net.
+that does not fit, not a silently half-loaded net. A line on stderr says which weights were loaded
+(file, number of tensors) or that the net starts from scratch.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import functools
 import json
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,54 +30,19 @@ from torch import Tensor, nn
 
 from kiln.errors import KilnError, require
 
-LIBRARIES = ("auto", "transformers", "timm")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# top-level names of classification heads in the files kiln reads: transformers' *ForImageClassification
-# (classifier), timm's (head, fc) and a Backbone's own (head)
+# top-level names of classification heads in the files kiln reads: timm's (head, fc, classifier)
+# and a Backbone's own (head)
 HEAD_NAMES = ("classifier", "head", "fc")
 GIVE_INSTEAD = (
     "give a state dict saved with torch.save(net.state_dict()) (.pt/.pth/.bin), a .safetensors file, "
-    "a Lightning .ckpt, or a directory written by save_pretrained"
+    "a Lightning .ckpt, or a directory timm's save/push_to_hub wrote (model.safetensors)"
 )
-
-
-@dataclass(frozen=True)
-class Arch:
-    family: str  # transformers' model_type: resnet, convnext or vit
-    timm_name: str
-    config: dict[str, Any]  # the size fields of the transformers config
-
-
-def _resnet(depths: list[int], hidden_sizes: list[int], layer_type: str) -> dict[str, Any]:
-    return {"depths": depths, "hidden_sizes": hidden_sizes, "layer_type": layer_type}
-
-
-def _convnext(depths: list[int], hidden_sizes: list[int]) -> dict[str, Any]:
-    return {"depths": depths, "hidden_sizes": hidden_sizes}
-
-
-def _vit(hidden_size: int, layers: int, heads: int, mlp: int) -> dict[str, Any]:
-    return {
-        "hidden_size": hidden_size,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "intermediate_size": mlp,
-    }
-
-
-ARCHS: dict[str, Arch] = {
-    "resnet18": Arch("resnet", "resnet18", _resnet([2, 2, 2, 2], [64, 128, 256, 512], "basic")),
-    "resnet34": Arch("resnet", "resnet34", _resnet([3, 4, 6, 3], [64, 128, 256, 512], "basic")),
-    "resnet50": Arch("resnet", "resnet50", _resnet([3, 4, 6, 3], [256, 512, 1024, 2048], "bottleneck")),
-    # the small ConvNeXts are timm's (the same depths and widths; timm writes their MLPs as 1x1 convs)
-    "convnext_atto": Arch("convnext", "convnext_atto", _convnext([2, 2, 6, 2], [40, 80, 160, 320])),
-    "convnext_femto": Arch("convnext", "convnext_femto", _convnext([2, 2, 6, 2], [48, 96, 192, 384])),
-    "convnext_pico": Arch("convnext", "convnext_pico", _convnext([2, 2, 6, 2], [64, 128, 256, 512])),
-    "convnext_nano": Arch("convnext", "convnext_nano", _convnext([2, 2, 8, 2], [80, 160, 320, 640])),
-    "convnext_tiny": Arch("convnext", "convnext_tiny", _convnext([3, 3, 9, 3], [96, 192, 384, 768])),
-    "vit_tiny": Arch("vit", "vit_tiny_patch16_224", _vit(192, 12, 3, 768)),
-    "vit_small": Arch("vit", "vit_small_patch16_224", _vit(384, 12, 6, 1536)),
-}
+# kiln's short names for timm's ViTs (the configs and runs that used them keep working)
+ALIASES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
+# what a timm model's data config says that kiln uses (timm.data.resolve_model_data_config)
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+NEEDS_TIMM = "pip install timm torchvision (scripts/setup.sh installs both)"
 
 
 class Backbone(nn.Module):
@@ -90,34 +55,19 @@ class Backbone(nn.Module):
         num_outputs: int,
         dropout: float,
         name: str,
-        library: str,
+        data_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         self.head = nn.Sequential(*layers, nn.Linear(feature_size, num_outputs))
         self.name = name
-        self.library = library
+        self.library = "timm"
         self.feature_size = feature_size
+        self.data_config = dict(data_config or {})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
-
-
-class HFFeatures(nn.Module):
-    """A transformers base model (`model`) whose forward returns pooled features as a plain tensor:
-    ResNet/ConvNeXt their pooler output, ViT the CLS token after the final layernorm."""
-
-    def __init__(self, model: nn.Module, family: str) -> None:
-        super().__init__()
-        self.model = model
-        self.family = family
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.model(pixel_values=x)
-        if self.family == "vit":
-            return out.last_hidden_state[:, 0]
-        return out.pooler_output.flatten(1)
 
 
 def backbone(
@@ -125,19 +75,15 @@ def backbone(
     num_outputs: int,
     name: str = "resnet18",
     weights: str | None = None,
-    library: str = "auto",
     dropout: float = 0.0,
     patch_size: int | None = None,
 ) -> Backbone:
-    """A known architecture for images (channels, height, width) with a new `num_outputs` head.
+    """A timm architecture for images (channels, height, width) with a new `num_outputs` head.
 
-    `weights`: a state dict for the backbone (file or save_pretrained directory; nothing downloads).
+    `weights`: a state dict for the backbone (file or directory; nothing downloads).
     `patch_size` (ViT only): defaults to 16, or the largest size up to 16 that divides the image."""
-    arch = ARCHS.get(name)
-    if arch is None:
-        near = difflib.get_close_matches(name, list(ARCHS), n=3, cutoff=0.6)
-        guess = f"did you mean {' or '.join(near)}? " if near else ""
-        raise KilnError(f"model.net.name={name}: not a backbone kiln knows; {guess}known: {', '.join(ARCHS)}")
+    timm = _import_timm()
+    timm_name = _timm_name(timm, str(name))
     require(
         len(input_shape) == 3,
         "input_shape",
@@ -145,33 +91,91 @@ def backbone(
     )
     channels, height, width = (int(size) for size in input_shape)
     require(0 <= dropout < 1, "dropout", f"must be in [0, 1), got {dropout}")
-    require(library in LIBRARIES, "library", f"must be one of {', '.join(LIBRARIES)}, got {library!r}")
-    if arch.family == "convnext" and min(height, width) < 32:
+    if timm_name.startswith("convnext") and min(height, width) < 32:
         # a 4x4 stem and three 2x2 downsamplings, all without padding: 16x16 images end at zero pixels
         raise KilnError(
             f"model.net.name={name}: ConvNeXt needs images of at least 32x32 pixels (it downsamples by 32), "
             f"the data has {height}x{width}; resize the images, or use a resnet or vit backbone"
         )
-    if arch.family == "vit":
+    is_vit = timm_name.startswith("vit_")
+    if is_vit:
         patch_size = _patch_size(patch_size, height, width)
     else:
-        require(
-            patch_size is None,
-            "patch_size",
-            f"only ViT backbones take a patch size; {name} is a {arch.family}",
-        )
-    library = _resolve_library(library)
+        require(patch_size is None, "patch_size", f"only ViT backbones take a patch size; {name} is not one")
     path = None if weights is None else Path(str(weights)).expanduser()
+    key = f"model.net.weights={path}"
     # read before building: a wrong file fails before the seconds a build takes
-    state = None if path is None else _read_weights(path, f"model.net.weights={path}", name, arch, library)
-    if library == "timm":
-        features, feature_size = _timm_features(arch, channels, height, width, patch_size)
-    else:
-        features, feature_size = _transformers_features(arch, channels, height, width, patch_size)
+    state = None if path is None else _read_weights(path, key, timm_name)
+    extra: dict[str, Any] = {"img_size": (height, width), "patch_size": patch_size} if is_vit else {}
+    # num_classes=0: timm's models then return their pooled features (ViT: the CLS token after the norm)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=channels, **extra)
+    data_config = _data_config(timm, model)
     if path is not None and state is not None:
-        target = features.model if isinstance(features, HFFeatures) else features
-        load_weights(target, state, f"model.net.weights={path}", name, library, channels)
-    return Backbone(features, feature_size, num_outputs, dropout, name, library)
+        loaded = load_weights(model, state, key, str(name), channels)
+        _say(f"model.net: timm {timm_name} with weights from {path} ({loaded} tensors)")
+    else:
+        _say(
+            f"model.net: timm {timm_name} starts from scratch (random weights; model.net.weights=FILE loads some)"
+        )
+    # what the pooled features measure: a MobileNetV3's or EfficientNet's head conv widens them past
+    # num_features (its trunk's width), which timm then keeps in head_hidden_size
+    feature_size = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return Backbone(model, feature_size, num_outputs, dropout, str(name), data_config)
+
+
+def _say(line: str) -> None:
+    print(f"kiln: {line}", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def _import_error(library: str) -> str | None:
+    """Why `import library` fails (its first line), or None when it imports. timm fails with a
+    RuntimeError, not an ImportError, when torchvision is not built for this torch."""
+    try:
+        __import__(library)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return None
+
+
+def _import_timm() -> Any:
+    reason = _import_error("timm")
+    if reason is not None:
+        raise KilnError(f"model=backbone needs timm, and timm does not import here ({reason}); {NEEDS_TIMM}")
+    import timm
+
+    return timm
+
+
+def _timm_name(timm: Any, name: str) -> str:
+    """timm's name for `name` (kiln's aliases resolved); an unknown name lists the nearest ones."""
+    timm_name = ALIASES.get(name, name)
+    if timm.is_model(timm_name):
+        return str(timm_name)
+    known = [*timm.list_models(), *ALIASES]
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(near)}? " if near else ""
+    raise KilnError(
+        f"model.net.name={name}: not a timm model; {guess}"
+        f"python -c 'import timm; print(timm.list_models(\"{_pattern(name)}\"))' lists them"
+    )
+
+
+def _pattern(name: str) -> str:
+    """A timm.list_models pattern from the start of a name: `resnt18` -> `res*`."""
+    stem = re.match(r"[a-z]+", name.lower())
+    return f"{stem.group(0)[:3]}*" if stem else "*"
+
+
+def _data_config(timm: Any, model: nn.Module) -> dict[str, Any]:
+    """timm's data config of `model`, as plain JSON values."""
+    config = timm.data.resolve_model_data_config(model)
+    plain = {key: config[key] for key in DATA_CONFIG_KEYS if key in config}
+    for key in ("input_size", "mean", "std"):
+        if key in plain:
+            plain[key] = [float(v) if key != "input_size" else int(v) for v in plain[key]]
+    return plain
 
 
 def _patch_size(patch_size: int | None, height: int, width: int) -> int:
@@ -192,88 +196,20 @@ def _patch_size(patch_size: int | None, height: int, width: int) -> int:
     return patch_size
 
 
-@functools.cache
-def _import_error(library: str) -> str | None:
-    """Why `import library` fails (its first line), or None when it imports. timm fails with a
-    RuntimeError, not an ImportError, when torchvision does not match torch."""
-    try:
-        __import__(library)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return None
+def load_weights(target: nn.Module, state: dict[str, Tensor], key: str, name: str, channels: int) -> int:
+    """Load the backbone tensors of `state` (a file's, `key` names it) into `target`, strictly;
+    returns how many tensors were loaded.
 
-
-def _resolve_library(library: str) -> str:
-    if library == "auto":
-        return "timm" if _import_error("timm") is None else "transformers"
-    reason = _import_error(library)
-    if reason is not None:
-        if library == "timm":  # timm imports torchvision, which must be built for this torch
-            fix = (
-                "install timm with a torchvision built for this torch, or set model.net.library=transformers"
-            )
-        else:
-            fix = f"install it (pip install {library}), or set model.net.library=auto"
-        raise KilnError(f"model.net.library={library}: {library} does not import here ({reason}); {fix}")
-    return library
-
-
-def _transformers_features(
-    arch: Arch, channels: int, height: int, width: int, patch_size: int | None
-) -> tuple[HFFeatures, int]:
-    # imported here: transformers' modeling code takes seconds to import
-    model: nn.Module
-    if arch.family == "resnet":
-        from transformers import ResNetConfig, ResNetModel
-
-        model = ResNetModel(ResNetConfig(num_channels=channels, **arch.config))
-        size = arch.config["hidden_sizes"][-1]
-    elif arch.family == "convnext":
-        from transformers import ConvNextConfig, ConvNextModel
-
-        model = ConvNextModel(ConvNextConfig(num_channels=channels, **arch.config))
-        size = arch.config["hidden_sizes"][-1]
-    else:
-        from transformers import ViTConfig, ViTModel
-
-        assert patch_size is not None  # backbone() picked one
-        config = ViTConfig(
-            num_channels=channels, image_size=(height, width), patch_size=patch_size, **arch.config
-        )
-        model = ViTModel(config, add_pooling_layer=False)
-        size = arch.config["hidden_size"]
-    return HFFeatures(model, arch.family), size
-
-
-def _timm_features(
-    arch: Arch, channels: int, height: int, width: int, patch_size: int | None
-) -> tuple[nn.Module, int]:
-    import timm
-
-    # num_classes=0: timm's models then return their pooled features (ViT: the CLS token after the norm)
-    extra: dict[str, Any] = (
-        {"img_size": (height, width), "patch_size": patch_size} if arch.family == "vit" else {}
-    )
-    model = timm.create_model(arch.timm_name, pretrained=False, num_classes=0, in_chans=channels, **extra)
-    return model, int(model.num_features)
-
-
-def load_weights(
-    target: nn.Module, state: dict[str, Tensor], key: str, name: str, library: str, channels: int
-) -> None:
-    """Load the backbone tensors of `state` (a file's, `key` names it) into `target`, strictly.
-
-    Keys may carry the prefix of a larger model around the backbone (transformers' `resnet.`,
-    a Backbone's `backbone.model.`, a KilnModule checkpoint's `net.backbone.model.`): the prefix under
-    which most keys fit is taken, and the rest of that larger model (its head) is ignored."""
+    Keys may carry the prefix of a larger model around the backbone (a Backbone's `backbone.`, a
+    KilnModule checkpoint's `net.backbone.`): the prefix under which most keys fit is taken, and the
+    rest of that larger model (its head) is ignored."""
     expected = target.state_dict()
     prefix = _common_prefix(state, expected)
     if prefix is None:
         first = next(iter(state), "")
         raise KilnError(
-            f"{key}: none of its {len(state)} tensors fits {name} ({library}; first in the file: {first}); "
-            "these weights are for another architecture or library: set model.net.name to theirs"
+            f"{key}: none of its {len(state)} tensors fits {name} (first in the file: {first}); "
+            "these weights are for another architecture: set model.net.name to theirs"
         )
     found: dict[str, Tensor] = {}
     unexpected: list[str] = []
@@ -306,7 +242,7 @@ def load_weights(
                     f"these weights are for {theirs.shape[1]}-channel images and the data has {channels}: "
                     "convert the images, or train without model.net.weights"
                 )
-            elif "position" in tensor_key:
+            elif "position" in tensor_key or "pos_embed" in tensor_key:  # a ViT's position embedding
                 why = (
                     "these weights are for another image size or patch size: resize the images or set "
                     "model.net.patch_size to theirs"
@@ -322,6 +258,7 @@ def load_weights(
             f"in {name}; {other}"
         )
     target.load_state_dict({**expected, **found})
+    return len(found)
 
 
 def _shape(tensor: Tensor) -> str:
@@ -341,16 +278,15 @@ def _common_prefix(state: dict[str, Tensor], expected: dict[str, Tensor]) -> str
     return max(counts, key=lambda prefix: (counts[prefix], -len(prefix)))
 
 
-def _read_weights(path: Path, key: str, name: str, arch: Arch, library: str) -> dict[str, Tensor]:
+def _read_weights(path: Path, key: str, timm_name: str) -> dict[str, Tensor]:
     if not path.exists():
         raise KilnError(f"{key}: no such file or directory; {GIVE_INSTEAD}")
     if path.is_dir():
-        if library == "transformers":
-            _check_config(path, key, name, arch)
+        _check_config(path, key, timm_name)
         files = _weight_files(path)
         if not files:
             raise KilnError(
-                f"{key}: the directory has no model.safetensors or pytorch_model.bin (what save_pretrained "
+                f"{key}: the directory has no model.safetensors or pytorch_model.bin (what timm "
                 f"writes); {GIVE_INSTEAD}"
             )
         state: dict[str, Tensor] = {}
@@ -416,8 +352,8 @@ def _unreadable(path: Path, exc: Exception) -> str:
     return f"cannot be read as a state dict ({type(exc).__name__}: {first})".replace(": )", ")")
 
 
-def _check_config(directory: Path, key: str, name: str, arch: Arch) -> None:
-    """A save_pretrained directory says what it holds: refuse another architecture by its config.json."""
+def _check_config(directory: Path, key: str, timm_name: str) -> None:
+    """A directory timm wrote says what it holds (config.json's `architecture`): refuse another."""
     path = directory / "config.json"
     if not path.exists():
         return
@@ -425,21 +361,8 @@ def _check_config(directory: Path, key: str, name: str, arch: Arch) -> None:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return  # the tensors will tell
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str):
-        return
-    same_size = all(config.get(field_name) == value for field_name, value in arch.config.items())
-    if model_type == arch.family and same_size:
-        return
-    theirs = [
-        known
-        for known, other in ARCHS.items()
-        if other.family == model_type and all(config.get(f) == v for f, v in other.config.items())
-    ]
-    what = f"a {model_type} ({', '.join(config.get('architectures') or [])})".replace(" ()", "")
-    fix = (
-        f"set model.net.name={theirs[0]}"
-        if theirs
-        else f"set model.net.name to a backbone of that architecture, or give {name} weights"
-    )
-    raise KilnError(f"{key}: its config.json is for {what} that is not {name}; {fix}")
+    theirs = config.get("architecture") if isinstance(config, dict) else None
+    if isinstance(theirs, str) and theirs != timm_name:
+        raise KilnError(
+            f"{key}: its config.json is for timm's {theirs}, not {timm_name}; set model.net.name={theirs}"
+        )

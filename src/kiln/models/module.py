@@ -200,11 +200,11 @@ class KilnModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.channels_last:  # 4-D weights only; the same Parameter objects (optimizers keep them)
-            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.net.to(memory_format=torch.channels_last)
 
     def teardown(self, stage: str) -> None:
         if self.channels_last:  # what follows a fit (TensorBoard graph, export) sees the usual layout
-            self.net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+            self.net.to(memory_format=torch.contiguous_format)
 
     def on_fit_start(self) -> None:
         self._compiled()  # a platform without torch.compile fails here, not mid-epoch

@@ -117,6 +117,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
         runtime["net"] = build(
             "model.net", net_config, input_shape=facts["input_shape"], num_outputs=facts["num_outputs"]
         )
+        _share_data_config(runtime["net"], datamodule)
     shape = facts["input_shape"]
     return build(
         "model",
@@ -127,6 +128,15 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
         class_names=facts["class_names"],
         seed=cfg.seed,
     )
+
+
+def _share_data_config(net: Any, datamodule: Any) -> None:
+    """A timm backbone knows its own normalization (kiln.models.backbones.Backbone.data_config);
+    kiln's image datamodules take it where the data config leaves theirs unset."""
+    data_config = getattr(net, "data_config", None)
+    use = getattr(datamodule, "use_net_normalization", None)
+    if isinstance(data_config, dict) and callable(use):
+        use(data_config, str(getattr(net, "name", "the net")))
 
 
 def _known(datamodule: Any, name: str) -> Any:
