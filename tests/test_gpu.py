@@ -16,10 +16,10 @@ import pytest
 from kilntest import ROOT, kiln_cli, ok, read_run, run_dirs
 from test_images_e2e import colour_folder
 
-# a ResNet-18 from timm on 16x16 colour images: seconds on a GPU
+# a ResNet-18 from timm on 32x32 colour images: seconds on a GPU
 IMAGES = [
     "data=image_folder",
-    "data.image_size=16",
+    "data.image_size=32",
     "data.num_workers=1",
     "data.batch_size=16",
     "model=backbone",
