@@ -225,8 +225,128 @@ def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str,
         ),
         helper.make_node("Sub", ["kiln_image_scaled", "kiln_image_shift"], [x], name="kiln_normalize"),
     ]
+    if "resize" in image:  # a user's torchvision eval transform (kiln.data.transforms)
+        unused = [t for t in graph.initializer if t.name == "kiln_image_size"]
+        graph.initializer.remove(unused[0])
+        scale = nodes[5]  # the Mul after Cast, Transpose, Shape, Concat, Resize
+        scale.input[0] = "kiln_image_cropped"
+        nodes = [*_torchvision_resize_and_crop(graph, image), *nodes[5:]]
     for position, node in enumerate(nodes):
         graph.node.insert(position, node)
+
+
+def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any]) -> list[onnx.NodeProto]:
+    """uint8 NHWC -> float NCHW resized and centre-cropped as torchvision's Resize and CenterCrop
+    do it (bilinear, antialiased as torchvision's default; a shorter side resized to `shorter` and
+    the longer to int(shorter * long / short)), ending in `kiln_image_cropped`."""
+    resize, crop = image["resize"], image.get("crop")
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "kiln_tv_two"),
+            numpy_helper.from_array(np.array([4], dtype=np.int64), "kiln_tv_four"),
+            numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "kiln_tv_axes"),
+            numpy_helper.from_array(
+                np.array(float(resize.get("shorter", 0)), dtype=np.float32), "kiln_tv_shorter"
+            ),
+        ]
+    )
+    nodes = [
+        helper.make_node(
+            "Cast", [IMAGE], ["kiln_image_float"], to=TensorProto.FLOAT, name="kiln_image_float"
+        ),
+        helper.make_node(
+            "Transpose", ["kiln_image_float"], ["kiln_image_nchw"], perm=[0, 3, 1, 2], name="kiln_nchw"
+        ),
+        helper.make_node("Shape", ["kiln_image_nchw"], ["kiln_tv_shape"], name="kiln_tv_shape"),
+        helper.make_node(
+            "Slice", ["kiln_tv_shape", "kiln_tv_two", "kiln_tv_four"], ["kiln_tv_hw"], name="kiln_tv_hw"
+        ),
+        helper.make_node(
+            "Slice", ["kiln_tv_shape", _zero_index(graph), "kiln_tv_two"], ["kiln_tv_nc"], name="kiln_tv_nc"
+        ),
+    ]
+    if "shorter" in resize:  # (shorter * side) / short, floored: Python's int(size * long / short)
+        nodes += [
+            helper.make_node(
+                "Cast", ["kiln_tv_hw"], ["kiln_tv_hw_float"], to=TensorProto.FLOAT, name="kiln_tv_hwf"
+            ),
+            helper.make_node(
+                "ReduceMin", ["kiln_tv_hw_float"], ["kiln_tv_short"], keepdims=1, name="kiln_tv_short"
+            ),
+            helper.make_node(
+                "Mul", ["kiln_tv_hw_float", "kiln_tv_shorter"], ["kiln_tv_scaled"], name="kiln_tv_scaled"
+            ),
+            helper.make_node(
+                "Div", ["kiln_tv_scaled", "kiln_tv_short"], ["kiln_tv_ratio"], name="kiln_tv_ratio"
+            ),
+            helper.make_node("Floor", ["kiln_tv_ratio"], ["kiln_tv_floor"], name="kiln_tv_floor"),
+            helper.make_node(
+                "Cast", ["kiln_tv_floor"], ["kiln_tv_new_hw"], to=TensorProto.INT64, name="kiln_tv_new_hw"
+            ),
+        ]
+    else:
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(resize["size"], dtype=np.int64), "kiln_tv_new_hw")
+        )
+    nodes += [
+        helper.make_node(
+            "Concat", ["kiln_tv_nc", "kiln_tv_new_hw"], ["kiln_tv_sizes"], axis=0, name="kiln_tv_sizes"
+        ),
+        helper.make_node(
+            "Resize",
+            ["kiln_image_nchw", "", "", "kiln_tv_sizes"],
+            ["kiln_tv_resized_float"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+            antialias=int(bool(image.get("antialias", True))),
+            name="kiln_tv_resize",
+        ),
+        # torchvision and Pillow resize uint8 pixels to uint8: rounded
+        helper.make_node(
+            "Round", ["kiln_tv_resized_float"], ["kiln_tv_resized"], name="kiln_tv_round_pixels"
+        ),
+    ]
+    if crop is None:
+        nodes.append(
+            helper.make_node("Identity", ["kiln_tv_resized"], ["kiln_image_cropped"], name="kiln_tv_nocrop")
+        )
+        return nodes
+    # torchvision's centre: top = int(round((height - crop_height) / 2)), rounding half to even
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(crop, dtype=np.int64), "kiln_tv_crop"),
+            numpy_helper.from_array(np.array([2.0, 2.0], dtype=np.float32), "kiln_tv_half"),
+        ]
+    )
+    nodes += [
+        helper.make_node(
+            "Sub", ["kiln_tv_new_hw", "kiln_tv_crop"], ["kiln_tv_margin"], name="kiln_tv_margin"
+        ),
+        helper.make_node(
+            "Cast", ["kiln_tv_margin"], ["kiln_tv_margin_float"], to=TensorProto.FLOAT, name="kiln_tv_mf"
+        ),
+        helper.make_node(
+            "Div", ["kiln_tv_margin_float", "kiln_tv_half"], ["kiln_tv_halves"], name="kiln_tv_halves"
+        ),
+        helper.make_node("Round", ["kiln_tv_halves"], ["kiln_tv_rounded"], name="kiln_tv_round"),
+        helper.make_node(
+            "Cast", ["kiln_tv_rounded"], ["kiln_tv_start"], to=TensorProto.INT64, name="kiln_tv_start"
+        ),
+        helper.make_node("Add", ["kiln_tv_start", "kiln_tv_crop"], ["kiln_tv_end"], name="kiln_tv_end"),
+        helper.make_node(
+            "Slice",
+            ["kiln_tv_resized", "kiln_tv_start", "kiln_tv_end", "kiln_tv_axes"],
+            ["kiln_image_cropped"],
+            name="kiln_tv_crop",
+        ),
+    ]
+    return nodes
+
+
+def _zero_index(graph: onnx.GraphProto) -> str:
+    """An int64 [0] initializer (the start of a Slice), by name."""
+    graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "kiln_tv_zero"))
+    return "kiln_tv_zero"
 
 
 # -- heads -------------------------------------------------------------------------------------

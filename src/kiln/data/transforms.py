@@ -1,0 +1,120 @@
+"""A user's torchvision eval transform, read as the preprocessing kiln puts inside the exported graph.
+
+A DataModule written as the Lightning docs teach builds its evaluation images with
+`torchvision.datasets.ImageFolder(root, transform=v2.Compose([...]))`. kiln reads that Compose
+(from the validation loader's dataset) and translates the steps it knows:
+
+    Resize(size)                  an int: the shorter side to `size`, the longer in proportion
+                                  (torchvision's truncation); [h, w]: exactly that size. Bilinear.
+    CenterCrop(size)              the centre, as torchvision rounds it
+    ToImage, PILToTensor          nothing (the graph starts from uint8 pixels)
+    ToDtype(float32, scale=True)  / 255 (ToTensor, the old API, too)
+    Normalize(mean, std)          (x - mean) / std per channel
+
+into an `image_input` (kiln.contract) with `resize` and `crop`. Anything else (a Lambda, a random
+op, another interpolation) cannot be repeated in the graph: `read_eval_transform` then says which
+step, and the model takes the transformed tensor instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+UNTRANSLATABLE_FIX = (
+    "model.onnx takes the transformed tensor instead of images; or give the datamodule an image_input "
+    "(README: Your own Lightning code) to have images in the graph"
+)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """What reading found: an `image_input` (None when the transform cannot be translated) and,
+    when it cannot, the step that stops it, in words."""
+
+    image_input: dict[str, Any] | None
+    refused: str | None = None
+
+
+def read_eval_transform(datamodule: Any) -> EvalTransform | None:
+    """The eval transform of `datamodule` (set up) as an `image_input`; None when it has none kiln
+    can find (no validation dataset with a `transform`)."""
+    transform = _eval_transform(datamodule)
+    if transform is None:
+        return None
+    spec: dict[str, Any] = {"channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3}
+    scaled = False
+    for step in list(getattr(transform, "transforms", [transform])):
+        refused = _translate(step, spec)
+        if refused is not None:
+            return EvalTransform(None, refused)
+        scaled = scaled or type(step).__name__ in ("ToDtype", "ToTensor")
+    if "shorter" in spec.get("resize", {}) and "crop" not in spec:
+        return EvalTransform(
+            None, f"{_describe(transform)} resizes the shorter side with no CenterCrop after it"
+        )
+    if not scaled or "size" not in spec:
+        missing = "ToDtype(float32, scale=True)" if not scaled else "a Resize"
+        return EvalTransform(None, f"{_describe(transform)} has no {missing}")
+    return EvalTransform(spec)
+
+
+def _eval_transform(datamodule: Any) -> Any:
+    try:
+        dataset = datamodule.val_dataloader().dataset
+    except Exception:
+        return None
+    while getattr(dataset, "transform", None) is None and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset  # torch.utils.data.Subset and the like
+    return getattr(dataset, "transform", None)
+
+
+def _translate(step: Any, spec: dict[str, Any]) -> str | None:
+    """Add `step` to `spec`; the reason in words when it cannot be added."""
+    name = type(step).__name__
+    if name == "Resize":
+        return _resize(step, spec)
+    if name == "CenterCrop":
+        height, width = _pair(step.size)
+        spec["crop"] = [height, width]
+        spec["size"] = [height, width]
+        return None
+    if name in ("ToImage", "PILToTensor", "ToTensor"):
+        return None
+    if name == "ToDtype":
+        import torch
+
+        dtype = step.dtype.get(torch.Tensor, None) if isinstance(step.dtype, dict) else step.dtype
+        if dtype != torch.float32 or not step.scale:
+            return f"{_describe(step)} (kiln repeats ToDtype(torch.float32, scale=True) only)"
+        return None
+    if name == "Normalize":
+        spec["mean"], spec["std"] = [float(v) for v in step.mean], [float(v) for v in step.std]
+        spec["channels"] = len(spec["mean"])
+        return None
+    return f"{_describe(step)} has no translation into the graph"
+
+
+def _resize(step: Any, spec: dict[str, Any]) -> str | None:
+    interpolation = str(getattr(getattr(step, "interpolation", None), "value", step.interpolation))
+    if interpolation != "bilinear" or getattr(step, "max_size", None) is not None or "crop" in spec:
+        return f"{_describe(step)} (kiln repeats a bilinear Resize without max_size, before any crop)"
+    size = step.size if isinstance(step.size, (list, tuple)) else [step.size]
+    if len(size) == 1:
+        spec["resize"] = {"shorter": int(size[0])}
+        spec["size"] = [int(size[0]), int(size[0])]  # at least; the crop that usually follows decides
+    else:
+        spec["resize"] = {"size": [int(size[0]), int(size[1])]}
+        spec["size"] = [int(size[0]), int(size[1])]
+    spec["antialias"] = bool(getattr(step, "antialias", True))
+    return None
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    values = list(size) if isinstance(size, (list, tuple)) else [size]
+    return (int(values[0]), int(values[-1]))
+
+
+def _describe(step: Any) -> str:
+    text = " ".join(repr(step).split())
+    return f"the eval transform's {text[:120]}"
