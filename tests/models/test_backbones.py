@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +138,12 @@ def test_an_unknown_name_lists_near_timm_matches():
     message = str(info.value)
     assert message.startswith("model.net.name=resnt18: not a timm model; did you mean resnet18")
     assert message.endswith("""python -c 'import timm; print(timm.list_models("res*"))' lists them""")
+    # the command the line prints, run as printed (the venv's python first on PATH)
+    command = message[message.index("python -c") :].removesuffix(" lists them")
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    listed = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "'resnet18'" in listed.stdout and "'resnet50'" in listed.stdout
     with pytest.raises(KilnError, match=r"did you mean efficientnet_b0"):
         backbone(SHAPE, 2, name="efficientnet-b0")
 
