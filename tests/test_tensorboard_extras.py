@@ -78,3 +78,22 @@ def test_a_bad_repeat_count_is_refused_before_training(kiln):
     result = kiln("train", "experiment=penguins_mlp", "report.importance_repeats=0", *NO_COMPRESSION)
     assert result.returncode == 2
     assert "report.importance_repeats=0: must be an integer >= 1" in result.stderr
+
+
+def test_the_model_graph_is_logged_without_torchs_tracing_deprecation(tmp_path: Path):
+    """TensorBoard traces the graph with torch.jit.trace, which torch 2.14 warns is deprecated: that
+    advice is not the user's, and no such line reaches a training's output."""
+    import warnings
+
+    from kiln.config import compose
+    from kiln.stages import train as train_stage
+    from kilntest import TINY_DIGITS_CNN
+
+    run_dir = tmp_path / "run"
+    cfg = compose("train", [*TINY_DIGITS_CNN, "trainer.max_epochs=1", *NO_COMPRESSION, f"run_dir={run_dir}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_stage.main.call(cfg)
+    assert any(run_dir.glob("**/events.out.tfevents.*"))  # the graph and the rest were written
+    deprecations = [str(w.message) for w in caught if "torch.jit.trace" in str(w.message)]
+    assert deprecations == []

@@ -457,7 +457,15 @@ def log_final_tensorboard(
         return
     example = getattr(module, "example_input_array", None)
     if isinstance(example, torch.Tensor):  # traced here, not at fit start: tracing is not training time
-        writer.add_graph(getattr(module, "net", module), example.to(module.device))
+        import warnings
+
+        with warnings.catch_warnings():
+            # TensorBoard's graph is traced with torch.jit.trace, which torch 2.14 calls deprecated:
+            # advice for the writer's authors, not for the user who trains
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning
+            )
+            writer.add_graph(getattr(module, "net", module), example.to(module.device))
     params = flat_params({key: plain(cfg[key]) for key in ("data", "model", "trainer") if key in cfg})
     params["seed"] = cfg.seed
     log_hparams(writer, params, metrics)
