@@ -123,6 +123,8 @@ def compress(
             "max_metric_drop": recipe.max_metric_drop,
             "metric_unit": recipe.metric_unit,
             "decision": recipe.decision,
+            "objective": recipe.objective,
+            "metric": recipe.metric,
             "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
             "monitor": monitor,
             "opset": opset,
