@@ -30,7 +30,7 @@ from kiln.compression.choose import DECISIONS, OBJECTIVES, UNITS
 from kiln.compression.steps import BUILT_IN, Pruning, Quantization
 from kiln.errors import KilnError
 
-RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision"}
+RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision", "keep_variants"}
 RECIPE_KEYS |= {"objective", "metric"}  # how auto chooses, and the metric the budget holds
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
@@ -62,6 +62,8 @@ class Recipe:
     max_metric_drop: float
     metric_unit: str = "auto"  # kiln.compression.choose.metric_unit: points, percent, or by the metric
     decision: str = "auto"  # auto, point or upper_bound (kiln.compression.choose)
+    keep_variants: bool = False  # keep every variant's files after a delivery (kiln.delivery)
+    config: dict[str, Any] | None = None  # the plain config it was read from
     objective: str = "latency"  # latency or size (kiln.compression.choose)
     metric: str | None = None  # the budget's metric (None: kiln.compression.choose.gate_metric picks)
 
@@ -117,7 +119,12 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
     else:
         steps = read_steps(config.get("steps") or [], "compress.steps", nodes, known)
         candidates = [Candidate("+".join(n for n, _ in steps), steps)] if steps else []
-    return Recipe(name, candidates, float(drop), unit, decision, objective=objective, metric=metric)
+    keep = config.get("keep_variants", False)
+    if not isinstance(keep, bool):
+        raise KilnError(f"compress.keep_variants={keep}: use true (keep every variant's files) or false")
+    return Recipe(
+        name, candidates, float(drop), unit, decision, keep, dict(config), objective=objective, metric=metric
+    )
 
 
 def read_steps(raw: Any, key: str, nodes: Mapping[str, Any], known: list[str]) -> list[tuple[str, Step]]:

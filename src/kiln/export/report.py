@@ -100,6 +100,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Why each variant did or did not ship:", ""]
         lines += [f"- {sentence}" for sentence in verdicts.values()]
     lines += ["", "Checks and notes:", ""]
+    for a in report.get("abandoned", []):  # given up on while compressing: never exported
+        lines.append(f"- {a['name']}: abandoned: {a['abandoned']}")
     for v in report["variants"]:
         for note in [v["check"], *v["notes"]]:
             lines.append(f"- {v['name']}: {note}")
