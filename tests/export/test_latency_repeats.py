@@ -80,22 +80,43 @@ def test_paired_rounds_alternate_the_two_calls_and_flip_the_order_every_round(cl
 
         return call
 
-    reference, candidate = measure.paired_rounds(taking("fp32", 0.002), taking("int8", 0.001), rounds=10)
+    reference, candidate, calls = measure.paired_rounds(
+        taking("fp32", 0.002), taking("int8", 0.001), rounds=10
+    )
+    assert calls == measure.CALLS_PER_ROUND
     assert order[:2] == ["fp32", "int8"]  # one warm-up call each
-    rounds = [tuple(order[i : i + 2]) for i in range(2, len(order), 2)]
-    assert rounds == [("fp32", "int8"), ("int8", "fp32")] * 5
+    # quick calls: three alternations a round, the order flipped every round
+    rounds = [tuple(order[i : i + 6]) for i in range(2, len(order), 6)]
+    assert rounds == [("fp32", "int8") * 3, ("int8", "fp32") * 3] * 5
     assert reference == pytest.approx([2000.0] * 10) and candidate == pytest.approx([1000.0] * 10)
+
+
+def test_a_round_keeps_each_call_s_quickest_so_an_interrupted_call_does_not_count(clock: FakeClock):
+    # fp32 takes 2 ms, int8 1 ms; the scheduler interrupts one call in three for 5 ms
+    interrupted = itertools.cycle([0.0, 0.0, 0.005])
+
+    def taking(seconds: float):
+        def call() -> None:
+            clock.now += seconds + next(interrupted)
+
+        return call
+
+    reference, candidate, _ = measure.paired_rounds(taking(0.002), taking(0.001), rounds=10)
+    assert reference == pytest.approx([2000.0] * 10) and candidate == pytest.approx([1000.0] * 10)
+    speedup = measure.speedup_interval(reference, candidate)
+    assert speedup.as_dict() == {"median": 2.0, "ci95": [2.0, 2.0], "rounds": 10}
 
 
 def test_paired_rounds_take_at_least_the_minimum_and_stop_at_the_time_budget(clock: FakeClock):
     def call() -> None:
-        clock.now += 0.1
+        clock.now += 0.1  # slower than QUICK_CALL_S: one call each a round
 
-    few, _ = measure.paired_rounds(call, call, rounds=3, budget_s=100.0)
+    few, _, calls = measure.paired_rounds(call, call, rounds=3, budget_s=100.0)
+    assert calls == 1
     assert len(few) == measure.MIN_ROUNDS  # an interval needs them, whatever latency_repeats says
-    slow, _ = measure.paired_rounds(call, call, rounds=100, budget_s=1.0)
+    slow, _, _ = measure.paired_rounds(call, call, rounds=100, budget_s=1.0)
     assert len(slow) == measure.MIN_ROUNDS  # 8 rounds of 0.2 s: past the budget at the minimum
-    quick, _ = measure.paired_rounds(call, call, rounds=100, budget_s=2.5)
+    quick, _, _ = measure.paired_rounds(call, call, rounds=100, budget_s=2.5)
     assert len(quick) == 13  # the first round that ends past 2.5 s
 
 

@@ -11,7 +11,10 @@ unless `threads` is given (one value for both, for a fair comparison).
 
 A candidate's speed is measured against the fp32 graph, not alone (paired_rounds): the two run
 alternately, round after round (fp32 first in odd rounds, the candidate first in even ones), so
-both see the same machine state; each round's ratio is one paired observation of the speed-up,
+both see the same machine state. A round of quick calls (under QUICK_CALL_S) alternates them
+CALLS_PER_ROUND times and keeps each one's quickest call: a call of a millisecond that the
+scheduler interrupts takes several, and on a busy machine that noise, not the graphs, would
+otherwise decide. Each round's ratio is one paired observation of the speed-up,
 and speedup_interval gives their median and its 95% interval (a sign-test interval: order
 statistics of the ratios, exact for any distribution, and the same rounds give the same interval).
 """
@@ -38,6 +41,8 @@ TIGHT = 0.1  # runs whose middle half lies within 10% of their median agree
 TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
 MIN_ROUNDS = 8  # paired rounds at least: fewer than 6 give no 95% interval of the speed-up
 PAIRED_BUDGET_S = 1.0  # per candidate and batch size, once MIN_ROUNDS rounds are in
+CALLS_PER_ROUND = 3  # alternations per round for quick calls; each keeps its quickest
+QUICK_CALL_S = 0.02  # slower calls are timed once a round (an interruption is a small part of them)
 
 
 def scores(
@@ -91,21 +96,27 @@ def paired_rounds(
     candidate: Callable[[], Any],
     rounds: int,
     budget_s: float = PAIRED_BUDGET_S,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], int]:
     """Microseconds of `reference` and `candidate` timed alternately: up to max(rounds, MIN_ROUNDS)
-    rounds of one call each, fewer once MIN_ROUNDS are in and `budget_s` has passed. Each is
-    warmed first. The order flips every round, so neither always runs on a cache the other left."""
-    for call in (reference, candidate):
-        timed_call(call)
+    rounds, fewer once MIN_ROUNDS are in and `budget_s` has passed; per round, each one's quickest
+    of CALLS_PER_ROUND alternating calls (one call each when either is slower than QUICK_CALL_S).
+    Each is warmed first. The order flips every round, so neither always runs on a cache the
+    other left. Returns both lists and the calls per round."""
+    warm = max(timed_call(reference), timed_call(candidate))
+    calls = 1 if warm > QUICK_CALL_S * 1e6 else CALLS_PER_ROUND
     times: tuple[list[float], list[float]] = ([], [])
     started = time.perf_counter()
     for index in range(max(rounds, MIN_ROUNDS)):
         order = (0, 1) if index % 2 == 0 else (1, 0)
-        for which in order:
-            times[which].append(timed_call((reference, candidate)[which]))
+        quickest = [float("inf"), float("inf")]
+        for _ in range(calls):
+            for which in order:
+                quickest[which] = min(quickest[which], timed_call((reference, candidate)[which]))
+        times[0].append(quickest[0])
+        times[1].append(quickest[1])
         if index + 1 >= MIN_ROUNDS and time.perf_counter() - started > budget_s:
             break
-    return times
+    return times[0], times[1], calls
 
 
 def timed_call(call: Callable[[], Any]) -> float:

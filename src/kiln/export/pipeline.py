@@ -270,8 +270,8 @@ def summary(report: dict[str, Any], directory: Path, seconds: float) -> str:
         f"test {test_metric}={_fmt(shipped['test_metrics'].get(test_metric))}  "
         f"file {shipped['size_bytes'] / 1024:.1f} KB (fp32 graph {fp32['size_bytes'] / 1024:.1f} KB)\n"
         f"  onnxruntime latency at batch {batch}: median {shipped['latency_us'][batch]:.0f} us of "
-        f"{shipped['latency_runs'][batch]} runs (fp32 graph {fp32['latency_us'][batch]:.0f} us; torch eager "
-        f"{baseline['latency_us'][batch]:.0f} us of {baseline['latency_runs'][batch]} runs)\n"
+        f"{shipped['latency_runs'][batch]} {runs(shipped, batch)} (fp32 graph {fp32['latency_us'][batch]:.0f} us; "
+        f"torch eager {baseline['latency_us'][batch]:.0f} us of {baseline['latency_runs'][batch]} runs)\n"
         f"  compress + export {seconds:.1f} s; report: {directory / 'report.md'}"
     )
 
@@ -441,7 +441,8 @@ def measure_speed(
 ) -> None:
     """Latency of every variant and each candidate's speed-up over the fp32 graph: the candidate
     and fp32 timed alternately in paired rounds (export/measure.py) at each batch size. fp32's
-    latency pools its runs from every pairing; alone (no candidate), it is timed by itself."""
+    latency pools its rounds from every pairing; alone (no candidate), it is timed by itself.
+    A candidate's latency_runs counts rounds, each the quickest of latency_calls_per_round calls."""
     from kiln.export import checks, measure
     from kiln.export.feeds import tile_rows
 
@@ -456,9 +457,9 @@ def measure_speed(
         if variant is fp32:
             continue
         session, feeds = runner(staging / f"{variant['name']}.onnx")
-        latency, speedup = measure.Latency(), {}
+        latency, speedup, calls = measure.Latency(), {}, {}
         for batch in BATCHES:
-            reference_us, candidate_us = measure.paired_rounds(
+            reference_us, candidate_us, calls[str(batch)] = measure.paired_rounds(
                 functools.partial(reference.run, None, tile_rows(reference_feeds, batch)),
                 functools.partial(session.run, None, tile_rows(feeds, batch)),
                 settings.latency_repeats,
@@ -468,6 +469,7 @@ def measure_speed(
             speedup[str(batch)] = measure.speedup_interval(reference_us, candidate_us).as_dict()
         set_latency(variant, latency)
         variant["speedup"] = speedup
+        variant["latency_calls_per_round"] = calls  # a round's time: the quickest of these calls
     if not pooled[BATCHES[0]]:
         set_latency(fp32, measure.ort_latency(reference, reference_feeds, BATCHES, settings.latency_repeats))
         return
@@ -475,6 +477,14 @@ def measure_speed(
     for batch, samples in pooled.items():
         latency.add(batch, samples)
     set_latency(fp32, latency)
+
+
+def runs(variant: dict[str, Any], batch: str) -> str:
+    """What a latency median is over: timed runs, or paired rounds (each the quickest of N calls)."""
+    calls = (variant.get("latency_calls_per_round") or {}).get(batch)
+    if calls is None:
+        return "runs"
+    return "paired rounds" + (f" (each the quickest of {calls} calls)" if calls > 1 else "")
 
 
 def set_latency(variant: dict[str, Any], latency: Any) -> None:
