@@ -443,11 +443,11 @@ def measure_speed(
     and fp32 timed alternately in paired rounds (export/measure.py) at each batch size. fp32's
     latency pools its rounds from every pairing; alone (no candidate), it is timed by itself.
     A candidate's latency_runs counts rounds, each the quickest of latency_calls_per_round calls."""
-    from kiln.export import checks, measure
+    from kiln.export import measure
     from kiln.export.feeds import tile_rows
 
     def runner(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
-        session = checks.open_session(path, settings.threads)
+        session = timing_session(path, settings.threads)
         return session, dict(inputs.feeds(session))
 
     fp32 = next(v for v in variants if v["name"] == "fp32")
@@ -477,6 +477,22 @@ def measure_speed(
     for batch, samples in pooled.items():
         latency.add(batch, samples)
     set_latency(fp32, latency)
+
+
+def timing_session(path: Path, threads: int | None) -> Any:
+    """A session for paired timing: its idle threads do not spin. onnxruntime's workers spin for a
+    while after each run by default; with two sessions alternating, the one that just ran would
+    take CPU from the one being timed, and on a busy machine from the candidate more than fp32 or
+    the other way round, depending on which ran last."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def runs(variant: dict[str, Any], batch: str) -> str:
