@@ -50,7 +50,11 @@ def main() -> int:
         with busy_processes(args.busy, args.busy_max_s):
             report = export(run)
         choices.append(report["shipped"])
-        print(f"export {index}/{args.exports}: shipped={report['shipped']} {speedups(report)}", flush=True)
+        seconds = report["timings_s"]["export_total"]
+        print(
+            f"export {index}/{args.exports}: shipped={report['shipped']} in {seconds:.1f} s; {speedups(report)}",
+            flush=True,
+        )
     shipped, count = collections.Counter(choices).most_common(1)[0]
     print(f"same_choice={count}/{args.exports} shipped={shipped} choices={','.join(map(str, choices))}")
     return 0

@@ -120,6 +120,19 @@ def test_paired_rounds_take_at_least_the_minimum_and_stop_at_the_time_budget(clo
     assert len(quick) == 13  # the first round that ends past 2.5 s
 
 
+def test_paired_rounds_stop_at_the_minimum_once_the_candidate_is_shown_slower(clock: FakeClock):
+    def taking(seconds: float):
+        def call() -> None:
+            clock.now += seconds
+
+        return call
+
+    _, candidate, _ = measure.paired_rounds(taking(0.001), taking(0.003), rounds=30, budget_s=100.0)
+    assert len(candidate) == measure.MIN_ROUNDS  # 3x slower in every round: the interval is below 1
+    _, candidate, _ = measure.paired_rounds(taking(0.003), taking(0.001), rounds=30, budget_s=100.0)
+    assert len(candidate) == 30  # a faster one gets every round its interval can use
+
+
 def test_the_speedup_interval_is_the_sign_test_interval_of_the_median_ratio():
     # ratios 1.0, 1.1, ..., 2.9 (20 rounds): the 95% interval is the 6th to the 15th smallest
     reference = [1000.0 + 100.0 * i for i in range(20)]

@@ -98,7 +98,8 @@ def paired_rounds(
     budget_s: float = PAIRED_BUDGET_S,
 ) -> tuple[list[float], list[float], int]:
     """Microseconds of `reference` and `candidate` timed alternately: up to max(rounds, MIN_ROUNDS)
-    rounds, fewer once MIN_ROUNDS are in and `budget_s` has passed; per round, each one's quickest
+    rounds, fewer once MIN_ROUNDS are in and `budget_s` has passed or the candidate is shown
+    slower (its speed-up's interval below 1: no more rounds would make it ship); per round, each one's quickest
     of CALLS_PER_ROUND alternating calls (one call each when either is slower than QUICK_CALL_S).
     Each is warmed first. The order flips every round, so neither always runs on a cache the
     other left. Returns both lists and the calls per round."""
@@ -114,9 +115,16 @@ def paired_rounds(
                 quickest[which] = min(quickest[which], timed_call((reference, candidate)[which]))
         times[0].append(quickest[0])
         times[1].append(quickest[1])
-        if index + 1 >= MIN_ROUNDS and time.perf_counter() - started > budget_s:
+        if index + 1 >= MIN_ROUNDS and (
+            time.perf_counter() - started > budget_s or shown_slower(times[0], times[1])
+        ):
             break
     return times[0], times[1], calls
+
+
+def shown_slower(reference_us: Sequence[float], candidate_us: Sequence[float]) -> bool:
+    high = speedup_interval(reference_us, candidate_us).high
+    return high is not None and high < 1
 
 
 def timed_call(call: Callable[[], Any]) -> float:
