@@ -244,10 +244,9 @@ def test_candidates_about_as_fast_tie_and_the_smaller_file_wins():
     pruned = variant("pruned", 0.2, [0.0, 0.5], (2.40, 2.2, 2.6), 400)
     both = variant("pruned_int8_static", 0.3, [0.0, 0.6], (2.25, 1.9, 2.5), 100)  # within 10%
     assert choose([FP32, pruned, both], auto=True, wanted=None, max_drop=1.0).name == "pruned_int8_static"
-    overlapping = variant("pruned_int8_static", 0.3, [0.0, 0.6], (1.9, 1.5, 2.3), 100)  # can't be told apart
-    assert (
-        choose([FP32, pruned, overlapping], auto=True, wanted=None, max_drop=1.0).name == "pruned_int8_static"
-    )
+    # intervals that overlap do not tie: the medians decide (steadier from export to export)
+    overlapping = variant("pruned_int8_static", 0.3, [0.0, 0.6], (1.9, 1.5, 2.3), 100)
+    assert choose([FP32, pruned, overlapping], auto=True, wanted=None, max_drop=1.0).name == "pruned"
     clearly = variant("pruned_int8_static", 0.3, [0.0, 0.6], (1.9, 1.8, 2.0), 100)  # 21% slower than pruned
     choice = choose([FP32, pruned, clearly], auto=True, wanted=None, max_drop=1.0)
     assert choice.name == "pruned" and "the fastest within the budget" in choice.reason
@@ -258,12 +257,11 @@ def busy_rounds(rng: np.random.Generator, fp32_us: float, candidate_us: float, r
     """Paired timings on a machine whose load changes from round to round (both calls of a round
     share it) and jitters each call by 10%, one call in ten descheduled (1.5 to 3 times as long)."""
     load = rng.uniform(1.0, 3.0, rounds)
-    jitter = lambda: (
-        rng.lognormal(0, 0.1, rounds)
-        * np.where(  # noqa: E731
-            rng.random(rounds) < 0.1, rng.uniform(1.5, 3.0, rounds), 1.0
-        )
-    )
+
+    def jitter() -> np.ndarray:
+        interrupted = np.where(rng.random(rounds) < 0.1, rng.uniform(1.5, 3.0, rounds), 1.0)
+        return rng.lognormal(0, 0.1, rounds) * interrupted
+
     return list(fp32_us * load * jitter()), list(candidate_us * load * jitter())
 
 
@@ -284,7 +282,7 @@ def test_the_same_timings_give_the_same_choice_and_a_busy_machine_does_not_flip_
             FP32,
             measured(rng, "int8_static", 0.8, 100),  # slower: never
             measured(rng, "pruned", 2.4, 300),
-            measured(rng, "pruned_int8_static", 2.3, 90),  # as fast as pruned, smaller
+            measured(rng, "pruned_int8_static", 1.6, 90),  # faster than fp32, clearly slower than pruned
             measured(rng, "barely", 1.02, 50),  # 2% faster: cannot be shown
         ]
         first = choose(candidates, auto=True, wanted=None, max_drop=1.0)
@@ -293,11 +291,14 @@ def test_the_same_timings_give_the_same_choice_and_a_busy_machine_does_not_flip_
             ("int8_static measured slower", "int8_static was not shown")
         )
         choices.append(first.name)
-        # a candidate clearly faster than a smaller one stays the choice, busy or not
-        faster = [FP32, measured(rng, "pruned", 2.6, 300), measured(rng, "pruned_int8_static", 1.5, 90)]
-        separate.append(choose(faster, auto=True, wanted=None, max_drop=1.0).name)
-    assert choices == ["pruned_int8_static"] * 20
-    assert separate == ["pruned"] * 20
+    assert choices == ["pruned"] * 20
+    # a candidate exactly as fast as fp32 is shown faster only as often as a 95% interval misses
+    # (2.5% one-sided; the sign-test interval is conservative): fp32 ships nearly every time
+    for seed in range(200):
+        rng = np.random.default_rng(1000 + seed)
+        same = [FP32, measured(rng, "as_fast", 1.0, 50)]
+        separate.append(choose(same, auto=True, wanted=None, max_drop=1.0).name)
+    assert separate.count("fp32") >= 194, separate.count("fp32")
 
 
 def test_the_budget_holds_a_classifier_s_accuracy_unless_the_user_names_a_metric():
