@@ -83,7 +83,14 @@ def train(experiment: str, output: Path) -> Path:
     print(f"training {experiment} (runs in {base}) ...", flush=True)
     started = time.perf_counter()
     subprocess.run(
-        [*KILN, "train", f"experiment={experiment}", "progress=lines", f"paths.output_dir={base}"],
+        [
+            *KILN,
+            "train",
+            f"experiment={experiment}",
+            "progress=lines",
+            f"paths.output_dir={base}",
+            "compress.keep_variants=true",
+        ],  # measure() reads export/fp32.onnx
         cwd=output,
         check=True,
         stdout=subprocess.DEVNULL,
@@ -106,7 +113,7 @@ def ensure_compressed(run: Path) -> None:
     print(f"compressing {run.name} with compress=auto ...", flush=True)
     started = time.perf_counter()
     subprocess.run(
-        [*KILN, "compress", f"run={run}", "compress=auto"],
+        [*KILN, "compress", f"run={run}", "compress=auto", "compress.keep_variants=true"],
         cwd=run.parent,
         check=True,
         stdout=subprocess.DEVNULL,

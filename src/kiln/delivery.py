@@ -85,6 +85,9 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: st
     try:
         datamodule, module = load(run)
         manifest = read_manifest(run.directory) if recipe is None else None
+        if manifest is not None and missing_variant_files(run.directory, manifest):
+            recipe = recorded_recipe(run, manifest)
+            manifest = None
         if manifest is None:
             manifest = compress_run(
                 run, datamodule, module, recipe or read_recipe({"recipe": "none"}), settings
@@ -92,6 +95,9 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: st
         if not export_after:
             return manifest
         report = export_run(run, datamodule, module, manifest, settings)
+        kept = bool(manifest.get("keep_variants")) or report["status"] != "passed"
+        if not kept:
+            remove_variant_files(run.directory, manifest, report)
     except KilnError as exc:
         record(run.directory, {"status": "failed", "reason": str(exc)})
         raise
@@ -115,9 +121,66 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: st
         ) from None
     record(
         run.directory,
-        {"status": report["status"], "shipped": report["shipped"], "reason": report["reason"]},
+        {
+            "status": report["status"],
+            "shipped": report["shipped"],
+            "reason": report["reason"],
+            "variant_files": "kept" if kept else "removed (compress.keep_variants=false)",
+        },
     )
     return report
+
+
+def missing_variant_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """The variants' nets and weights the manifest lists that are gone (removed after a delivery)."""
+    from kiln.compression.pipeline import COMPRESS_DIR
+
+    listed = [v.get(key) for v in manifest.get("variants", []) for key in ("net_onnx", "weights")]
+    return [name for name in listed if name and not (directory / COMPRESS_DIR / name).is_file()]
+
+
+def recorded_recipe(run: Any, manifest: dict[str, Any]) -> Any:
+    """The recipe of the run's last compression (recorded in its manifest; before kiln recorded it,
+    the run's saved config's), to build its variants again from the best checkpoint."""
+    from kiln.compression.recipes import read_recipe
+    from kiln.stages.build import plain
+
+    config = manifest.get("recipe_config") or plain(run.saved_config().get("compress") or {"recipe": "none"})
+    print(
+        f"kiln export: the variants' files were removed after the last delivery "
+        f"(compress.keep_variants=false); compressing again from the best checkpoint with recipe "
+        f"{config.get('recipe', 'none')}",
+        flush=True,
+    )
+    return read_recipe(config)
+
+
+def remove_variant_files(directory: Path, manifest: dict[str, Any], report: dict[str, Any]) -> None:
+    """After a delivery that shipped: each variant's net and weights (compress/) and deployable file
+    (export/) go; model.onnx, the reports, compress/manifest.json and the checkpoints stay. The
+    report keeps every variant's numbers; `kiln export` builds the variants again when it needs them."""
+    from kiln.compression.pipeline import COMPRESS_DIR
+
+    files = [
+        directory / COMPRESS_DIR / name
+        for variant in manifest.get("variants", [])
+        for name in (variant.get("net_onnx"), variant.get("weights"))
+        if name
+    ]
+    files += [directory / variant["file"] for variant in report.get("variants", []) if variant.get("file")]
+    freed = 0
+    for path in files:
+        if path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    export_dir = directory / "export"
+    if export_dir.is_dir() and not any(export_dir.iterdir()):
+        export_dir.rmdir()
+    print(
+        f"kiln export: removed the variants' files ({freed / 2**20:.1f} MiB); the report keeps their "
+        "numbers (compress.keep_variants=true keeps the files)",
+        flush=True,
+    )
 
 
 # What a compress or export killed outright (SIGKILL, a power cut) leaves: its staging folders, the

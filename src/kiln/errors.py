@@ -160,9 +160,11 @@ def describe_resource_fault(exc: BaseException) -> str | None:
     """One line for a full disk, a file size limit, a disk quota or memory running out, anywhere in
     `exc`'s chain (a fault while saving the failed run record is chained to the first one); None
     for anything else. Notes added on the way (run.json not updated) are said too."""
-    fault = next((e for e in _chain(exc) if _is_resource_fault(e)), None)
+    fault = next((e for e in exception_chain(exc) if _is_resource_fault(e)), None)
     if fault is None:
-        fault = next((_torch_write_fault(e) for e in _chain(exc) if _is_torch_write_failure(e)), None)
+        fault = next(
+            (_torch_write_fault(e) for e in exception_chain(exc) if _is_torch_write_failure(e)), None
+        )
     if fault is None:
         return None
     if isinstance(fault, MemoryError):
@@ -173,7 +175,7 @@ def describe_resource_fault(exc: BaseException) -> str | None:
     else:
         assert isinstance(fault, OSError)
         line = _describe_write_fault(fault.errno, _path_being_written(fault))
-    notes = [note for e in _chain(exc) for note in getattr(e, "__notes__", [])]
+    notes = [note for e in exception_chain(exc) for note in getattr(e, "__notes__", [])]
     return one_line(" ".join([line, *notes]))
 
 
@@ -348,7 +350,7 @@ def _run_directory_error(exc: BaseException) -> str | None:
     """One line when Hydra could not make the run (or sweep) directory, or write its config or log
     file there, before the stage started; None for any other error (an OSError inside a stage is
     a bug, or is reported by the stage itself, and keeps its traceback)."""
-    error = next((e for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
+    error = next((e for e in exception_chain(exc) if isinstance(e, OSError) and e.filename), None)
     if error is None or not _raised_in_hydra(exc):
         return None
     from omegaconf import OmegaConf
@@ -399,7 +401,8 @@ def _hydra_config_of(exc: BaseException) -> Any:
     return None
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, then its cause or context, and theirs: each once."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:

@@ -57,7 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, exception_chain
 from kiln.secrets import (  # noqa: F401  (re-exported: kiln.runs was their home)
     MASK,
     SECRET_PREFIX,
@@ -373,7 +373,7 @@ class Run:
             if describe_resource_fault(unsaved) is None:
                 raise
             why = unsaved.strerror
-        for failed in _exception_chain(exc):  # the frames of the failed write hold its open file
+        for failed in exception_chain(exc):  # the frames of the failed write hold its open file
             traceback.clear_frames(failed.__traceback__)
         try:
             self.save()
@@ -1191,15 +1191,6 @@ def check_finite_results(fields: dict[str, Any], monitor: dict[str, Any], direct
 
 def _finite(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and math.isfinite(value))
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -124,31 +124,62 @@ def test_a_step_is_a_target_config_and_a_candidate_may_override_its_settings():
         )
 
 
-def variant(name: str, drop: float, latency: float, size: int, passed: bool = True) -> dict:
+def variant(name: str, drop: float, speedup: float | None, size: int, passed: bool = True) -> dict:
+    """`speedup`: over the fp32 graph at both batch sizes, with a 95% interval 10% either side."""
+    measured = {"median": speedup, "ci95": [speedup * 0.9, speedup * 1.1], "rounds": 30} if speedup else None
     return {"name": name, "passed": passed, "reason": "" if passed else "parity failed", "val_drop": drop,
-            "latency_us": {"1": 1.0, "256": latency}, "size_bytes": size}  # fmt: skip
+            "drop_ci95": None, "speedup": {"1": measured, "256": measured} if measured else None,
+            "size_bytes": size}  # fmt: skip
 
 
-def test_auto_ships_the_fastest_within_budget_and_ties_go_to_the_smallest():
+def test_auto_ships_the_fastest_shown_faster_within_budget_and_ties_go_to_the_smallest():
     variants = [
-        variant("fp32", 0.0, 1000, 160_000),
-        variant("int8", 0.2, 980, 50_000),  # within 5% of the fastest: a tie, and smaller
-        variant("pruned", 0.5, 960, 55_000),
-        variant("lossy", 3.0, 100, 10_000),  # fastest, over budget
-        variant("broken", 0.0, 50, 5_000, passed=False),  # fastest, failed its check
+        variant("fp32", 0.0, None, 160_000),
+        variant("int8", 0.2, 2.1, 50_000),  # within 10% of pruned's median speed-up, and smaller
+        variant("pruned", 0.5, 2.2, 55_000),
+        variant("lossy", 3.0, 10.0, 10_000),  # fastest, over budget
+        variant("broken", 0.0, 20.0, 5_000, passed=False),  # fastest, failed its check
+        variant("slow", 0.0, 0.5, 1_000),  # smallest, slower than fp32
     ]
     assert choose(variants, auto=True, wanted=None, max_drop=1.0).name == "int8"
     assert choose(variants, auto=True, wanted=None, max_drop=0.0).name == "fp32"
+    assert choose(variants, auto=True, wanted=None, max_drop=1.0, objective="size").name == "slow"
 
 
 def test_a_lossy_variant_is_refused_with_a_zero_budget():
     choice = choose(
-        [variant("fp32", 0.0, 1000, 1), variant("pruned", 0.4, 500, 1)],
+        [variant("fp32", 0.0, None, 1), variant("pruned", 0.4, 2.0, 1)],
         auto=False,
         wanted="pruned",
         max_drop=0,
     )
     assert choice.name is None and "over compress.max_metric_drop=0" in choice.reason
+    assert "raise compress.max_metric_drop to at least 0.40, or use compress=auto" in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "line"),
+    [
+        ("objective", "fast", "compress.objective=fast: use one of latency, size"),
+        ("decision", "maybe", "compress.decision=maybe: use one of auto, point, upper_bound"),
+        ("metric", 5, "compress.metric=5: name a metric the module logs on validation, e.g. val/acc, "
+         "or null (a classifier's validation accuracy, else monitor.metric)"),
+    ],
+)  # fmt: skip
+def test_how_auto_chooses_is_checked_before_anything_runs(key: str, value: object, line: str):
+    config = recipe_config("auto")
+    config[key] = value
+    with pytest.raises(KilnError) as error:
+        read_recipe(config)
+    assert str(error.value) == line
+
+
+def test_auto_decides_by_the_interval_for_latency_unless_told_otherwise():
+    recipe = read_recipe(recipe_config("auto"))
+    assert (recipe.decision, recipe.objective, recipe.metric) == ("auto", "latency", None)
+    config = {**recipe_config("auto"), "objective": "size", "metric": "val/f1", "decision": "point"}
+    recipe = read_recipe(config)
+    assert (recipe.decision, recipe.objective, recipe.metric) == ("point", "size", "val/f1")
 
 
 def test_metric_drop_follows_the_mode():

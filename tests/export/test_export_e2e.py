@@ -17,7 +17,7 @@ import torch
 from kiln.data.preprocessing import TablePreprocessor
 from kiln.export.feeds import specs_of, table_feeds
 from kiln.export.from_run import load_trained, open_run, raw_split
-from kilntest import QUICK, copy_run, kiln_cli, ok
+from kilntest import QUICK, copy_run, kiln_cli, kiln_in_process, ok
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +169,62 @@ def test_after_training_compresses_and_exports_with_the_runs_own_settings(pengui
     report = after_training(cfg, run)
     assert report is not None and report["shipped"] == "quantize_static"
     assert (run / "model.onnx").is_file() and (run / "report.json").is_file()
+
+
+def test_a_candidate_is_timed_against_fp32_and_the_summary_says_what_each_number_is(
+    digits_cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+):
+    run = copy_run(digits_cnn_run, tmp_path)
+    code = kiln_in_process(
+        monkeypatch,
+        "compress",
+        f"run={run}",
+        "compress=quantize_static",
+        "compress.quantize_static.calibration_batches=2",
+        "compress.max_metric_drop=100",
+        *QUICK,
+    )
+    out = capfd.readouterr().out
+    assert code == 0, out
+    data = json.loads((run / "report.json").read_text())
+    fp32, int8 = data["variants"]
+    for batch in ("1", "256"):
+        speedup = int8["speedup"][batch]
+        # at least 8 rounds whatever latency_repeats says (3 here): fewer give no 95% interval
+        assert speedup["rounds"] >= 8 and int8["latency_runs"][batch] == speedup["rounds"]
+        assert fp32["latency_runs"][batch] == speedup["rounds"]  # fp32 ran once in every round
+        low, high = speedup["ci95"]
+        assert 0 < low <= speedup["median"] <= high
+    assert "speedup" not in fp32  # the reference
+    assert data["gate"] == {"metric": "val/acc", "mode": "max"} and data["decision"] == "auto"
+    summary = out[out.index("shipped quantize_static") :]
+    rounds = int8["speedup"]["256"]["rounds"]
+    assert (
+        "speed-up over the fp32 graph" in summary
+        and f"(95% interval, batch 256, {rounds} paired rounds)" in summary
+    )
+    assert "val/acc drop" in summary and "95% interval [" in summary
+    assert (
+        f"validation val/acc={int8['val_metrics']['val/acc']:.4f}" in summary
+        and f"{int8['val_rows']} rows" in summary
+    )
+    calls = int8["latency_calls_per_round"]["256"]  # quick calls: a round keeps the quickest of 3
+    quickest = f" (each the quickest of {calls} calls)" if calls > 1 else ""
+    median = f"median {int8['latency_us']['256']:.0f} us of {rounds} paired rounds{quickest}"
+    assert f"onnxruntime latency at batch 256: {median}" in summary
+    assert "fastest" not in summary
+
+
+def test_a_budget_metric_the_module_does_not_log_is_one_line_and_nothing_ships(
+    digits_cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+):
+    run = copy_run(digits_cnn_run, tmp_path)
+    code = kiln_in_process(
+        monkeypatch, "compress", f"run={run}", "compress=none", "compress.metric=val/top5", *QUICK
+    )
+    stderr = capfd.readouterr().err
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kiln compress: error: compress.metric=val/top5: "), stderr
+    assert "does not log it; it logs: val/acc, val/auroc, val/f1, val/loss" in lines[0]
+    assert not (run / "model.onnx").exists() and not (run / "report.json").exists()

@@ -68,3 +68,80 @@ def test_repeats_caps_the_runs_and_a_slow_call_is_warmed_once(clock: FakeClock):
 def test_fewer_repeats_than_the_minimum_are_honoured(clock: FakeClock):
     call, _ = calls_taking(clock, itertools.repeat(0.001))
     assert len(measure.timed(call, repeats=2)) == 2
+
+
+def test_paired_rounds_alternate_the_two_calls_and_flip_the_order_every_round(clock: FakeClock):
+    order: list[str] = []
+
+    def taking(name: str, seconds: float):
+        def call() -> None:
+            order.append(name)
+            clock.now += seconds
+
+        return call
+
+    reference, candidate, calls = measure.paired_rounds(
+        taking("fp32", 0.002), taking("int8", 0.001), rounds=10
+    )
+    assert calls == measure.CALLS_PER_ROUND
+    assert order[:2] == ["fp32", "int8"]  # one warm-up call each
+    # quick calls: three alternations a round, the order flipped every round
+    rounds = [tuple(order[i : i + 6]) for i in range(2, len(order), 6)]
+    assert rounds == [("fp32", "int8") * 3, ("int8", "fp32") * 3] * 5
+    assert reference == pytest.approx([2000.0] * 10) and candidate == pytest.approx([1000.0] * 10)
+
+
+def test_a_round_keeps_each_call_s_quickest_so_an_interrupted_call_does_not_count(clock: FakeClock):
+    # fp32 takes 2 ms, int8 1 ms; the scheduler interrupts one call in three for 5 ms
+    interrupted = itertools.cycle([0.0, 0.0, 0.005])
+
+    def taking(seconds: float):
+        def call() -> None:
+            clock.now += seconds + next(interrupted)
+
+        return call
+
+    reference, candidate, _ = measure.paired_rounds(taking(0.002), taking(0.001), rounds=10)
+    assert reference == pytest.approx([2000.0] * 10) and candidate == pytest.approx([1000.0] * 10)
+    speedup = measure.speedup_interval(reference, candidate)
+    assert speedup.as_dict() == {"median": 2.0, "ci95": [2.0, 2.0], "rounds": 10}
+
+
+def test_paired_rounds_take_at_least_the_minimum_and_stop_at_the_time_budget(clock: FakeClock):
+    def call() -> None:
+        clock.now += 0.1  # slower than QUICK_CALL_S: one call each a round
+
+    few, _, calls = measure.paired_rounds(call, call, rounds=3, budget_s=100.0)
+    assert calls == 1
+    assert len(few) == measure.MIN_ROUNDS  # an interval needs them, whatever latency_repeats says
+    slow, _, _ = measure.paired_rounds(call, call, rounds=100, budget_s=1.0)
+    assert len(slow) == measure.MIN_ROUNDS  # 8 rounds of 0.2 s: past the budget at the minimum
+    quick, _, _ = measure.paired_rounds(call, call, rounds=100, budget_s=2.5)
+    assert len(quick) == 13  # the first round that ends past 2.5 s
+
+
+def test_paired_rounds_stop_at_the_minimum_once_the_candidate_is_shown_slower(clock: FakeClock):
+    def taking(seconds: float):
+        def call() -> None:
+            clock.now += seconds
+
+        return call
+
+    _, candidate, _ = measure.paired_rounds(taking(0.001), taking(0.003), rounds=30, budget_s=100.0)
+    assert len(candidate) == measure.MIN_ROUNDS  # 3x slower in every round: the interval is below 1
+    _, candidate, _ = measure.paired_rounds(taking(0.003), taking(0.001), rounds=30, budget_s=100.0)
+    assert len(candidate) == 30  # a faster one gets every round its interval can use
+
+
+def test_the_speedup_interval_is_the_sign_test_interval_of_the_median_ratio():
+    # ratios 1.0, 1.1, ..., 2.9 (20 rounds): the 95% interval is the 6th to the 15th smallest
+    reference = [1000.0 + 100.0 * i for i in range(20)]
+    candidate = [1000.0] * 20
+    speedup = measure.speedup_interval(reference[::-1], candidate)
+    assert speedup.as_dict() == {"median": 1.95, "ci95": [1.5, 2.4], "rounds": 20}
+    assert [measure.sign_test_rank(n) for n in (5, 6, 8, 20, 30)] == [0, 1, 1, 6, 10]
+    assert measure.speedup_interval([2.0] * 5, [1.0] * 5).as_dict() == {
+        "median": 2.0,
+        "ci95": None,
+        "rounds": 5,
+    }

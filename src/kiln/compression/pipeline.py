@@ -80,6 +80,8 @@ def compress(
             }
         ]
         pruned: dict[tuple[Any, ...], dict[str, Any]] = {}  # candidates sharing pruning steps share the work
+        abandoned: list[dict[str, Any]] = []
+        budget = BudgetOnce(recipe, monitor, module, datamodule, finetune_trainer, watch)
         calibration = Calibration(datamodule, seed)
         for candidate in recipe.candidates:
             source = variants[0]
@@ -99,8 +101,13 @@ def compress(
                         exporter=exporter,
                         finetune_trainer=finetune_trainer,
                         say=say,
+                        budget=budget.get() if recipe.auto else None,
                     )
                 source = pruned[key]
+                if source.get("abandoned"):
+                    say(f"{candidate.name}: abandoned ({source['abandoned']})")
+                    abandoned.append(abandoned_record(candidate, source))
+                    continue
             variant = {
                 **source,
                 "name": candidate.name,
@@ -123,11 +130,16 @@ def compress(
             "max_metric_drop": recipe.max_metric_drop,
             "metric_unit": recipe.metric_unit,
             "decision": recipe.decision,
+            "objective": recipe.objective,
+            "metric": recipe.metric,
             "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
             "monitor": monitor,
             "opset": opset,
             "input_shape": list(example.shape[1:]),
             "variants": variants,
+            "abandoned": abandoned,  # candidates that could not make the budget: numbers, no net
+            "keep_variants": recipe.keep_variants,
+            "recipe_config": recipe.config,  # what `kiln export` compresses again with once the nets are removed
             "seconds": round(time.perf_counter() - started, 1),
             "timings_s": watch.seconds,
         }
@@ -152,9 +164,12 @@ def prune(
     exporter: str,
     finetune_trainer: dict[str, Any],
     say: Callable[[str], None],
+    budget: Any = None,
 ) -> dict[str, Any]:
     """Prune a copy of the module's exported part (fine-tuning the whole module through its own
-    training_step after each step), export it, save its weights."""
+    training_step after each step), export it, save its weights. With a `budget`
+    (kiln.compression.pruning.Budget), a fine-tune that cannot make it gives up: the record then
+    says why (`abandoned`), and nothing is exported."""
     import torch
 
     from kiln.compression import pruning
@@ -178,8 +193,16 @@ def prune(
                 mode=monitor["mode"],
                 lr_scale=step.lr_scale,
                 trainer_settings=finetune_trainer,
+                budget=budget,
             )
         notes.append(step.note(before, export_module(work), tuned, monitor["metric"]))
+        if tuned.get("abandoned"):
+            return {
+                "params": pruning.count_parameters(export_module(work)),
+                "notes": notes,
+                "abandoned": tuned["abandoned"],
+                "budget_drops": tuned["budget_drops"],
+            }
     target = export_module(work).eval()
     with watch.part(f"{name}: export"):
         exported = export_graph(target, example, opset, exporter)
@@ -195,6 +218,56 @@ def prune(
         **exported_by(exported),
         "notes": notes,
     }
+
+
+def abandoned_record(candidate: Any, source: dict[str, Any]) -> dict[str, Any]:
+    """A candidate given up on during its pruning fine-tune, for the report."""
+    return {
+        "name": candidate.name,
+        "steps": candidate.step_names,
+        "params": source["params"],
+        "abandoned": source["abandoned"],
+        "budget_drops": source["budget_drops"],  # before the fine-tune, then after each epoch
+        "notes": source["notes"],
+    }
+
+
+class BudgetOnce:
+    """The budget a pruned auto candidate's fine-tune is held to, as the export's gate will hold
+    it (kiln.compression.choose: gate_metric, metric_unit): the uncompressed model's own
+    validation metric is measured once, when the first pruning needs it. None when the module
+    does not log the metric."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        monitor: dict[str, str],
+        module: Any,
+        datamodule: Any,
+        trainer_settings: dict[str, Any],
+        watch: Any,
+    ) -> None:
+        self.recipe, self.monitor, self.watch = recipe, monitor, watch
+        self.module, self.datamodule, self.trainer_settings = module, datamodule, trainer_settings
+        self.budget: Any = None
+        self.measured = False
+
+    def get(self) -> Any:
+        from kiln import contract
+        from kiln.compression import pruning
+        from kiln.compression.choose import gate_metric, metric_unit
+
+        if not self.measured:
+            self.measured = True
+            with self.watch.part("baseline: validate for the pruning budget"):
+                settings = pruning.one_device_settings(self.trainer_settings, self.module)
+                logged = pruning.validate(self.module, self.datamodule, settings)
+            task = contract.task(self.datamodule, self.module)
+            metric, mode = gate_metric(getattr(self.recipe, "metric", None), self.monitor, task, logged)
+            if metric in logged:
+                unit = metric_unit(metric, self.recipe.metric_unit)
+                self.budget = pruning.Budget(metric, mode, unit, self.recipe.max_metric_drop, logged[metric])
+        return self.budget
 
 
 class Calibration:

@@ -6,7 +6,9 @@ A recipe file (`compress=<recipe>`) holds:
     steps: [prune_structured]            # applied in order; compose: [prune_structured, quantize_static]
     max_metric_drop: 1.0                 # how much worse monitor.metric may get (validation split)
     metric_unit: auto                    # of that budget: points (bounded scores) or percent (losses)
-    decision: point                      # or upper_bound: the drop's bootstrap 95% interval decides
+    decision: auto                       # upper_bound where the drop has a 95% interval, else point
+    objective: latency                   # auto ships the fastest shown faster than fp32; size: the smallest
+    metric: null                         # the gate's metric; null: a classifier's val accuracy, else the monitor
     prune_structured:                    # a step: a config with a _target_ (kiln.compression.steps)
       _target_: kiln.compression.steps.PruneStructured
       ratio: 0.5
@@ -24,11 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.compression.choose import DECISIONS, UNITS
+from kiln.compression.choose import DECISIONS, OBJECTIVES, UNITS
 from kiln.compression.steps import BUILT_IN, Pruning, Quantization
 from kiln.errors import KilnError
 
-RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision"}
+RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision", "keep_variants"}
+RECIPE_KEYS |= {"objective", "metric"}  # how auto chooses, and the metric the budget holds
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
 Step = Pruning | Quantization
@@ -58,7 +61,11 @@ class Recipe:
     candidates: list[Candidate]
     max_metric_drop: float
     metric_unit: str = "auto"  # kiln.compression.choose.metric_unit: points, percent, or by the metric
-    decision: str = "point"  # point or upper_bound (kiln.compression.choose)
+    decision: str = "auto"  # auto, point or upper_bound (kiln.compression.choose)
+    keep_variants: bool = False  # keep every variant's files after a delivery (kiln.delivery)
+    config: dict[str, Any] | None = None  # the plain config it was read from
+    objective: str = "latency"  # latency or size (kiln.compression.choose)
+    metric: str | None = None  # the budget's metric (None: kiln.compression.choose.gate_metric picks)
 
     @property
     def auto(self) -> bool:
@@ -81,11 +88,19 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
             f"compress.max_metric_drop={drop}: must be a number >= 0 (points of a bounded score, "
             "percent of a loss: compress.metric_unit)"
         )
-    unit, decision = str(config.get("metric_unit", "auto")), str(config.get("decision", "point"))
+    unit, decision = str(config.get("metric_unit", "auto")), str(config.get("decision", "auto"))
+    objective, metric = str(config.get("objective", "latency")), config.get("metric")
     if unit not in UNITS:
         raise KilnError(f"compress.metric_unit={unit}: use one of {', '.join(UNITS)}")
     if decision not in DECISIONS:
         raise KilnError(f"compress.decision={decision}: use one of {', '.join(DECISIONS)}")
+    if objective not in OBJECTIVES:
+        raise KilnError(f"compress.objective={objective}: use one of {', '.join(OBJECTIVES)}")
+    if metric is not None and (not isinstance(metric, str) or "/" not in metric):
+        raise KilnError(
+            f"compress.metric={metric}: name a metric the module logs on validation, e.g. val/acc, "
+            "or null (a classifier's validation accuracy, else monitor.metric)"
+        )
     known = sorted({*BUILT_IN, *nodes})
     for key in nodes:  # every step node is checked, used or not: a typo must not wait for its turn
         build_step(key, nodes, {}, f"compress.{key}", known)
@@ -104,7 +119,12 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
     else:
         steps = read_steps(config.get("steps") or [], "compress.steps", nodes, known)
         candidates = [Candidate("+".join(n for n, _ in steps), steps)] if steps else []
-    return Recipe(name, candidates, float(drop), unit, decision)
+    keep = config.get("keep_variants", False)
+    if not isinstance(keep, bool):
+        raise KilnError(f"compress.keep_variants={keep}: use true (keep every variant's files) or false")
+    return Recipe(
+        name, candidates, float(drop), unit, decision, keep, dict(config), objective=objective, metric=metric
+    )
 
 
 def read_steps(raw: Any, key: str, nodes: Mapping[str, Any], known: list[str]) -> list[tuple[str, Step]]:

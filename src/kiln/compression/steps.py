@@ -89,6 +89,7 @@ class PruneStructured(Pruning):
         return (
             f"prune_structured ratio {self.ratio}: parameters {before} -> {after} ({after / before:.0%}); "
             f"fine-tuned {tuned['epochs']} epochs (best {metric}={'n/a' if best is None else f'{best:.4f}'})"
+            + budget_drops(tuned)
         )
 
 
@@ -118,7 +119,7 @@ class PruneUnstructured(Pruning):
         return (
             f"prune_unstructured amount {self.amount} ({self.scope}): weight sparsity {weight_sparsity(net):.0%}, "
             f"fine-tuned {tuned['epochs']} epochs; a dense ONNX file keeps its size and speed (zeros are "
-            "stored and multiplied like any weight)"
+            "stored and multiplied like any weight)" + budget_drops(tuned)
         )
 
 
@@ -174,6 +175,16 @@ BUILT_IN: dict[str, type[Pruning] | type[Quantization]] = {
     "quantize_dynamic": QuantizeDynamic,
     "quantize_static": QuantizeStatic,
 }
+
+
+def budget_drops(tuned: dict[str, Any]) -> str:
+    """The budget's drop before the fine-tune and after each epoch, when the fine-tune followed it."""
+    drops = tuned.get("budget_drops") or []
+    return (
+        f"; budget drop before the fine-tune, then by epoch: {', '.join(f'{d:g}' for d in drops)}"
+        if drops
+        else ""
+    )
 
 
 def _number(value: Any) -> bool:

@@ -8,11 +8,21 @@ interquartile range, within TIGHT of the median: the median is known; one slow o
 keep it going) or it has taken TIME_BUDGET_S (a noisy machine: more runs would not settle it).
 Repeats were most of an export's time. onnxruntime and torch use their default thread pools
 unless `threads` is given (one value for both, for a fair comparison).
+
+A candidate's speed is measured against the fp32 graph, not alone (paired_rounds): the two run
+alternately, round after round (fp32 first in odd rounds, the candidate first in even ones), so
+both see the same machine state. A round of quick calls (under QUICK_CALL_S) alternates them
+CALLS_PER_ROUND times and keeps each one's quickest call: a call of a millisecond that the
+scheduler interrupts takes several, and on a busy machine that noise, not the graphs, would
+otherwise decide. Each round's ratio is one paired observation of the speed-up,
+and speedup_interval gives their median and its 95% interval (a sign-test interval: order
+statistics of the ratios, exact for any distribution, and the same rounds give the same interval).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +39,10 @@ WARMUP_BUDGET_S = 0.02
 MIN_REPEATS = 5
 TIGHT = 0.1  # runs whose middle half lies within 10% of their median agree
 TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
+MIN_ROUNDS = 8  # paired rounds at least: fewer than 6 give no 95% interval of the speed-up
+PAIRED_BUDGET_S = 1.0  # per candidate and batch size, once MIN_ROUNDS rounds are in
+CALLS_PER_ROUND = 3  # alternations per round for quick calls; each keeps its quickest
+QUICK_CALL_S = 0.02  # slower calls are timed once a round (an interruption is a small part of them)
 
 
 def scores(
@@ -75,6 +89,87 @@ def timed(call: Callable[[], Any], repeats: int, budget_s: float = TIME_BUDGET_S
 def agree(samples: list[float]) -> bool:
     low, median, high = np.percentile(samples, [25, 50, 75])
     return bool(high - low <= TIGHT * median)
+
+
+def paired_rounds(
+    reference: Callable[[], Any],
+    candidate: Callable[[], Any],
+    rounds: int,
+    budget_s: float = PAIRED_BUDGET_S,
+) -> tuple[list[float], list[float], int]:
+    """Microseconds of `reference` and `candidate` timed alternately: up to max(rounds, MIN_ROUNDS)
+    rounds, fewer once MIN_ROUNDS are in and `budget_s` has passed or the candidate is shown
+    slower (its speed-up's interval below 1: no more rounds would make it ship); per round, each one's quickest
+    of CALLS_PER_ROUND alternating calls (one call each when either is slower than QUICK_CALL_S).
+    Each is warmed first. The order flips every round, so neither always runs on a cache the
+    other left. Returns both lists and the calls per round."""
+    warm = max(timed_call(reference), timed_call(candidate))
+    calls = 1 if warm > QUICK_CALL_S * 1e6 else CALLS_PER_ROUND
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    for index in range(max(rounds, MIN_ROUNDS)):
+        order = (0, 1) if index % 2 == 0 else (1, 0)
+        quickest = [float("inf"), float("inf")]
+        for _ in range(calls):
+            for which in order:
+                quickest[which] = min(quickest[which], timed_call((reference, candidate)[which]))
+        times[0].append(quickest[0])
+        times[1].append(quickest[1])
+        if index + 1 >= MIN_ROUNDS and (
+            time.perf_counter() - started > budget_s or shown_slower(times[0], times[1])
+        ):
+            break
+    return times[0], times[1], calls
+
+
+def shown_slower(reference_us: Sequence[float], candidate_us: Sequence[float]) -> bool:
+    high = speedup_interval(reference_us, candidate_us).high
+    return high is not None and high < 1
+
+
+def timed_call(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e6
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """The candidate's speed-up over the reference (reference time / candidate time, per round):
+    the median of the rounds and its 95% interval (None when there are too few rounds)."""
+
+    median: float
+    low: float | None
+    high: float | None
+    rounds: int
+
+    def as_dict(self) -> dict[str, Any]:
+        interval = None if self.low is None or self.high is None else [self.low, self.high]
+        return {"median": self.median, "ci95": interval, "rounds": self.rounds}
+
+
+def speedup_interval(reference_us: Sequence[float], candidate_us: Sequence[float]) -> Speedup:
+    """The median of the paired ratios and its distribution-free 95% interval: the k-th smallest
+    and k-th largest ratio, k the largest with P(Binomial(n, 1/2) < k) <= 2.5%."""
+    ratios = sorted(r / c for r, c in zip(reference_us, candidate_us, strict=True))
+    n = len(ratios)
+    median = round(float(np.median(ratios)), 3)
+    k = sign_test_rank(n)
+    if k == 0:
+        return Speedup(median, None, None, n)
+    return Speedup(median, round(float(ratios[k - 1]), 3), round(float(ratios[n - k]), 3), n)
+
+
+def sign_test_rank(n: int, tail: float = 0.025) -> int:
+    """The rank k of the order statistics that bound a median's 95% interval over n rounds; 0
+    when n is too small for one (n < 6)."""
+    k, below = 0, 0.0
+    while k < n:
+        below += math.comb(n, k) / 2**n  # P(X <= k)
+        if below > tail:
+            break
+        k += 1
+    return k
 
 
 @dataclass

@@ -8,15 +8,17 @@ For each variant of <run>/compress/manifest.json:
   score      the module's own validation_step and test_step over the datamodule's own loaders,
              with its forward served by the variant's ONNX net (export/scoring.py)
   check      fp32: parity with PyTorch within export.atol on real inputs; every variant: onnx.checker
-  measure    file size, parameters, onnxruntime latency at batch 1 and 256
-then choose on the validation split (compression/choose.py), swap <run>/export/ in whole, write
-the report, ship model.onnx. If the chosen variant fails a check or the metric budget, nothing
+  measure    file size, parameters
+then time every candidate against the fp32 graph in paired rounds at batch 1 and 256 (its speed-up
+and the speed-up's 95% interval, export/measure.py), choose on the validation split and that
+evidence (compression/choose.py), swap <run>/export/ in whole, write the report, ship model.onnx. If the chosen variant fails a check or the metric budget, nothing
 is written as model.onnx and a KilnError says why.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import kiln
+from kiln.compression.choose import DECIDING_BATCH
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
@@ -113,9 +116,6 @@ def export(
     started = time.perf_counter()
     watch = measure.Stopwatch()
     monitor = manifest["monitor"]
-    metric = monitor["metric"]
-    test_metric = "test/" + metric.split("/", 1)[-1]
-    gate = Gate.of(manifest)
     target = contract.export_module(module)
     inputs = ModelInputs(datamodule, module)
     model = Model(
@@ -149,11 +149,14 @@ def export(
             "latency_runs": latency.repeats,
             "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
         }
-        if metric not in baseline["val_metrics"]:
+        if monitor["metric"] not in baseline["val_metrics"]:
             raise KilnError(
-                f"monitor.metric={metric}: the module's validation_step did not log it when scoring the "
-                f"variants; it logged: {', '.join(baseline['val_metrics']) or 'nothing'}"
+                f"monitor.metric={monitor['metric']}: the module's validation_step did not log it when "
+                f"scoring the variants; it logged: {', '.join(baseline['val_metrics']) or 'nothing'}"
             )
+        gate = Gate.of(manifest, model.task, baseline["val_metrics"])
+        metric = gate.metric
+        test_metric = "test/" + metric.split("/", 1)[-1]
         remove_abandoned_staging(run.directory)
         staging = run.directory / f".{EXPORT_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -176,6 +179,9 @@ def export(
                     watch,
                 )
                 variants.append(variant)
+            with watch.part("latency: candidates paired with fp32"):
+                measure_speed(variants, staging, inputs, settings)
+            for variant in variants:
                 say(describe(variant, metric, test_metric, gate.unit))
             choice = choose(
                 variants,
@@ -184,6 +190,8 @@ def export(
                 max_drop=gate.max_drop,
                 unit=gate.unit,
                 decision=gate.decision,
+                objective=gate.objective,
+                metric=metric,
             )
             with watch.part("embedding drift baseline"):
                 embedding = (
@@ -203,13 +211,17 @@ def export(
         "run": str(run.directory),
         "recipe": manifest["recipe"],
         "monitor": monitor,
+        "gate": {"metric": gate.metric, "mode": gate.mode},
         "max_metric_drop": gate.max_drop,
         "metric_unit": gate.unit,
         "decision": gate.decision,
+        "objective": gate.objective,
+        "deciding_batch": DECIDING_BATCH,
         "shipped": choice.name,
         "model": MODEL if choice.name else None,
         "status": "passed" if choice.name else "failed",
         "reason": choice.reason,
+        "verdicts": choice.verdicts,
         "decided_on": "validation split (test metrics are reported, never used to choose)",
         "kiln_version": kiln.__version__,
         "config_hash": run.config_hash,
@@ -218,6 +230,7 @@ def export(
         "threads": settings.threads,
         "baseline": baseline,
         "variants": variants,
+        "abandoned": manifest.get("abandoned", []),  # candidates given up on while compressing (no net)
         **({"drift_embedding": embedding} if embedding else {}),
         "seconds": export_seconds,
         "timings_s": {
@@ -238,34 +251,54 @@ def export(
         print(f"kiln export: warning: TensorBoard not updated ({type(exc).__name__}: {exc})", file=sys.stderr)
     if not choice.name:
         raise KilnError(f"no model shipped: {choice.reason}; see {run.directory / 'report.md'}")
-    shipped = next(v for v in variants if v["name"] == choice.name)
-    say(
-        f"shipped {choice.name} as {run.directory / MODEL} ({choice.reason})\n"
-        f"  {metric}={_fmt(shipped['val_metrics'].get(metric))} (torch fp32 {_fmt(baseline['val_metrics'].get(metric))})  "
-        f"{test_metric}={_fmt(shipped['test_metrics'].get(test_metric))}  "
-        f"size {shipped['size_bytes'] / 1024:.1f} KB  latency b256 {shipped['latency_us']['256']:.0f} us "
-        f"(torch eager {baseline['latency_us']['256']:.0f} us)\n"
-        f"  compress + export {compress_seconds + export_seconds:.1f} s; report: {run.directory / 'report.md'}"
-    )
+    say(summary(report, run.directory, compress_seconds + export_seconds))
     return report
+
+
+def summary(report: dict[str, Any], directory: Path, seconds: float) -> str:
+    """What shipped and why, every number labelled (split, unit, interval, batch size, runs)."""
+    metric = report["gate"]["metric"]
+    test_metric = "test/" + metric.split("/", 1)[-1]
+    shipped = next(v for v in report["variants"] if v["name"] == report["shipped"])
+    fp32 = next(v for v in report["variants"] if v["name"] == "fp32")
+    baseline = report["baseline"]
+    batch = DECIDING_BATCH
+    return (
+        f"shipped {shipped['name']} as {directory / MODEL}: {report['reason']}\n"
+        f"  validation {metric}={_fmt(shipped['val_metrics'].get(metric))} "
+        f"(torch fp32 {_fmt(baseline['val_metrics'].get(metric))}, {shipped.get('val_rows', '?')} rows)  "
+        f"test {test_metric}={_fmt(shipped['test_metrics'].get(test_metric))}  "
+        f"file {shipped['size_bytes'] / 1024:.1f} KB (fp32 graph {fp32['size_bytes'] / 1024:.1f} KB)\n"
+        f"  onnxruntime latency at batch {batch}: median {shipped['latency_us'][batch]:.0f} us of "
+        f"{shipped['latency_runs'][batch]} {runs(shipped, batch)} (fp32 graph {fp32['latency_us'][batch]:.0f} us; "
+        f"torch eager {baseline['latency_us'][batch]:.0f} us of {baseline['latency_runs'][batch]} runs)\n"
+        f"  compress + export {seconds:.1f} s; report: {directory / 'report.md'}"
+    )
 
 
 @dataclass(frozen=True)
 class Gate:
-    """The budget a variant's validation drop is held to (kiln.compression.choose)."""
+    """The budget a variant's validation drop is held to, and how (kiln.compression.choose)."""
 
+    metric: str  # compress.metric, a classifier's val accuracy, or the monitor (choose.gate_metric)
+    mode: str  # max or min
     max_drop: float
     unit: str  # points or percent
-    decision: str  # point or upper_bound
+    decision: str  # auto, point or upper_bound
+    objective: str  # latency or size
 
     @classmethod
-    def of(cls, manifest: dict[str, Any]) -> Gate:
-        from kiln.compression.choose import metric_unit
+    def of(cls, manifest: dict[str, Any], task: str | None, logged: dict[str, float]) -> Gate:
+        from kiln.compression.choose import gate_metric, metric_unit
 
+        metric, mode = gate_metric(manifest.get("metric"), manifest["monitor"], task, logged)
         return cls(
+            metric,
+            mode,
             float(manifest["max_metric_drop"]),
-            metric_unit(manifest["monitor"]["metric"], manifest.get("metric_unit", "auto")),
-            manifest.get("decision", "point"),
+            metric_unit(metric, manifest.get("metric_unit", "auto")),
+            manifest.get("decision", "auto"),
+            manifest.get("objective", "latency"),
         )
 
 
@@ -321,10 +354,10 @@ def export_variant(
     from kiln.export.scoring import RowRecorder, evaluate_graph
 
     name = entry["name"]
-    metric, mode = manifest["monitor"]["metric"], manifest["monitor"]["mode"]
+    baseline, gate = reference.baseline, reference.gate
+    metric, mode = gate.metric, gate.mode
     test_metric = "test/" + metric.split("/", 1)[-1]
     net_path = run.directory / COMPRESS_DIR / entry["net_onnx"]
-    baseline, gate = reference.baseline, reference.gate
 
     # scored through the module's own validation_step and test_step, the net served by onnxruntime
     with watch.part(f"{name}: score"):
@@ -351,7 +384,7 @@ def export_variant(
             graph,
             {
                 **base_metadata(run, datamodule, inputs, model, name, manifest["opset"]),
-                "kiln.monitor_value": f"{val_metrics[metric]:.6g}",
+                "kiln.monitor_value": f"{val_metrics[manifest['monitor']['metric']]:.6g}",
                 "kiln.test_metrics": {k: round(v, 6) for k, v in test_metrics.items()},
             },
         )
@@ -374,6 +407,7 @@ def export_variant(
         "drop_ci95": interval.as_list(),
         **({"drop_ci95_reason": interval.reason} if interval.reason else {}),
         "drop_unit": gate.unit,
+        "val_rows": validation_rows(rows),
         "test_drop": _drop(
             baseline["test_metrics"].get(test_metric), test_metrics.get(test_metric), mode, gate.unit
         ),
@@ -394,12 +428,85 @@ def export_variant(
             check=f"int8, judged by {metric} on the validation split (drop {describe_drop(val_drop, gate.unit)})",
             reason="",
         )
-    with watch.part(f"{name}: latency"):
-        latency = measure.ort_latency(session, inputs.feeds(session), BATCHES, settings.latency_repeats)
+    return variant
+
+
+def validation_rows(rows: Any) -> int | None:
+    paired = rows.rows()
+    return None if paired is None else len(paired[1])
+
+
+def measure_speed(
+    variants: list[dict[str, Any]], staging: Path, inputs: ModelInputs, settings: ExportSettings
+) -> None:
+    """Latency of every variant and each candidate's speed-up over the fp32 graph: the candidate
+    and fp32 timed alternately in paired rounds (export/measure.py) at each batch size. fp32's
+    latency pools its rounds from every pairing; alone (no candidate), it is timed by itself.
+    A candidate's latency_runs counts rounds, each the quickest of latency_calls_per_round calls."""
+    from kiln.export import measure
+    from kiln.export.feeds import tile_rows
+
+    def runner(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+        session = timing_session(path, settings.threads)
+        return session, dict(inputs.feeds(session))
+
+    fp32 = next(v for v in variants if v["name"] == "fp32")
+    reference, reference_feeds = runner(staging / f"{fp32['name']}.onnx")
+    pooled: dict[int, list[float]] = {batch: [] for batch in BATCHES}
+    for variant in variants:
+        if variant is fp32:
+            continue
+        session, feeds = runner(staging / f"{variant['name']}.onnx")
+        latency, speedup, calls = measure.Latency(), {}, {}
+        for batch in BATCHES:
+            reference_us, candidate_us, calls[str(batch)] = measure.paired_rounds(
+                functools.partial(reference.run, None, tile_rows(reference_feeds, batch)),
+                functools.partial(session.run, None, tile_rows(feeds, batch)),
+                settings.latency_repeats,
+            )
+            pooled[batch] += reference_us
+            latency.add(batch, candidate_us)
+            speedup[str(batch)] = measure.speedup_interval(reference_us, candidate_us).as_dict()
+        set_latency(variant, latency)
+        variant["speedup"] = speedup
+        variant["latency_calls_per_round"] = calls  # a round's time: the quickest of these calls
+    if not pooled[BATCHES[0]]:
+        set_latency(fp32, measure.ort_latency(reference, reference_feeds, BATCHES, settings.latency_repeats))
+        return
+    latency = measure.Latency()
+    for batch, samples in pooled.items():
+        latency.add(batch, samples)
+    set_latency(fp32, latency)
+
+
+def timing_session(path: Path, threads: int | None) -> Any:
+    """A session for paired timing: its idle threads do not spin. onnxruntime's workers spin for a
+    while after each run by default; with two sessions alternating, the one that just ran would
+    take CPU from the one being timed, and on a busy machine from the candidate more than fp32 or
+    the other way round, depending on which ran last."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def runs(variant: dict[str, Any], batch: str) -> str:
+    """What a latency median is over: timed runs, or paired rounds (each the quickest of N calls)."""
+    calls = (variant.get("latency_calls_per_round") or {}).get(batch)
+    if calls is None:
+        return "runs"
+    return "paired rounds" + (f" (each the quickest of {calls} calls)" if calls > 1 else "")
+
+
+def set_latency(variant: dict[str, Any], latency: Any) -> None:
     variant["latency_us"] = latency.median_us
     variant["latency_spread_us"] = latency.spread_us
-    variant["latency_runs"] = latency.repeats  # timed runs behind each median (measure.timed)
-    return variant
+    variant["latency_runs"] = latency.repeats  # timed runs behind each median
 
 
 def drop_interval(
@@ -520,14 +627,17 @@ def add_embedding_baseline(
 
 
 def describe(variant: dict[str, Any], metric: str, test_metric: str, unit: str) -> str:
+    from kiln.compression.choose import describe_speedup
+
     status = "passed" if variant["passed"] else f"FAILED ({variant['reason']})"
+    speed = f"  speed-up {describe_speedup(variant)}" if variant.get("speedup") else ""
     interval = variant.get("drop_ci95")
     spread = f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else ""
     return (
         f"{variant['name']:<24} {variant['precision']}  {metric}={_fmt(variant['val_metrics'].get(metric))}  "
         f"drop={variant['val_drop']:+.2f}{'%' if unit == 'percent' else ''}{spread}  {test_metric}={_fmt(variant['test_metrics'].get(test_metric))}  "
         f"{variant['size_bytes'] / 1024:.1f} KB  b1 {variant['latency_us']['1']:.0f} us  "
-        f"b256 {variant['latency_us']['256']:.0f} us  {status}"
+        f"b256 {variant['latency_us']['256']:.0f} us{speed}  {status}"
     )
 
 

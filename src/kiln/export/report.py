@@ -31,37 +31,59 @@ def write_report(directory: Path, report: dict[str, Any]) -> None:
 PRIMARY = ("acc", "f1", "r2", "mae")  # shown beside the monitor when the module logs them
 
 
+RULES = {
+    "upper_bound": "the upper end of its bootstrap 95% interval",
+    "point": "its measured drop",
+    "auto": "the upper end of its bootstrap 95% interval (its measured drop where it has none)",
+}
+OBJECTIVES = {
+    "latency": "the candidate shown faster than the fp32 graph (the lower end of its speed-up's 95% "
+    "interval above 1 at batch {batch}, and measured slower at no batch size), else fp32",
+    "size": "the smallest file",
+}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    metric = report["monitor"]["metric"]
+    gate = report.get("gate") or report["monitor"]
+    metric = gate["metric"]
     test_metric = "test/" + metric.split("/", 1)[-1]
     unit = report.get("metric_unit", "points")
     decision = report.get("decision", "point")
+    objective = report.get("objective", "latency")
+    batch = report.get("deciding_batch", "256")
     base = report["baseline"]
     primary = [name for name in PRIMARY if f"val/{name}" in base["val_metrics"] and f"val/{name}" != metric]
     columns = [metric, *(f"val/{n}" for n in primary), test_metric, *(f"test/{n}" for n in primary)]
     budget = f"{report['max_metric_drop']:g}" + (" points" if unit == "points" else "%")
-    rule = "the upper end of its bootstrap 95% interval" if decision == "upper_bound" else "its measured drop"
+    rows = next((v.get("val_rows") for v in report["variants"] if v.get("val_rows")), None)
     lines = [
         f"# Compression and export report: {Path(report['run']).name}",
         "",
-        f"Recipe `{report['recipe']}`; a variant may lose at most {budget} of `{metric}` "
-        f"(mode {report['monitor']['mode']}, {unit}), judged by {rule} on the validation split "
-        f"(`compress.decision={decision}`). Shipped: **{report['shipped'] or 'nothing'}**"
+        f"Recipe `{report['recipe']}`; a variant may lose at most {budget} of validation `{metric}` "
+        f"(mode {gate['mode']}, {unit}{f', {rows} rows' if rows else ''}), judged by {RULES.get(decision, decision)} "
+        f"(`compress.decision={decision}`)"
+        + (
+            f"; among those, auto ships {OBJECTIVES[objective].format(batch=batch)} "
+            f"(`compress.objective={objective}`)"
+            if report["recipe"] == "auto" and objective in OBJECTIVES
+            else ""
+        )
+        + f". Shipped: **{report['shipped'] or 'nothing'}**"
         + (f" as `{report['model']}`" if report["shipped"] else "")
-        + f". {report['reason']}",
+        + f": {report['reason']}.",
         "",
         "Only the validation split decides; the test split is measured once, for this report, and "
         "never chooses a variant, so the shipped model's test figures are an unbiased estimate.",
         "",
         "| variant | precision | "
         + " | ".join(columns)
-        + f" | drop ({'points' if unit == 'points' else '%'}) | drop 95% CI | size (KB) | parameters | "
-        "latency b1 (us) | latency b256 (us) [min, max] | check |",
-        "|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|---|",
+        + f" | val drop ({'points' if unit == 'points' else '%'}) | drop 95% CI | size (KB) | parameters | "
+        f"latency b1 (us) | latency b{batch} (us) [min, max] (runs) | speed-up over fp32 graph b{batch} [95% CI] | check |",
+        "|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|---|---|",
         f"| {base['name']} (baseline) | fp32 | "
         + " | ".join(_cell(base, c) for c in columns)
         + f" | 0.00 | - | {base['size_bytes'] / 1024:.1f} | {base['params']} | "
-        f"{base['latency_us']['1']:.0f} | {_latency(base)} | - |",
+        f"{base['latency_us']['1']:.0f} | {_latency(base, batch)} | - | - |",
     ]
     for v in report["variants"]:
         interval = v.get("drop_ci95")
@@ -71,9 +93,15 @@ def markdown(report: dict[str, Any]) -> str:
             + f" | {v['val_drop']:.2f} | "
             + (f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "n/a")
             + f" | {v['size_bytes'] / 1024:.1f} | {v['params']} | {v['latency_us']['1']:.0f} | "
-            f"{_latency(v)} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
+            f"{_latency(v, batch)} | {_speedup(v, batch)} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
         )
+    verdicts = report.get("verdicts") or {}
+    if verdicts:
+        lines += ["", "Why each variant did or did not ship:", ""]
+        lines += [f"- {sentence}" for sentence in verdicts.values()]
     lines += ["", "Checks and notes:", ""]
+    for a in report.get("abandoned", []):  # given up on while compressing: never exported
+        lines.append(f"- {a['name']}: abandoned: {a['abandoned']}")
     for v in report["variants"]:
         for note in [v["check"], *v["notes"]]:
             lines.append(f"- {v['name']}: {note}")
@@ -87,9 +115,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"Baseline: {base['note']}. Drop: how much worse than the baseline on the validation split, in "
         f"{'points (hundredths) of a bounded score' if unit == 'points' else 'percent of the metric (a relative change)'}; "
         "its 95% interval comes from a paired bootstrap over the validation rows. Latency: "
-        "onnxruntime (torch eager for the baseline), warm, median of up to "
-        f"{report['latency_repeats']} runs per batch size (fewer once their middle half is within 10% or 0.3 s has "
-        "passed), with the fastest and slowest run. Size: the .onnx file. Exporter of each net: "
+        "onnxruntime, warm, median of the runs counted in the table, with the quickest and slowest run. "
+        "Each candidate ran alternately with the fp32 graph (paired rounds, up to "
+        f"{report['latency_repeats']} per batch size, at least 8; a round of calls under 20 ms alternates them 3 "
+        "times and keeps each one's quickest, so a call the scheduler interrupted does not count), "
+        "and its speed-up is the median over the rounds of fp32's time / its time, with the 95% "
+        "sign-test interval of that median; the runs column counts rounds, and fp32's latency pools "
+        "its rounds of every pairing. torch eager (the baseline) was timed alone "
+        "(up to the same number of runs, fewer once their middle half is within 10% or 0.3 s has passed). "
+        "Size: the .onnx file. Exporter of each net: "
         f"{_exporters(report['variants'])}.",
         "",
     ]
@@ -114,10 +148,21 @@ def _cell(entry: dict[str, Any], column: str) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _latency(entry: dict[str, Any]) -> str:
-    spread = (entry.get("latency_spread_us") or {}).get("256")
-    median = entry["latency_us"]["256"]
-    return f"{median:.0f} [{spread[0]:.0f}, {spread[2]:.0f}]" if spread else f"{median:.0f}"
+def _latency(entry: dict[str, Any], batch: str = "256") -> str:
+    spread = (entry.get("latency_spread_us") or {}).get(batch)
+    runs = (entry.get("latency_runs") or {}).get(batch)
+    median = entry["latency_us"][batch]
+    text = f"{median:.0f} [{spread[0]:.0f}, {spread[2]:.0f}]" if spread else f"{median:.0f}"
+    return f"{text} ({runs})" if runs else text
+
+
+def _speedup(entry: dict[str, Any], batch: str) -> str:
+    speedup = (entry.get("speedup") or {}).get(batch)
+    if not speedup:
+        return "reference" if entry["name"] == "fp32" else "-"
+    interval = speedup.get("ci95")
+    bounds = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else " (no interval)"
+    return f"{speedup['median']:.2f}x{bounds} ({speedup['rounds']} rounds)"
 
 
 def run_sections(directory: Path) -> str:
@@ -169,7 +214,7 @@ def plot(report: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    metric = report["monitor"]["metric"]
+    metric = (report.get("gate") or report["monitor"])["metric"]
     test_metric = "test/" + metric.split("/", 1)[-1]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     points = [(report["baseline"], "torch fp32 (baseline)")] + [(v, v["name"]) for v in report["variants"]]

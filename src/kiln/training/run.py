@@ -138,20 +138,20 @@ def check_resumable(
     fingerprint: str | None = None,
     record: dict[str, Any] | None = None,
 ) -> None:
-    """The checkpoint fits the model (kiln.training.checkpoints.check_fits), has training left to
-    do (Lightning would retest a finished one, or refuse it with a traceback), and was trained on
-    the data there is now (`fingerprint` against the `record` of the run that wrote it)."""
+    """The checkpoint fits the model (kiln.training.checkpoints.check_fits), was trained on the
+    data there is now (`fingerprint` against the `record` of the run that wrote it), and has
+    something left to do: epochs to train (Lightning refuses a checkpoint past max_epochs with a
+    traceback, and would retest a finished one), or, for a run stopped after its last epoch but
+    before its best checkpoint was tested and recorded (a signal during the test), the test."""
     from kiln.training.checkpoints import check_fits, epochs_trained, stopped_early
 
     check_fits(path, checkpoint, module)
     check_same_data(path, fingerprint, record or {}, cfg)
-    if (record or {}).get("status") not in ("completed", None):
-        # Stopped after its last epoch but before its best checkpoint was tested and recorded (a
-        # signal during the test): Lightning trains nothing more, and the run is tested and recorded.
-        return
+    untested = (record or {}).get("status") not in ("completed", None)
     max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     done = epochs_trained(checkpoint)
-    if isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs:
+    finished = isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs
+    if finished and not (untested and done == max_epochs):
         raise KilnError(
             f"trainer.max_epochs={max_epochs}: {path} has trained {done} epochs already, nothing is left to "
             f"train; to continue it, give a larger trainer.max_epochs, e.g. "
@@ -159,7 +159,7 @@ def check_resumable(
         )
     patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
     waited = stopped_early(checkpoint)
-    if waited is not None and isinstance(patience, int) and waited >= patience:
+    if waited is not None and isinstance(patience, int) and waited >= patience and not untested:
         raise KilnError(
             f"callbacks.early_stopping.patience={patience}: {path} was stopped early after {done} epochs "
             f"({waited} without improvement), nothing is left to train; to continue it, give a larger "
