@@ -89,7 +89,13 @@ def test_killed_mid_epoch_then_resumed_matches_an_uninterrupted_run(tmp_path: Pa
     assert killed_at == 1, "the kill must land after epoch 2 was saved and before epoch 3 ended"
     assert read_run(broken_dir)["status"] == "running", "a killed run never claims to be finished"
 
-    resumed = run_kiln(["train", f"run_dir={broken_dir}", "resume=auto", *SETTINGS], tmp_path, env=ONE_THREAD)
+    # resume=auto carries the run's saved overrides, the test's hold among them: the line drops it,
+    # as a user drops a debugging callback
+    resumed = run_kiln(
+        ["train", f"run_dir={broken_dir}", "resume=auto", *SETTINGS, "~callbacks.hold_for_test"],
+        tmp_path,
+        env=ONE_THREAD,
+    )
     assert_ok(resumed)
     assert f"resuming from {broken_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
 
