@@ -103,12 +103,18 @@ def test_a_masked_password_is_asked_for_in_one_line_and_taken_from_the_environme
     assert run.saved_config().data.url == URL
 
 
-def test_no_password_reaches_any_file_of_a_sweep_or_the_terminal(tmp_path):
+def user_data_importable(tmp_path: Path) -> dict[str, str]:
+    """USER_DATA written as the user's module url_data.py; the environment that makes a child
+    `kiln` import it."""
     code = tmp_path / "code"
     code.mkdir()
     (code / "url_data.py").write_text(USER_DATA)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
+
+
+def test_no_password_reaches_any_file_of_a_sweep_or_the_terminal(tmp_path):
+    env = user_data_importable(tmp_path)
     output = tmp_path / "runs"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
     result = ok(
         kiln_cli(
             "train",
@@ -276,11 +282,8 @@ def test_a_run_that_trains_writes_and_prints_no_secret(tmp_path):
     """The secrets are in the config the user's DataModule gets (it needs them: it refuses a masked
     URL), so Lightning has them in its hyperparameters too. (No export: a later stage reads the
     masked saved config, see test_no_password_reaches_any_file_of_a_sweep_or_the_terminal.)"""
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "url_data.py").write_text(USER_DATA)
+    env = user_data_importable(tmp_path)
     output = tmp_path / "runs"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
     result = ok(
         kiln_cli(
             "train",
