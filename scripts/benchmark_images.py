@@ -400,8 +400,8 @@ def kiln_overrides(args: argparse.Namespace, folder: Path) -> list[str]:
 def load_setup(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
+    from kiln.builder import build
     from kiln.config import config_dir, register_resolvers
-    from kiln.stages.build import build
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from kiln.config import check_target, config_dir, iter_targets, register_resolvers
 from kiln.errors import KilnError
-from kiln.training.hardware import with_resolved_precision
+from kiln.hardware import with_resolved_precision
 
 CONF = config_dir()
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))

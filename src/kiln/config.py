@@ -1,25 +1,20 @@
-"""Where kiln's configs live, how a stage runs under Hydra, and how a config is checked.
-
-A stage is a plain `main(cfg)` wrapped by `stage(config_name)`. The wrapper runs it under
-`hydra.main` (so `--help`, `--cfg job`, `--info`, `-m` and every override behave as Hydra users
-expect) and turns user mistakes into one line on stderr with exit code 2.
+"""Where kiln's configs live, how one is composed, and how a config is checked before anything
+it names is built. (How a stage runs under Hydra: kiln.stages.runner.)
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import re
-import sys
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import EXIT_USER_ERROR, KilnError, describe_user_error, output_dir_error
+from kiln.errors import KilnError, output_dir_error
 
 # Arguments a stage passes at run time, so a config may (and usually does) leave them out.
 RUNTIME_ARGUMENTS = frozenset(
@@ -70,6 +65,12 @@ def new_run_name(base: str | None = None) -> str:
     return _run_names["name"]
 
 
+def forget_run_name() -> None:
+    """The next `new_run_name` draws a new name: each invocation of a stage is a new run."""
+    _run_names.clear()
+    os.environ.pop(RUN_NAME_VARIABLE, None)
+
+
 def run_dir(requested: str | None, base: str) -> str:
     """`run_dir=...` continues an existing run; otherwise a new directory under `base`."""
     return str(requested) if requested else f"{base}/{new_run_name(base)}"
@@ -113,81 +114,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kiln_slurm_gpus", slurm.gpus_for)
 
 
-def stage(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], int]]:
-    """Turn `main(cfg)` into a Hydra app over kiln's configs that reports user errors in one line."""
-
-    def wrap(task: Callable[[Any], Any]) -> Callable[[], int]:
-        failures: list[str] = []
-        # Here, not only in run(): a SLURM job unpickles the task in a fresh process and resolves
-        # the config there without calling run().
-        register_resolvers()
-
-        @functools.wraps(task)
-        def guarded(cfg: Any) -> Any:
-            # A user error inside a job is reported here, in one line; Hydra then sees a finished
-            # job (no multi-line "Error executing job" report) and a sweep goes on to its next job.
-            try:
-                check_config(cfg)
-                return task(cfg)
-            except Exception as exc:
-                line = describe_user_error(exc)
-                if line is None:
-                    raise
-                print(f"kiln {config_name}: error: {line}", file=sys.stderr, flush=True)
-                failures.append(line)
-                return None
-
-        def call(cfg: Any) -> Any:
-            """The stage's work in this process, on a config from `compose`: what the CLI runs
-            after composing. A user's mistake raises KilnError instead of printing it."""
-            check_config(cfg)
-            return task(cfg)
-
-        def run() -> int:
-            import hydra
-
-            _run_names.clear()  # each invocation of a stage is a new run
-            os.environ.pop(RUN_NAME_VARIABLE, None)
-            failures.clear()
-            # Hydra re-raises composition errors instead of printing its own multi-line report.
-            os.environ["HYDRA_FULL_ERROR"] = "1"
-            if config_name == "train":  # before Hydra reads the command line
-                sys.argv = [sys.argv[0], *continued_command_line(sys.argv[1:])]
-            app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
-                guarded
-            )
-            from kiln import sweep
-
-            sweep.finished_sweeps.clear()
-            try:
-                app()
-                # After a sweep, one table of its jobs; a job that failed in its own process (a
-                # SLURM job) is known only from its run record.
-                all_completed = all([sweep.report_sweep(d) for d in sweep.finished_sweeps])
-                if not all_completed and not failures:
-                    failures.append("a job of the sweep did not complete")
-                    print(
-                        f"kiln {config_name}: error: not every job of the sweep completed; "
-                        f"see the table above and each job's {config_name}.log",
-                        file=sys.stderr,
-                    )
-            except sweep.SweepRefused as exc:
-                print(f"kiln {config_name}: error: {exc}", file=sys.stderr)
-                return EXIT_USER_ERROR
-            except Exception as exc:
-                line = describe_user_error(exc)
-                if line is None:
-                    raise
-                print(f"kiln {config_name}: error: {line}", file=sys.stderr)
-                return EXIT_USER_ERROR
-            return EXIT_USER_ERROR if failures else 0
-
-        run.call = call  # type: ignore[attr-defined]
-        return run
-
-    return wrap
-
-
 def continued_command_line(arguments: list[str]) -> list[str]:
     """`kiln train`'s overrides (and Hydra flags): a continued run (`run_dir=R resume=auto`, a
     requeued SLURM job) gets R's saved overrides first (kiln.runs.with_saved_overrides), so its
@@ -217,8 +143,7 @@ def compose(config_name: str, overrides: Sequence[str] = (), extra_config_dir: s
     from omegaconf import OmegaConf, open_dict
 
     register_resolvers()
-    _run_names.clear()
-    os.environ.pop(RUN_NAME_VARIABLE, None)
+    forget_run_name()
     GlobalHydra.instance().clear()
     arguments = list(overrides)
     if config_name == "train":
@@ -271,7 +196,7 @@ def check_config(cfg: Any) -> None:
     if isinstance(config, dict):
         check_settings(typing.cast(dict[str, Any], config), sources)
     if isinstance(config, dict) and isinstance(config.get("trainer"), dict):
-        from kiln.training.hardware import check_accelerator, with_resolved_precision
+        from kiln.hardware import check_accelerator, with_resolved_precision
 
         check_accelerator(config["trainer"], _group_choice("trainer"))
         config["trainer"] = with_resolved_precision(config["trainer"])  # `auto` is kiln's, not Lightning's

@@ -41,9 +41,9 @@ def after_training(cfg: DictConfig, run_dir: Path | str) -> dict[str, Any] | Non
     """Compress and export a run `kiln train` just tested, with the run's `compress` and `export`
     settings. The report; None when the config has no compress/export groups or
     export.after_training is false. Raises KilnError when a gate fails."""
+    from kiln.builder import plain
     from kiln.compression.recipes import read_recipe
     from kiln.export.pipeline import read_settings
-    from kiln.stages.build import plain
 
     if "compress" not in cfg or "export" not in cfg or cfg.compress is None or cfg.export is None:
         return None
@@ -142,8 +142,8 @@ def missing_variant_files(directory: Path, manifest: dict[str, Any]) -> list[str
 def recorded_recipe(run: Any, manifest: dict[str, Any]) -> Any:
     """The recipe of the run's last compression (recorded in its manifest; before kiln recorded it,
     the run's saved config's), to build its variants again from the best checkpoint."""
+    from kiln.builder import plain
     from kiln.compression.recipes import read_recipe
-    from kiln.stages.build import plain
 
     config = manifest.get("recipe_config") or plain(run.saved_config().get("compress") or {"recipe": "none"})
     print(
@@ -286,7 +286,7 @@ def kept_until_shipped(directory: Path) -> Iterator[None]:
 def finetune_trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     """The run's own Trainer settings (accelerator, precision, accumulation, clipping, ...) for a
     pruning fine-tune, on one device of the run's accelerator."""
-    from kiln.training.hardware import with_resolved_precision
+    from kiln.hardware import with_resolved_precision
 
     config = OmegaConf.to_container(cfg.trainer, resolve=True) if "trainer" in cfg else {}
     config = with_resolved_precision(dict(config)) if isinstance(config, dict) else {}

@@ -22,6 +22,12 @@ class KilnError(Exception):
     """A problem the user can fix: a bad config value, a missing file, a diverging run."""
 
 
+class SweepRefused(BaseException):
+    """A sweep that must not start; its message is the one line for the user. Not an Exception:
+    raised from a Hydra callback (on_multirun_start), only a BaseException stops Hydra before any
+    job starts."""
+
+
 class InvalidArgument(KilnError, ValueError):
     """A component got an argument it cannot work with.
 

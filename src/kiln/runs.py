@@ -50,7 +50,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from importlib import metadata
@@ -988,45 +988,6 @@ def _resolved(directory: Path, saved: Any) -> Any:
     except Exception:
         return saved  # an interpolation only the run's own resolvers knew: keep it as written
     return filled
-
-
-def resume_checkpoint(
-    resume: str | None,
-    run_dir_given: bool,
-    run: Run,
-    check: Callable[[Path, dict[str, Any]], None] | None = None,
-) -> Path | None:
-    """The checkpoint to resume from, said out loud once it is known to be usable; None starts fresh.
-
-    `resume=auto` continues the run in `run_dir=...` from its last checkpoint and starts fresh only
-    when that directory truly has none. `resume=<file>` resumes from that file. The file must be a
-    readable checkpoint, and `check(path, checkpoint)` (e.g. `check_fits` with the model) may
-    raise if it does not fit: nothing is announced before those pass.
-    """
-    if resume is None:
-        return None
-    if str(resume) == "auto":
-        if not run_dir_given:
-            raise KilnError("resume=auto continues an existing run: add run_dir=<that run's directory>")
-        # The newest of the epoch-end checkpoint and a preemption checkpoint saved inside an epoch.
-        saved = [p for p in (run.checkpoints / "last.ckpt", run.checkpoints / "preempted.ckpt") if p.exists()]
-        path = max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else run.checkpoints / "last.ckpt"
-        if not saved:
-            print(f"kiln: resume=auto: no checkpoint in {run.checkpoints}, starting fresh", file=sys.stderr)
-            return None
-    else:
-        path = Path(resume)
-        if not path.is_file():
-            raise KilnError(
-                f"resume={resume}: no such checkpoint file; give a .ckpt file or resume=auto with run_dir=..."
-            )
-    from kiln.training.checkpoints import load_checkpoint
-
-    checkpoint = load_checkpoint(path, key="resume")
-    if check is not None:
-        check(path, checkpoint)
-    print(f"kiln: resuming from {path}", file=sys.stderr)
-    return path
 
 
 # -- continuing a run: its own overrides and config, never today's defaults ----------------------

@@ -14,12 +14,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-# Sweep directories finished in this process, for the stage's exit code (kiln.config.stage).
+# Sweep directories finished in this process, for the stage's exit code (kiln.stages.runner.stage).
 finished_sweeps: list[Path] = []
-
-
-class SweepRefused(BaseException):  # not an Exception: see on_multirun_start
-    """A sweep that must not start; its message is the one line for the user."""
 
 
 class SweepCallback(Callback):
@@ -29,11 +25,11 @@ class SweepCallback(Callback):
         hide_secrets(config)
         target = str(config.hydra.launcher.get("_target_", ""))
         if target.endswith("submitit_launcher.SlurmLauncher"):
-            from kiln.errors import KilnError
+            from kiln.errors import KilnError, SweepRefused
             from kiln.slurm import check_launcher_fits
 
             # Hydra turns an Exception raised by a callback into a warning and goes on submitting;
-            # a BaseException stops it (kiln.config.stage reports it as the one error line).
+            # a BaseException stops it (kiln.stages.runner.stage reports it as the one error line).
             try:
                 check_launcher_fits(config.hydra.launcher, config.trainer)
             except KilnError as exc:

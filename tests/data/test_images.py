@@ -208,8 +208,8 @@ def test_bad_settings_name_their_argument(tmp_path, settings, argument):
 
 
 def test_num_workers_minus_one_is_one_line_naming_the_key(tmp_path):
+    from kiln.builder import build
     from kiln.config import compose
-    from kiln.stages.build import build
 
     cfg = compose("train", ["data=image_folder", f"data.path={tmp_path}", "data.num_workers=-1"])
     with pytest.raises(KilnError, match=r"^data.num_workers=-1: must be auto or an integer >= 0"):

@@ -315,8 +315,8 @@ def test_the_image_data_takes_the_timm_normalization_unless_the_data_config_sets
     tmp_path: Path, capfd: pytest.CaptureFixture[str], overrides: list[str], mean: list[float], said: bool
 ):
     from kiln import contract
+    from kiln.builder import build, build_module
     from kiln.config import compose
-    from kiln.stages.build import build, build_module
     from test_images_e2e import colour_folder
 
     folder = colour_folder(tmp_path / "photos", per_class=8)

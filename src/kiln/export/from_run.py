@@ -21,7 +21,7 @@ __all__ = ["load_trained", "open_run", "raw_split", "table_state"]
 def load_trained(run: RunDirectory) -> tuple[Any, Any]:
     """(datamodule set up, the run's LightningModule with the best weights, in eval mode): kiln's
     KilnModule or a user's own, built from the run's saved config as `kiln train` built it."""
-    from kiln.stages.build import build, build_module, check_allowed_targets, plain
+    from kiln.builder import build, build_module, check_allowed_targets, plain
     from kiln.training.checkpoints import check_fits, load_checkpoint
 
     cfg = run.saved_config()

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kiln.config import stage
+from kiln.stages.runner import stage
 
 
 def _stage_dir(run: Any) -> str:
@@ -38,11 +38,11 @@ if not OmegaConf.has_resolver("kiln_stage_dir"):
 
 @stage("compress")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
+    from kiln.builder import plain
     from kiln.compression.pipeline import COMPRESS_DIR
     from kiln.compression.recipes import read_recipe
     from kiln.delivery import deliver
     from kiln.export.pipeline import read_settings
-    from kiln.stages.build import plain
 
     recipe = read_recipe(plain(cfg.compress))
     settings = read_settings(plain(cfg.export))

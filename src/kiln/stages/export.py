@@ -18,15 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kiln.config import stage
 from kiln.stages import compress as _compress_stage  # noqa: F401  (registers the kiln_stage_dir resolver)
+from kiln.stages.runner import stage
 
 
 @stage("export")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    from kiln.builder import plain
     from kiln.delivery import deliver
     from kiln.export.pipeline import read_settings
-    from kiln.stages.build import plain
 
     # the command as given, said if a signal stops it (kiln.cli leaves the stage's own argv)
     again = f"kiln export {shlex.join(sys.argv[1:])}"

@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kiln.config import stage
 from kiln.errors import KilnError
+from kiln.stages.runner import stage
 
 SEARCH_RECORD = "search.json"
 STUDY_FILE = "study.db"

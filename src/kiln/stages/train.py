@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kiln.config import stage
+from kiln.stages.runner import stage
 
 
 @stage("train")

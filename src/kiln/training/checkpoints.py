@@ -1,17 +1,23 @@
-"""Checkpoints that are written whole or not at all, and read without unpickling objects."""
+"""Checkpoints that are written whole or not at all, read without unpickling objects, and the one
+a run resumes from."""
 
 from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.runs import Run
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -216,3 +222,40 @@ def _its_config(path: Path) -> str:
     """Where the config of the run that wrote a checkpoint lies (<run_dir>/checkpoints/x.ckpt)."""
     config = path.resolve().parent.parent / ".hydra" / "config.yaml"
     return f" (saved in {config})" if config.is_file() else ""
+
+
+def resume_checkpoint(
+    resume: str | None,
+    run_dir_given: bool,
+    run: Run,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> Path | None:
+    """The checkpoint to resume from, said out loud once it is known to be usable; None starts fresh.
+
+    `resume=auto` continues the run in `run_dir=...` from its last checkpoint and starts fresh only
+    when that directory truly has none. `resume=<file>` resumes from that file. The file must be a
+    readable checkpoint, and `check(path, checkpoint)` (e.g. `check_fits` with the model) may
+    raise if it does not fit: nothing is announced before those pass.
+    """
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        if not run_dir_given:
+            raise KilnError("resume=auto continues an existing run: add run_dir=<that run's directory>")
+        # The newest of the epoch-end checkpoint and a preemption checkpoint saved inside an epoch.
+        saved = [p for p in (run.checkpoints / "last.ckpt", run.checkpoints / "preempted.ckpt") if p.exists()]
+        path = max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else run.checkpoints / "last.ckpt"
+        if not saved:
+            print(f"kiln: resume=auto: no checkpoint in {run.checkpoints}, starting fresh", file=sys.stderr)
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise KilnError(
+                f"resume={resume}: no such checkpoint file; give a .ckpt file or resume=auto with run_dir=..."
+            )
+    checkpoint = load_checkpoint(path, key="resume")
+    if check is not None:
+        check(path, checkpoint)
+    print(f"kiln: resuming from {path}", file=sys.stderr)
+    return path

@@ -219,7 +219,7 @@ def check_data_supports_folds(cfg: DictConfig, folds: int) -> None:
     half-made fold directories behind."""
     from hydra.utils import get_object
 
-    from kiln.stages.build import build
+    from kiln.builder import build
 
     target = get_object(cfg.data._target_)
     parameters = inspect.signature(target).parameters
