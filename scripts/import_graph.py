@@ -23,9 +23,28 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("kiln.cli", "kiln.__main__", "kiln.api")),
     ("stages", ("kiln.stages", "kiln.sweep")),
-    ("training, delivery", ("kiln.training", "kiln.delivery", "kiln.compression", "kiln.export", "kiln.tracking")),
-    ("models, data, runs, config", ("kiln.models", "kiln.data", "kiln.runs", "kiln.config", "kiln.drift", "kiln.slurm")),
-    ("contract, errors", ("kiln.contract", "kiln.errors", "kiln.secrets", "kiln.targets", "kiln.arguments", "kiln.interrupts", "kiln.__init__", "kiln")),
+    (
+        "training, delivery",
+        ("kiln.training", "kiln.delivery", "kiln.compression", "kiln.export", "kiln.tracking"),
+    ),
+    (
+        "models, data, runs, config",
+        (
+            "kiln.models",
+            "kiln.data",
+            "kiln.runs",
+            "kiln.config",
+            "kiln.builder",
+            "kiln.targets",
+            "kiln.hardware",
+            "kiln.drift",
+            "kiln.slurm",
+        ),
+    ),
+    (
+        "contract, errors",
+        ("kiln.contract", "kiln.errors", "kiln.secrets", "kiln.arguments", "kiln.interrupts", "kiln"),
+    ),
 ]
 
 
@@ -171,7 +190,9 @@ def main() -> None:
         print(f"  packages reaching each other: {', '.join(component)}")
     if arguments.list:
         for edge in climbing:
-            print(f"  {edge.source}:{edge.line} -> {edge.target}{' (in a function)' if edge.in_function else ''}")
+            print(
+                f"  {edge.source}:{edge.line} -> {edge.target}{' (in a function)' if edge.in_function else ''}"
+            )
 
 
 if __name__ == "__main__":
