@@ -4,6 +4,20 @@ larger than the memory it may use, and ONNX inference against torch eager.
     .venv/bin/python scripts/benchmark_images.py                  # the defaults: about 5 minutes on 2 busy CPU cores
     .venv/bin/python scripts/benchmark_images.py --skip-memory    # without the large folder (about 1.5 minutes less)
     .venv/bin/python scripts/benchmark_images.py --rounds 3 --images 640    # steadier figures, longer
+    .venv/bin/python scripts/benchmark_images.py --augment-only   # 0. alone (about a minute)
+
+0. Augmentation: albumentations (kiln's pipeline: kiln.data.augment's transforms, then
+   kiln.data.images.to_tensor) against torchvision's transforms.v2 doing the same steps (kiln's
+   `data=image_folder` default: random resized crop of 80-100% of the area, a flip only if
+   configured, scale to [0, 1], mean/std; evaluation: resize, scale, mean/std), in one process on
+   one thread (torch and OpenCV), as each of kiln's DataLoader workers runs. Inputs are images
+   already decoded as kiln's workers decode them (--augment-images of the folder, and the same
+   resized to 375 x 500 for a photo-sized case at 224), so decoding is left out. torchvision is
+   written three ways: ToImage first (a contiguous CHW uint8 tensor, as its docs write it), on a
+   CHW view of the decoded HWC array, and on the PIL image. Rounds (--augment-rounds) run each way
+   over all images, in an order that rotates per round; printed: the median microseconds per image
+   and, per way, the median [min, max] over rounds of its time over albumentations' in the same
+   round. kiln uses albumentations: it measured quicker than every torchvision way at both sizes.
 
 1. Throughput. One folder of JPEG files (--images of --size x --size pixels, 10 classes, written
    here), one model (kiln.models.backbones.backbone, --model), one batch size, one augmentation
@@ -123,6 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="how the memory limit is set (auto: a cgroup if possible, else RLIMIT_DATA)",
     )
+    parser.add_argument("--skip-augment", action="store_true", help="skip the augmentation comparison")
+    parser.add_argument(
+        "--augment-only", action="store_true", help="only the augmentation comparison (about a minute)"
+    )
+    parser.add_argument("--augment-images", type=int, default=64, help="decoded images it times")
+    parser.add_argument("--augment-rounds", type=int, default=7, help="its paired rounds")
     parser.add_argument("--skip-onnx", action="store_true", help="skip the ONNX inference part")
     parser.add_argument("--onnx-seconds", type=float, default=3.0, help="timing per engine, at least")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with images, runs and logs")
@@ -602,6 +622,8 @@ def throughput_part(args: argparse.Namespace, work: Path) -> tuple[float, int]:
     folder = write_folder(work / "images", args.images, args.size)
     setup = load_setup(args, folder)
     data = setup["data"]
+    if not args.skip_augment:
+        augmentation_part(args, folder, data)
     rows = len(setup["train"][0])
     print(
         f"1. throughput: {args.model} on {args.images} JPEG files {args.size}x{args.size} ({rows} train, "
@@ -661,6 +683,188 @@ def throughput_part(args: argparse.Namespace, work: Path) -> tuple[float, int]:
         flush=True,
     )
     return ratio, peak["ru_maxrss"]
+
+
+# -- 0. augmentation: albumentations against torchvision's transforms.v2 -------------------------
+
+
+def decoded_images(folder: Path, count: int, shape: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """`count` images of the folder decoded as kiln's workers decode them (uint8 height x width x
+    RGB); with `shape` (height, width), resized to it first: photo-sized inputs."""
+    images = []
+    for path in sorted(folder.rglob("*.jpg"))[:count]:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            if shape is not None:
+                rgb = rgb.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+            images.append(np.array(rgb, dtype=np.uint8))  # writable, as torch.from_numpy wants
+    return images
+
+
+def augmentation_pipelines(
+    size: tuple[int, int], augment: dict[str, Any], mean: Any, std: Any, *, train: bool
+) -> dict[str, tuple[Any, Any]]:
+    """name -> (prepare, transform): `prepare` turns a decoded array into the pipeline's input
+    (outside the timing: a worker gets either from the decoder), `transform` gives the normalized
+    contiguous float CHW tensor a batch is stacked from. The same augmentation in each:
+    albumentations is kiln's own (kiln.data.augment + kiln.data.images.to_tensor); torchvision's
+    are written three ways a user writes them."""
+    from torchvision.transforms import v2
+
+    from kiln.data.augment import eval_transform, train_transform
+    from kiln.data.images import to_tensor
+
+    unsupported = [key for key in ("color_jitter", "policy", "extra") if augment[key]]
+    if unsupported:
+        raise SystemExit(f"the augmentation comparison covers crop and flip only, not {unsupported}")
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    kiln = train_transform(size, augment) if train else eval_transform(size)
+
+    def torchvision(antialias: bool) -> Any:
+        # antialias=False on tensors: OpenCV's INTER_LINEAR (albumentations) does not antialias
+        # either, and it is torchvision's quicker setting; Pillow always antialiases
+        if train and augment["crop_scale"] is not None:
+            scale = tuple(float(s) for s in augment["crop_scale"])
+            steps: list[Any] = [v2.RandomResizedCrop(size, scale=scale, antialias=antialias)]
+        else:
+            steps = [v2.Resize(size, antialias=antialias)]
+        if train and augment["horizontal_flip"]:
+            steps.append(v2.RandomHorizontalFlip(float(augment["horizontal_flip"])))
+        return steps
+
+    def finish() -> list[Any]:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+    def contiguous(steps: list[Any]) -> Any:
+        # a resized uint8 tensor can come out channels_last, and so would the batch stacked from
+        # it (convolutions several times slower on CPU): contiguous, as kiln's to_tensor makes it
+        compose = v2.Compose(steps)
+        return lambda x: compose(x).contiguous()
+
+    return {
+        "albumentations (kiln)": (
+            lambda pixels: pixels,
+            lambda p: to_tensor(kiln(image=p)["image"], mean_t, std_t),
+        ),
+        "torchvision ToImage": (
+            lambda pixels: pixels,
+            contiguous([v2.ToImage(), *torchvision(False), *finish()]),
+        ),
+        "torchvision HWC view": (
+            lambda pixels: torch.from_numpy(pixels).permute(2, 0, 1),
+            contiguous(torchvision(False) + finish()),
+        ),
+        "torchvision on PIL": (
+            lambda pixels: Image.fromarray(pixels),
+            contiguous([*torchvision(True), v2.ToImage(), *finish()]),
+        ),
+    }
+
+
+class OneThread:
+    """torch and OpenCV on one thread inside the block, as in kiln's DataLoader workers."""
+
+    def __enter__(self) -> None:
+        import cv2
+
+        self.torch_threads, self.cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+        torch.set_num_threads(1)
+        cv2.setNumThreads(0)
+
+    def __exit__(self, *exc: object) -> None:
+        import cv2
+
+        torch.set_num_threads(self.torch_threads)
+        cv2.setNumThreads(self.cv2_threads)
+
+
+def time_pipelines(
+    pipelines: dict[str, tuple[Any, Any]], images: list[np.ndarray], rounds: int
+) -> dict[str, list[float]]:
+    """Microseconds per image of each pipeline in each round. A round runs every pipeline once over
+    all images, in an order that rotates from round to round, so drift in the machine's speed
+    falls on each of them alike."""
+    inputs = {name: [prepare(pixels) for pixels in images] for name, (prepare, _) in pipelines.items()}
+    names = list(pipelines)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up: first calls build kernels and caches
+        pipelines[name][1](inputs[name][0])
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            transform = pipelines[name][1]
+            started = time.perf_counter()
+            for item in inputs[name]:
+                transform(item)
+            times[name].append((time.perf_counter() - started) / len(images) * 1e6)
+    return times
+
+
+def same_output(pipelines: dict[str, tuple[Any, Any]], image: np.ndarray, std: Any) -> float:
+    """The largest difference, in grey levels, between albumentations' evaluation output and
+    torchvision's on tensors (no random step: a check that both compute the same thing)."""
+    outputs = [transform(prepare(image)) for prepare, transform in list(pipelines.values())[:2]]
+    scale = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255
+    return float(((outputs[0] - outputs[1]).abs() * scale).max())
+
+
+def augmentation_part(args: argparse.Namespace, folder: Path, data: Any) -> float:
+    """Per-image time of kiln's augmentation in albumentations and in torchvision's transforms.v2,
+    in paired rounds on one thread. Prints both, and returns the median ratio (over rounds) of the
+    quickest torchvision way to albumentations in training, at the size where torchvision does
+    best: above 1, albumentations is quicker at every size measured."""
+    cases = [
+        (f"{args.size}x{args.size} -> {args.size}", None, data.image_size),
+        ("375x500 -> 224 (photo-sized)", (375, 500), (224, 224)),
+    ]
+    print(
+        f"0. augmentation: kiln's data.augment (crop_scale={list(data.augment['crop_scale'] or [])}, "
+        f"horizontal_flip={data.augment['horizontal_flip']}), then float and mean/std; on one thread, "
+        f"{args.augment_images} decoded images, {args.augment_rounds} paired rounds: microseconds per "
+        "image (median), and each way's time over albumentations' in the same round (median [min, max])",
+        flush=True,
+    )
+    best_ratios = []
+    for label, shape, size in cases:
+        images = decoded_images(folder, args.augment_images, shape)
+        for train in (True, False):
+            pipelines = augmentation_pipelines(size, data.augment, data.mean, data.std, train=train)
+            with OneThread():
+                times = time_pipelines(pipelines, images, args.augment_rounds)
+            line, ratio = describe_times(times)
+            print(f"  {label}, {'train' if train else 'eval '}: {line}", flush=True)
+            if train:
+                best_ratios.append(ratio)
+        with OneThread():
+            evaluation = augmentation_pipelines(size, data.augment, data.mean, data.std, train=False)
+            difference = same_output(evaluation, images[0], data.std)
+        print(
+            f"    evaluation outputs, albumentations against torchvision on tensors: <= {difference:.1f} grey levels apart"
+        )
+    ratio = min(best_ratios)
+    quicker = "albumentations" if ratio > 1 else "torchvision transforms.v2"
+    print(
+        f"  the quickest torchvision way over albumentations in training: {ratio:.2f}x at best; "
+        f"{quicker} is quicker, and kiln uses albumentations",
+        flush=True,
+    )
+    return ratio
+
+
+def describe_times(times: dict[str, list[float]]) -> tuple[str, float]:
+    """One line of per-image times and paired ratios, and the quickest torchvision way's ratio."""
+    names = list(times)
+    baseline = times[names[0]]
+    parts = [f"{names[0]} {statistics.median(baseline):,.0f} us"]
+    ratios = {}
+    for name in names[1:]:
+        paired = [value / base for value, base in zip(times[name], baseline, strict=True)]
+        ratios[name] = statistics.median(paired)
+        parts.append(
+            f"{name} {statistics.median(times[name]):,.0f} us ({ratios[name]:.2f}x [{min(paired):.2f}, {max(paired):.2f}])"
+        )
+    return "; ".join(parts), min(ratios.values())
 
 
 # -- 2. memory on a folder larger than the limit -------------------------------------------------
@@ -804,6 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-images-"))
     os.environ.setdefault("KILN_CACHE_DIR", str(work / "cache"))
     try:
+        if args.augment_only:
+            folder = write_folder(work / "images", args.images, args.size)
+            augment_ratio = augmentation_part(args, folder, load_setup(args, folder)["data"])
+            print(f"torchvision/albumentations={augment_ratio:.2f}")
+            return 0
         ratio, rss = throughput_part(args, work)
         if not args.skip_memory:
             memory_part(args, work)
