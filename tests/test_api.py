@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from kiln import api
 from kiln.errors import KilnError
@@ -202,3 +203,37 @@ def test_a_failed_gate_after_training_returns_the_completed_run(tmp_path: Path) 
     assert run.delivery is not None and run.delivery["status"] == "failed"
     assert "over compress.max_metric_drop=0" in run.delivery["reason"]
     assert run.model_path is None and run.report is not None and run.report["shipped"] is None
+
+
+# -- a stage in this process -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stage_in_this_process_trains_the_same_configured_run(
+    tiny_run: api.RunResult, tmp_path: Path
+) -> None:
+    """in_process=True composes the config as the CLI does and runs the stage here: the run it
+    leaves is the child's run (same resolved settings, same record fields), without a child."""
+    run = api.train([*TINY_DIGITS, f"paths.output_dir={tmp_path / 'runs'}"], echo=False, in_process=True)
+    assert run.status == "completed" and run.best_checkpoint.is_file()
+    assert set(run.test_metrics) == set(tiny_run.test_metrics)
+    ours = OmegaConf.to_container(run.config)
+    theirs = OmegaConf.to_container(tiny_run.config)
+    assert isinstance(ours, dict) and isinstance(theirs, dict)
+    for key in ("run_dir", "paths", "callbacks", "logger"):  # these name each run's own directory
+        ours.pop(key), theirs.pop(key)
+    assert ours == theirs
+    exported = api.export(run.directory, QUICK, echo=False, in_process=True)
+    assert exported.model_path == run.directory / "model.onnx" and exported.model_path.is_file()
+
+
+def test_a_user_error_in_this_process_is_the_clis_one_line(tmp_path: Path) -> None:
+    with pytest.raises(api.StageError) as raised:
+        api.train(
+            [*TINY_DIGITS, "trainer.max_epochs=abc", f"paths.output_dir={tmp_path}"],
+            echo=False,
+            in_process=True,
+        )
+    assert str(raised.value).startswith("kiln train: error: ")
+    assert "'abc'" in str(raised.value) and "\n" not in str(raised.value)
+    assert raised.value.returncode == 2

@@ -19,6 +19,12 @@ behaves like the CLI, can be called any number of times from one notebook, and a
 or a kill in it cannot take the caller down. The price is the child's start-up (importing torch
 and Lightning: a few seconds).
 
+`in_process=True` runs the stage in this process instead (`kiln.config.compose` + the stage's
+`main.call`): no child start-up, for a script or a test that calls kiln many times and owns its
+process. What it gives up is the list above: Hydra's logging set-up (no `<stage>.log` file), the
+child's isolation from a crash, and DDP (one process, one device); a user error raises StageError
+all the same.
+
 `train` picks the run directory itself (`run_dir=<fresh path>` under `paths.output_dir`, default
 `runs/`, relative to the current directory) unless the overrides name one, so it always knows
 where the run went. Sweeps (`-m`) are for the CLI: one call, one run.
@@ -75,10 +81,12 @@ def train(
     *,
     config_dir: str | os.PathLike[str] | None = None,
     echo: bool = True,
+    in_process: bool = False,
 ) -> RunResult:
     """`kiln train <overrides>`; returns the completed run. `config_dir` is the CLI's `--config-dir`
     (your own configs next to kiln's). `echo=False` keeps the stage's output quiet. `overrides` is
-    a list of `key=value` strings; a single string is one override (`api.train("data=digits")`)."""
+    a list of `key=value` strings; a single string is one override (`api.train("data=digits")`).
+    `in_process=True`: in this process, see the module's docstring."""
     args = override_list(overrides)
     _refuse_sweeps(args)
     directory = _requested_run_dir(args)
@@ -91,7 +99,7 @@ def train(
             raise KilnError(f"config_dir={config_dir}: no such directory")
         args = ["--config-dir", str(config_path), *args]
     try:
-        run_stage("train", args, echo=echo)
+        run_stage("train", args, echo=echo, in_process=in_process)
     except StageError:
         # A compression gate that failed after a completed training: the result says both
         # (`status` completed, `delivery` failed with the reason); any other failure raises.
@@ -105,17 +113,25 @@ def train(
 
 
 def compress(
-    run_dir: str | os.PathLike[str], overrides: Sequence[str] | str | None = None, *, echo: bool = True
+    run_dir: str | os.PathLike[str],
+    overrides: Sequence[str] | str | None = None,
+    *,
+    echo: bool = True,
+    in_process: bool = False,
 ) -> RunResult:
     """`kiln compress run=<run_dir> <overrides>` (then export, unless export_after=false)."""
-    return _run_on("compress", run_dir, overrides, echo)
+    return _run_on("compress", run_dir, overrides, echo, in_process)
 
 
 def export(
-    run_dir: str | os.PathLike[str], overrides: Sequence[str] | str | None = None, *, echo: bool = True
+    run_dir: str | os.PathLike[str],
+    overrides: Sequence[str] | str | None = None,
+    *,
+    echo: bool = True,
+    in_process: bool = False,
 ) -> RunResult:
     """`kiln export run=<run_dir> <overrides>`: re-export the last compress (or fp32), ship model.onnx."""
-    return _run_on("export", run_dir, overrides, echo)
+    return _run_on("export", run_dir, overrides, echo, in_process)
 
 
 def predict(
@@ -137,7 +153,11 @@ def predict(
 
 
 def _run_on(
-    stage: str, run_dir: str | os.PathLike[str], overrides: Sequence[str] | str | None, echo: bool
+    stage: str,
+    run_dir: str | os.PathLike[str],
+    overrides: Sequence[str] | str | None,
+    echo: bool,
+    in_process: bool,
 ) -> RunResult:
     args = override_list(overrides)
     directory = load(run_dir).directory  # a clear error before a child process starts
@@ -146,13 +166,17 @@ def _run_on(
         raise KilnError(
             f"run=...: give the run directory as api.{stage}'s first argument, not as an override"
         )
-    run_stage(stage, [f"run={directory}", *args], echo=echo)
+    run_stage(stage, [f"run={directory}", *args], echo=echo, in_process=in_process)
     return load(directory)
 
 
-def run_stage(stage: str, args: Sequence[str], *, echo: bool = True) -> None:
+def run_stage(stage: str, args: Sequence[str], *, echo: bool = True, in_process: bool = False) -> None:
     """`python -m kiln <stage> <args>` in a child process, its output passed through as it comes
-    (`echo`); raises StageError with the stage's one-line error if it fails."""
+    (`echo`); raises StageError with the stage's one-line error if it fails. `in_process`: the
+    same stage in this process (compose + main.call)."""
+    if in_process:
+        run_stage_here(stage, args)
+        return
     command = [sys.executable, "-m", "kiln", stage, *args]
     process = subprocess.Popen(
         command,
@@ -188,6 +212,30 @@ def run_stage(stage: str, args: Sequence[str], *, echo: bool = True) -> None:
         raise StageError(
             stage, returncode, error_line(stage, stderr_lines, returncode), "".join(stderr_lines)
         )
+
+
+def run_stage_here(stage: str, args: Sequence[str]) -> None:
+    """The stage's work in this process: the config composed as the CLI composes it (a leading
+    `--config-dir DIR` included), then the stage's `main.call`. A user's mistake raises StageError
+    with the line the CLI would print; a bug raises as it is."""
+    import importlib
+
+    from kiln.config import compose
+    from kiln.errors import EXIT_USER_ERROR, describe_user_error
+
+    arguments = list(args)
+    extra_config_dir = None
+    if arguments[:1] == ["--config-dir"]:
+        extra_config_dir, arguments = arguments[1], arguments[2:]
+    stage_module = importlib.import_module(f"kiln.stages.{stage}")
+    try:
+        stage_module.main.call(compose(stage, arguments, extra_config_dir=extra_config_dir))
+    except Exception as exc:
+        line = describe_user_error(exc)
+        if line is None:
+            raise
+        message = f"kiln {stage}: error: {line}"
+        raise StageError(stage, EXIT_USER_ERROR, message, message) from exc
 
 
 def error_line(stage: str, stderr_lines: Iterable[str], returncode: int) -> str:
