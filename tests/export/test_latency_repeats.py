@@ -82,13 +82,13 @@ def test_paired_rounds_alternate_the_two_calls_and_flip_the_order_every_round(cl
 
     reference, candidate, calls = measure.paired_rounds(
         taking("fp32", 0.002), taking("int8", 0.001), rounds=10
-    )
+    )  # 2x faster every round: decisive, so it stops at the minimum
     assert calls == measure.CALLS_PER_ROUND
     assert order[:2] == ["fp32", "int8"]  # one warm-up call each
     # quick calls: three alternations a round, the order flipped every round
     rounds = [tuple(order[i : i + 6]) for i in range(2, len(order), 6)]
-    assert rounds == [("fp32", "int8") * 3, ("int8", "fp32") * 3] * 5
-    assert reference == pytest.approx([2000.0] * 10) and candidate == pytest.approx([1000.0] * 10)
+    assert rounds == [("fp32", "int8") * 3, ("int8", "fp32") * 3] * 4
+    assert reference == pytest.approx([2000.0] * 8) and candidate == pytest.approx([1000.0] * 8)
 
 
 def test_a_round_keeps_each_call_s_quickest_so_an_interrupted_call_does_not_count(clock: FakeClock):
@@ -102,9 +102,9 @@ def test_a_round_keeps_each_call_s_quickest_so_an_interrupted_call_does_not_coun
         return call
 
     reference, candidate, _ = measure.paired_rounds(taking(0.002), taking(0.001), rounds=10)
-    assert reference == pytest.approx([2000.0] * 10) and candidate == pytest.approx([1000.0] * 10)
+    assert reference == pytest.approx([2000.0] * 8) and candidate == pytest.approx([1000.0] * 8)
     speedup = measure.speedup_interval(reference, candidate)
-    assert speedup.as_dict() == {"median": 2.0, "ci95": [2.0, 2.0], "rounds": 10}
+    assert speedup.as_dict() == {"median": 2.0, "ci95": [2.0, 2.0], "rounds": 8}
 
 
 def test_paired_rounds_take_at_least_the_minimum_and_stop_at_the_time_budget(clock: FakeClock):
@@ -113,14 +113,14 @@ def test_paired_rounds_take_at_least_the_minimum_and_stop_at_the_time_budget(clo
 
     few, _, calls = measure.paired_rounds(call, call, rounds=3, budget_s=100.0)
     assert calls == 1
-    assert len(few) == measure.MIN_ROUNDS  # an interval needs them, whatever latency_repeats says
+    assert len(few) == measure.MIN_SLOW_ROUNDS == 6  # an interval needs them, whatever latency_repeats says
     slow, _, _ = measure.paired_rounds(call, call, rounds=100, budget_s=1.0)
-    assert len(slow) == measure.MIN_ROUNDS  # 8 rounds of 0.2 s: past the budget at the minimum
+    assert len(slow) == measure.MIN_SLOW_ROUNDS  # 6 rounds of 0.2 s: past the budget at the minimum
     quick, _, _ = measure.paired_rounds(call, call, rounds=100, budget_s=2.5)
     assert len(quick) == 13  # the first round that ends past 2.5 s
 
 
-def test_paired_rounds_stop_at_the_minimum_once_the_candidate_is_shown_slower(clock: FakeClock):
+def test_paired_rounds_stop_at_the_minimum_once_the_interval_is_decisive(clock: FakeClock):
     def taking(seconds: float):
         def call() -> None:
             clock.now += seconds
@@ -129,8 +129,15 @@ def test_paired_rounds_stop_at_the_minimum_once_the_candidate_is_shown_slower(cl
 
     _, candidate, _ = measure.paired_rounds(taking(0.001), taking(0.003), rounds=30, budget_s=100.0)
     assert len(candidate) == measure.MIN_ROUNDS  # 3x slower in every round: the interval is below 1
-    _, candidate, _ = measure.paired_rounds(taking(0.003), taking(0.001), rounds=30, budget_s=100.0)
-    assert len(candidate) == 30  # a faster one gets every round its interval can use
+    reference, candidate, _ = measure.paired_rounds(taking(0.003), taking(0.001), rounds=30, budget_s=100.0)
+    assert len(candidate) == measure.MIN_ROUNDS  # 3x faster in every round: above 1 already
+    assert measure.speedup_interval(reference, candidate).as_dict()["ci95"] == [3.0, 3.0]
+    # twice as fast in one round, half as fast in the next: no decision, so the rounds go on to the cap
+    alternating = itertools.cycle([0.025, 0.1])
+    _, candidate, _ = measure.paired_rounds(
+        taking(0.05), lambda: setattr(clock, "now", clock.now + next(alternating)), rounds=30, budget_s=100.0
+    )
+    assert len(candidate) == 30
 
 
 def test_the_speedup_interval_is_the_sign_test_interval_of_the_median_ratio():

@@ -17,6 +17,10 @@ scheduler interrupts takes several, and on a busy machine that noise, not the gr
 otherwise decide. Each round's ratio is one paired observation of the speed-up,
 and speedup_interval gives their median and its 95% interval (a sign-test interval: order
 statistics of the ratios, exact for any distribution, and the same rounds give the same interval).
+The rounds stop as soon as the interval is decisive (above 1: faster; below 1: slower), once the
+minimum is in: MIN_ROUNDS of quick calls, MIN_SLOW_ROUNDS (the fewest that give a 95% interval)
+of slow ones, where each round costs a ResNet's batch of 256 twice. More rounds would only narrow
+an interval that already decides; they were most of an export's time.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ WARMUP_BUDGET_S = 0.02
 MIN_REPEATS = 5
 TIGHT = 0.1  # runs whose middle half lies within 10% of their median agree
 TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
-MIN_ROUNDS = 8  # paired rounds at least: fewer than 6 give no 95% interval of the speed-up
+MIN_ROUNDS = 8  # paired rounds of quick calls at least (a round of them costs little)
+MIN_SLOW_ROUNDS = 6  # of slow calls: fewer than 6 rounds give no 95% interval of the speed-up
 PAIRED_BUDGET_S = 1.0  # per candidate and batch size, once MIN_ROUNDS rounds are in
 CALLS_PER_ROUND = 3  # alternations per round for quick calls; each keeps its quickest
 QUICK_CALL_S = 0.02  # slower calls are timed once a round (an interruption is a small part of them)
@@ -97,17 +102,18 @@ def paired_rounds(
     rounds: int,
     budget_s: float = PAIRED_BUDGET_S,
 ) -> tuple[list[float], list[float], int]:
-    """Microseconds of `reference` and `candidate` timed alternately: up to max(rounds, MIN_ROUNDS)
-    rounds, fewer once MIN_ROUNDS are in and `budget_s` has passed or the candidate is shown
-    slower (its speed-up's interval below 1: no more rounds would make it ship); per round, each one's quickest
-    of CALLS_PER_ROUND alternating calls (one call each when either is slower than QUICK_CALL_S).
-    Each is warmed first. The order flips every round, so neither always runs on a cache the
-    other left. Returns both lists and the calls per round."""
+    """Microseconds of `reference` and `candidate` timed alternately: up to max(rounds, the
+    minimum) rounds, fewer once the minimum is in and the speed-up's interval is decisive (shown
+    faster or slower) or `budget_s` has passed; per round, each one's quickest of CALLS_PER_ROUND
+    alternating calls (one call each, and a minimum of MIN_SLOW_ROUNDS, when either is slower
+    than QUICK_CALL_S). Each is warmed first. The order flips every round, so neither always runs
+    on a cache the other left. Returns both lists and the calls per round."""
     warm = max(timed_call(reference), timed_call(candidate))
-    calls = 1 if warm > QUICK_CALL_S * 1e6 else CALLS_PER_ROUND
+    slow = warm > QUICK_CALL_S * 1e6
+    calls, least = (1, MIN_SLOW_ROUNDS) if slow else (CALLS_PER_ROUND, MIN_ROUNDS)
     times: tuple[list[float], list[float]] = ([], [])
     started = time.perf_counter()
-    for index in range(max(rounds, MIN_ROUNDS)):
+    for index in range(max(rounds, least)):
         order = (0, 1) if index % 2 == 0 else (1, 0)
         quickest = [float("inf"), float("inf")]
         for _ in range(calls):
@@ -115,16 +121,15 @@ def paired_rounds(
                 quickest[which] = min(quickest[which], timed_call((reference, candidate)[which]))
         times[0].append(quickest[0])
         times[1].append(quickest[1])
-        if index + 1 >= MIN_ROUNDS and (
-            time.perf_counter() - started > budget_s or shown_slower(times[0], times[1])
-        ):
+        if index + 1 >= least and (time.perf_counter() - started > budget_s or decisive(times[0], times[1])):
             break
     return times[0], times[1], calls
 
 
-def shown_slower(reference_us: Sequence[float], candidate_us: Sequence[float]) -> bool:
-    high = speedup_interval(reference_us, candidate_us).high
-    return high is not None and high < 1
+def decisive(reference_us: Sequence[float], candidate_us: Sequence[float]) -> bool:
+    """The speed-up's 95% interval lies wholly above 1 or wholly below it."""
+    speedup = speedup_interval(reference_us, candidate_us)
+    return speedup.low is not None and speedup.high is not None and (speedup.low > 1 or speedup.high < 1)
 
 
 def timed_call(call: Callable[[], Any]) -> float:
