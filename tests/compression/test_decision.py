@@ -249,7 +249,13 @@ def test_candidates_about_as_fast_tie_and_the_smaller_file_wins():
     assert choose([FP32, pruned, overlapping], auto=True, wanted=None, max_drop=1.0).name == "pruned"
     clearly = variant("pruned_int8_static", 0.3, [0.0, 0.6], (1.9, 1.8, 2.0), 100)  # 21% slower than pruned
     choice = choose([FP32, pruned, clearly], auto=True, wanted=None, max_drop=1.0)
-    assert choice.name == "pruned" and "the fastest within the budget" in choice.reason
+    assert choice.name == "pruned" and "the fastest" not in choice.reason  # no claim without its interval
+    assert choice.reason.startswith(
+        "the highest median speed-up, by over 10%, of 2 candidates within the budget shown faster than the "
+        "fp32 graph: speed-up over the fp32 graph 2.40x [2.20, 2.60] (95% interval, batch 256, 30 paired rounds)"
+    )
+    alone = choose([FP32, pruned], auto=True, wanted=None, max_drop=1.0)
+    assert alone.reason.startswith("the one candidate within the budget shown faster than the fp32 graph: ")
     assert "is faster (1.90x [1.80, 2.00]" in choice.verdicts["pruned_int8_static"]
 
 
