@@ -30,6 +30,7 @@ RUNTIME_ARGUMENTS = frozenset(
         "logger",
         "plugins",
         "optimizer",
+        "run_dir",  # a tracker's (kiln.tracking)
     }
 )
 # Keys Hydra reads itself, never passed to the target.

@@ -49,7 +49,11 @@ ALLOWED = (
     "kiln.training.callbacks",
     "kiln.sweep.SweepCallback",
     "kiln.tracking.ParentRun",
-    "kiln.tracking.tensorboard_and_mlflow",
+    "kiln.tracking.mlflow.ParentRun",
+    "kiln.tracking.tensorboard_and_mlflow",  # a saved run's logger=mlflow from before trackers
+    "kiln.tracking.mlflow.tensorboard_and_mlflow",
+    "kiln.tracking.tensorboard.TensorBoardTracker",
+    "kiln.tracking.mlflow.MLflowTracker",
     "torch.optim",  # optimizers and torch.optim.lr_scheduler
     "torch.nn.modules",  # layers and losses (torch.nn.Linear is defined in torch.nn.modules.linear)
     "lightning.pytorch.trainer",  # lightning.pytorch.Trainer

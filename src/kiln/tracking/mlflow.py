@@ -1,4 +1,4 @@
-"""MLflow beside TensorBoard: `logger=mlflow` sends each run to a tracking server as well.
+"""logger=mlflow: each run is sent to an MLflow tracking server as well (a tracker: kiln.tracking).
 
     kiln train experiment=digits_cnn logger=mlflow logger.tracking_uri=http://127.0.0.1:5000
     kiln train -m seed=1,2,3 logger=mlflow logger.tracking_uri=...      three runs under one parent
@@ -8,8 +8,8 @@ What a run sends (rank 0 only; TensorBoard's logs stay in <run_dir>/tensorboard 
 the resolved config, flattened, as params (passwords masked); every epoch metric at the step
 TensorBoard has it, and the test metrics (Lightning hands both loggers the same values); tags from
 run.json (git commit and dirty flag, config hash, data fingerprint, kiln version, SLURM job id);
-and, once the run is complete (`finish_run`), run.json, report.md/png/json and the shipped
-model.onnx as artifacts, model.onnx registered as a version of `logger.register_model`.
+and, once the run is complete (kiln.tracking.finish_run), run.json, report.md/png/json and the
+shipped model.onnx as artifacts, model.onnx registered as a version of `logger.register_model`.
 
 Runs of one sweep (`-m`, the Hydra callback `ParentRun`), one search (`kiln search`) or one
 cross-validation (`cv.folds`) are nested under one parent run: the parent's id travels to the
@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,16 +37,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from kiln.errors import KilnError
+from kiln.tracking.base import RunInfo, default_experiment
 
-BUILDER = "kiln.tracking.tensorboard_and_mlflow"  # conf/logger/mlflow.yaml's _target_
+TRACKER = "kiln.tracking.mlflow.MLflowTracker"  # conf/logger/mlflow.yaml's trackers.mlflow
+BUILDER = "kiln.tracking.tensorboard_and_mlflow"  # its _target_ before trackers (saved runs)
 PARENT_RUN_VARIABLE = "KILN_MLFLOW_PARENT_RUN_ID"
 RECORD_KEY = "mlflow"  # run.json: {"run_id", "experiment_id", "experiment", "tracking_uri"}
-# What a finished run sends as artifacts, when its directory holds them (after export).
-ARTIFACTS = ("run.json", "cv.json", "report.json", "report.md", "report.png", "model.onnx")
 PARENT_ARTIFACTS = ("cv.json", "search.json")  # a parent's records
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_GIT_TAGS = (MLFLOW_GIT_COMMIT, "mlflow.source.git.branch", "mlflow.source.git.repoURL")
-MAX_PARAM_LENGTH = 6000  # the MLflow server's limit on a param's value
 _STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 _checked: set[str] = set()  # tracking URIs that answered in this process
 
@@ -74,7 +73,7 @@ def settings(cfg: Any) -> Settings | None:
     from omegaconf import OmegaConf
 
     node = OmegaConf.select(cfg, "logger", default=None)
-    if node is None or OmegaConf.select(node, "_target_", default=None) != BUILDER:
+    if not uses_mlflow(node):
         return None
     uri = OmegaConf.select(node, "tracking_uri", default=None)
     if not uri:
@@ -88,20 +87,15 @@ def settings(cfg: Any) -> Settings | None:
     return Settings(clean, str(experiment), str(register) if register else None, username, password)
 
 
-def default_experiment(cfg: Any) -> str:
-    """The experiment= choice (digits_cnn), else kiln-<task> (kiln-train, kiln-search)."""
-    from hydra.core.hydra_config import HydraConfig
+def uses_mlflow(node: Any) -> bool:
+    """Whether a logger config names the MLflow tracker (or is a saved run's logger=mlflow)."""
     from omegaconf import OmegaConf
 
-    choice = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None) if cfg else None
-    task = OmegaConf.select(cfg, "task_name", default=None) if cfg else None
-    if HydraConfig.initialized():
-        hydra = HydraConfig.get()
-        choice = choice or hydra.runtime.choices.get("experiment")
-        task = task or hydra.job.name
-    if choice and str(choice) != "null":
-        return str(choice)
-    return f"kiln-{task or 'train'}"
+    if node is None:
+        return False
+    trackers = OmegaConf.select(node, "trackers", default=None) or {}
+    named = {OmegaConf.select(tracker, "_target_", default=None) for tracker in trackers.values() if tracker}
+    return TRACKER in named or OmegaConf.select(node, "_target_", default=None) == BUILDER
 
 
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
@@ -222,7 +216,8 @@ def tensorboard_and_mlflow(
     log_graph: bool = False,
     run_id: str | None = None,
 ) -> list[Any]:
-    """conf/logger/mlflow.yaml: TensorBoard exactly as logger=tensorboard, and MLflow beside it
+    """A saved run's logger=mlflow from before trackers (a config may still name it; kiln builds
+    MLflowTracker instead): TensorBoard exactly as logger=tensorboard, and MLflow beside it
     (Lightning's MLFlowLogger; kiln ends its run once the run is complete, `finish_run`).
     `run_id` is the MLflow run of a run being resumed (from its run.json)."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -274,31 +269,7 @@ def kiln_mlflow_logger(**kwargs: Any) -> Any:  # the class is made on first use:
     return _mlflow_logger_class()(**kwargs)
 
 
-def logger_config(cfg: Any, record: dict[str, Any]) -> Any:
-    """The logger node to build: logger=mlflow's with its experiment named and, for a resumed run,
-    the MLflow run of its earlier attempt (`record`, its run.json as it was); others as they are."""
-    from omegaconf import OmegaConf
-
-    found = settings(cfg)
-    if found is None:
-        return cfg.logger
-    node = OmegaConf.to_container(cfg.logger, resolve=True)
-    assert isinstance(node, dict)
-    node.update(tracking_uri=found.tracking_uri, experiment_name=found.experiment)
-    earlier = record.get(RECORD_KEY) or {}
-    same_server = isinstance(earlier, dict) and earlier.get("tracking_uri") == found.tracking_uri
-    node["run_id"] = previous_run_id(record) if same_server else None  # else a new run on this server
-    return OmegaConf.create(node)
-
-
-def mlflow_logger(trainer: Any) -> Any:
-    """The trainer's MLflow logger, or None (logger=tensorboard)."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    return next((lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, MLFlowLogger)), None)
-
-
-def previous_run_id(record: dict[str, Any]) -> str | None:
+def previous_run_id(record: Mapping[str, Any]) -> str | None:
     """The MLflow run of a run directory's earlier attempt, continued when it is resumed."""
     info = record.get(RECORD_KEY)
     return str(info["run_id"]) if isinstance(info, dict) and info.get("run_id") else None
@@ -307,61 +278,125 @@ def previous_run_id(record: dict[str, Any]) -> str | None:
 # -- one run -------------------------------------------------------------------------------------
 
 
-def start_run(trainer: Any, cfg: Any, run: Any) -> None:
-    """Once the trainer is built (rank 0): the MLflow run exists, holds the config as params and
-    the provenance as tags, and run.json names it."""
-    logger = mlflow_logger(trainer)
-    if logger is None or not run.writer:
-        return
-    from mlflow.entities import Param, RunTag
+class MLflowTracker:
+    """One kiln run as one MLflow run (kiln.tracking.base.Tracker). Lightning's MLFlowLogger sends
+    the metrics; `start` adds the params and provenance tags and names the run in run.json,
+    `log_artifacts` sends the run's files, `finish` the best score, the model version, the status.
 
-    found = settings(cfg)
-    mlflow_client = logger.experiment  # creates the run (or finds the resumed one)
-    run_id = logger.run_id
-    existing = mlflow_client.get_run(run_id)
-    if existing.info.status != "RUNNING":  # a resumed run (its earlier attempt ended it) runs again
-        mlflow_client.update_run(run_id, status="RUNNING")
-    known = existing.data.params  # a resumed run has them already: MLflow never changes a param
-    params = [Param(key, value) for key, value in flat_config(cfg).items() if key not in known]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params a request
-        mlflow_client.log_batch(run_id, params=params[start : start + 100])
-    for key in stray_git_tags(existing.data.tags, run.record):
-        mlflow_client.delete_tag(run_id, key)
-    tags = [RunTag(key, value) for key, value in provenance_tags(run.record, run.directory).items()]
-    mlflow_client.log_batch(run_id, tags=tags)
-    run.update(
-        **{
-            RECORD_KEY: {
-                "run_id": run_id,
-                "experiment_id": logger.experiment_id,
-                "experiment": found.experiment if found else None,
-                "tracking_uri": found.tracking_uri if found else None,
-                "parent_run_id": os.environ.get(PARENT_RUN_VARIABLE),
-            }
+    `run_dir`, `previous_record` (run.json before this attempt, {} for a new run) and `experiment` (the
+    default experiment's name: the experiment= choice, else kiln-<task_name>) come from kiln. A resumed run continues
+    its MLflow run when it was on the same server."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        register_model: str | None = None,
+        previous_record: Mapping[str, Any] | None = None,
+        experiment: str | None = None,
+    ) -> None:
+        if not tracking_uri:
+            raise KilnError(
+                "logger.tracking_uri: logger=mlflow needs the tracking server, e.g. "
+                "logger.tracking_uri=http://127.0.0.1:5000 (or sqlite:///mlflow.db), or set MLFLOW_TRACKING_URI"
+            )
+        clean, username, password = split_credentials(tracking_uri)
+        self.found = Settings(
+            clean,
+            experiment_name or experiment or default_experiment(None),
+            register_model,
+            username,
+            password,
+        )
+        _use_credentials(self.found)
+        self.run_dir = Path(run_dir)
+        record = previous_record or {}
+        earlier = record.get(RECORD_KEY) or {}
+        same_server = isinstance(earlier, dict) and earlier.get("tracking_uri") == clean
+        self.run_id = previous_run_id(record) if same_server else None  # else a new run on this server
+        self.logger = kiln_mlflow_logger(
+            experiment_name=self.found.experiment,
+            run_name=run_name or self.run_dir.name,
+            tracking_uri=clean,
+            run_id=self.run_id,
+        )
+
+    @property
+    def lightning_logger(self) -> Any:
+        return self.logger
+
+    def start(self, run: RunInfo) -> None:
+        """The MLflow run exists, holds the config as params and the provenance as tags, and
+        run.json names it."""
+        from mlflow.entities import Param, RunTag
+
+        mlflow_client = self.logger.experiment  # creates the run (or finds the resumed one)
+        run_id = self.run_id = self.logger.run_id
+        existing = mlflow_client.get_run(run_id)
+        if existing.info.status != "RUNNING":  # a resumed run (its earlier attempt ended it) runs again
+            mlflow_client.update_run(run_id, status="RUNNING")
+        known = existing.data.params  # a resumed run has them already: MLflow never changes a param
+        params = [Param(key, value) for key, value in run.params.items() if key not in known]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a request
+            mlflow_client.log_batch(run_id, params=params[start : start + 100])
+        for key in stray_git_tags(existing.data.tags, run.record):
+            mlflow_client.delete_tag(run_id, key)
+        tags = [RunTag(key, value) for key, value in provenance_tags(run.record, run.directory).items()]
+        mlflow_client.log_batch(run_id, tags=tags)
+        record = {
+            "run_id": run_id,
+            "experiment_id": self.logger.experiment_id,
+            "experiment": self.found.experiment,
+            "tracking_uri": self.found.tracking_uri,
+            "parent_run_id": os.environ.get(PARENT_RUN_VARIABLE),
         }
-    )
+        run.update_record(**{RECORD_KEY: record})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.logger.log_metrics(dict(metrics), step)
+
+    def log_artifacts(self, paths: Sequence[Path]) -> None:
+        if self.run_id is None:  # the run never reached MLflow
+            return
+        mlflow_client = client(self.found)
+        for path in paths:
+            mlflow_client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str) -> None:
+        """The best score, kiln's status and delivery as tags, the model version (a complete run
+        only), then the MLflow run's own status."""
+        from mlflow.entities import Metric, RunTag
+
+        from kiln.runs import MODEL, RUN_RECORD, read_json
+
+        if self.run_id is None:
+            return
+        record = read_json(self.run_dir / RUN_RECORD)
+        mlflow_status = _STATUS.get(status, "FAILED")
+        mlflow_client = client(self.found)
+        best = (record.get("best_checkpoint") or {}).get("score")
+        metrics = [Metric("best/score", float(best), _now_ms(), 0)] if isinstance(best, int | float) else []
+        tags = [RunTag("kiln.status", status)]
+        delivery = record.get("delivery") or {}
+        if delivery.get("status"):
+            tags.append(RunTag("kiln.delivery", str(delivery["status"])))
+        mlflow_client.log_batch(self.run_id, metrics=metrics, tags=tags)
+        registering = self.found.register_model and (self.run_dir / MODEL).is_file()
+        if registering and mlflow_status == "FINISHED":
+            register(mlflow_client, str(self.found.register_model), self.run_id)
+        mlflow_client.set_terminated(self.run_id, mlflow_status)
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """The line kiln prints when sending the run's end to the server failed."""
+        return (
+            f"logger.tracking_uri={self.found.tracking_uri}: could not complete MLflow run {self.run_id} "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        )
 
 
-def flat_config(cfg: Any) -> dict[str, str]:
-    """The resolved config as `a.b.c -> text`, every password masked."""
-    from omegaconf import OmegaConf
-
-    from kiln.runs import without_credentials
-
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = without_credentials(str(node))[:MAX_PARAM_LENGTH]
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
-
-
-def stray_git_tags(tags: dict[str, str], record: dict[str, Any]) -> list[str]:
+def stray_git_tags(tags: dict[str, str], record: Mapping[str, Any]) -> list[str]:
     """MLflow's own git tags on a new run that do not describe the commit run.json records.
     MLflow reads them from the directory of the program it runs in (the `kiln` script: kiln's
     own checkout, for an editable install), not from the user's project: unless its commit is
@@ -372,7 +407,7 @@ def stray_git_tags(tags: dict[str, str], record: dict[str, Any]) -> list[str]:
     return [key for key in MLFLOW_GIT_TAGS if key in tags]
 
 
-def provenance_tags(record: dict[str, Any], directory: Path) -> dict[str, str]:
+def provenance_tags(record: Mapping[str, Any], directory: Path) -> dict[str, str]:
     """What run.json records about where the run came from, as MLflow tags."""
     git = record.get("git") or {}
     versions = record.get("versions") or {}
@@ -389,56 +424,6 @@ def provenance_tags(record: dict[str, Any], directory: Path) -> dict[str, str]:
         "kiln.run_dir": str(directory.resolve()),
     }
     return {key: str(value) for key, value in tags.items() if value is not None}
-
-
-def finish_run(cfg: Any, run_dir: Path) -> None:
-    """After a run (and its export) ended, however it ended: its record and shipped files as
-    artifacts, the model version, its status. Rank 0 only; nothing unless logger=mlflow and the
-    run reached MLflow. An MLflow failure after a completed run is one KilnError; after a failed
-    one, a warning (the run's own error is the one to see)."""
-    from kiln.config import is_rank_zero
-    from kiln.runs import RUN_RECORD, read_json
-
-    found = settings(cfg)
-    path = run_dir / RUN_RECORD
-    if found is None or not is_rank_zero() or not path.is_file():
-        return
-    record = read_json(path)
-    run_id = previous_run_id(record)
-    if run_id is None:
-        return
-    status = _STATUS.get(str(record.get("status")), "FAILED")
-    try:
-        _finish(found, run_dir, record, run_id, status)
-    except Exception as exc:
-        line = (
-            f"logger.tracking_uri={found.tracking_uri}: could not complete MLflow run {run_id} "
-            f"({type(exc).__name__}: {_first_line(exc)})"
-        )
-        if status == "FINISHED":
-            raise KilnError(f"{line}; the run itself is complete in {run_dir}") from exc
-        print(f"kiln: warning: {line}", file=sys.stderr, flush=True)
-
-
-def _finish(found: Settings, run_dir: Path, record: dict[str, Any], run_id: str, status: str) -> None:
-    from mlflow.entities import Metric, RunTag
-
-    from kiln.runs import MODEL
-
-    mlflow_client = client(found)
-    best = (record.get("best_checkpoint") or {}).get("score")
-    metrics = [Metric("best/score", float(best), _now_ms(), 0)] if isinstance(best, int | float) else []
-    tags = [RunTag("kiln.status", str(record.get("status")))]
-    delivery = record.get("delivery") or {}
-    if delivery.get("status"):
-        tags.append(RunTag("kiln.delivery", str(delivery["status"])))
-    mlflow_client.log_batch(run_id, metrics=metrics, tags=tags)
-    for name in ARTIFACTS:
-        if (run_dir / name).is_file():
-            mlflow_client.log_artifact(run_id, str(run_dir / name))
-    if found.register_model and (run_dir / MODEL).is_file() and status == "FINISHED":
-        register(mlflow_client, found.register_model, run_id)
-    mlflow_client.set_terminated(run_id, status)
 
 
 def register(mlflow_client: Any, name: str, run_id: str) -> Any:
@@ -547,7 +532,7 @@ class ParentRun(Callback):
         self.previous: str | None = None
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from kiln.sweep import SweepRefused
+        from kiln.errors import SweepRefused
 
         try:
             found = check_server(config)

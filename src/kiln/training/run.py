@@ -19,8 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kiln.builder import build, build_module, plain
 from kiln.errors import KilnError
-from kiln.stages.build import build, build_module, plain
 
 
 def train_once(
@@ -38,7 +38,8 @@ def train_once(
     from lightning.pytorch.utilities import rank_zero_only
 
     from kiln import slurm, tracking
-    from kiln.runs import Run, resume_checkpoint
+    from kiln.runs import Run
+    from kiln.training.checkpoints import resume_checkpoint
     from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
 
     started = time.perf_counter()
@@ -90,8 +91,11 @@ def train_once(
             start_record()
         if checkpoint is not None:
             run.update(resumed_from=str(checkpoint))
-        trainer = build_trainer(cfg, run, monitor, extra_callbacks or [], datamodule, module, previous)
-        tracking.start_run(trainer, cfg, run)  # logger=mlflow: the run's params and tags, named in run.json
+        trackers = tracking.build_trackers(cfg, run.directory, previous)  # logger=...: conf/logger/
+        trainer = build_trainer(
+            cfg, run, monitor, extra_callbacks or [], datamodule, module, trackers.loggers
+        )
+        tracking.start(trackers, cfg, run)  # each tracker: the run's record and config (MLflow: params, tags)
 
         fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -319,15 +323,15 @@ def build_trainer(
     extra_callbacks: list[Any],
     datamodule: Any,
     module: Any = None,
-    previous_record: dict[str, Any] | None = None,
+    loggers: list[Any] | bool = False,
 ) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from kiln import slurm, tracking
+    from kiln import slurm
     from kiln.contract import shards_by_rank
+    from kiln.hardware import with_resolved_precision
     from kiln.training.callbacks import EpochLines, MonitorCheck
     from kiln.training.checkpoints import AtomicCheckpointIO
-    from kiln.training.hardware import with_resolved_precision
     from kiln.training.preemption import Preemption, StopOnSignal
 
     in_job = slurm.in_slurm_job()
@@ -341,11 +345,6 @@ def build_trainer(
     show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
     callbacks += extra_callbacks
-    logger = (
-        build("logger", tracking.logger_config(cfg, previous_record or {}))
-        if cfg.logger is not None
-        else False
-    )
     trainer_config = hand_accumulation_to_module(with_resolved_precision(plain(cfg.trainer)), module)
     plugins: list[Any] = [AtomicCheckpointIO()]
     if in_job:  # ranks from SLURM's tasks; requeue is kiln's (Preemption), not Lightning's
@@ -361,7 +360,7 @@ def build_trainer(
         "trainer",
         trainer_config,
         callbacks=callbacks,
-        logger=logger,
+        logger=loggers,
         plugins=plugins,
         enable_progress_bar=show_bar,
         # kiln's loaders shard by rank themselves, without padding; any other DataModule gets
@@ -486,8 +485,11 @@ def log_final_tensorboard(
 
 
 def _tensorboard_writer(trainer: Any) -> Any:
-    logger = trainer.logger
-    return logger.experiment if logger is not None and hasattr(logger, "experiment") else None
+    """TensorBoard's writer, or None when no tracker of the run is TensorBoard (logger=[jsonl])."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    found = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    return found.experiment if found is not None else None
 
 
 def check_report_setting(cfg: DictConfig) -> None:
@@ -560,15 +562,15 @@ def save_drift_baseline(datamodule: Any, directory: Path) -> str | None:
 
     import numpy as np
 
-    from kiln import contract
     from kiln.data.base import InMemoryDataModule
     from kiln.data.table import TableDataModule
+    from kiln.data.transforms import image_input
     from kiln.drift import BASELINE_FILE, feature_baseline
     from kiln.export.feeds import category_column, numeric_column
     from kiln.runs import write_atomically
 
-    try:
-        image = contract.image_input(datamodule)
+    try:  # its own image_input, or its torchvision eval transform read as one (said at export)
+        image = image_input(datamodule).image_input
     except ValueError as exc:  # the datamodule's own attribute, malformed: its author's fix
         raise KilnError(f"data: {exc}") from exc
     if image is not None:  # images: colour, contrast and sharpness per image, not pixels
