@@ -28,7 +28,11 @@ Optional, used when present:
                                     when `x` is an image resized to `size`, scaled to [0, 1] and
                                     normalized: the exported model then takes uint8 images
                                     (batch, height, width, channels) of any size and does that
-                                    inside its graph
+                                    inside its graph. Optional, as torchvision's Resize and
+                                    CenterCrop: "resize": n (the shorter side to n) or [h, w],
+                                    then "crop": [h, w] (the centre; equal to size). Without an
+                                    image_input, kiln reads a torchvision eval transform
+                                    (kiln.data.transforms)
 
 Arguments kiln knows at run time (`net`, `task`, `input_shape`, `num_outputs`, `class_names`,
 `seed`) are passed only to a `_target_` whose signature names them, only when the datamodule
@@ -91,7 +95,38 @@ def image_input(datamodule: Any) -> dict[str, Any] | None:
         raise ValueError(
             f"datamodule.image_input={dict(value)}: size needs 2 values, mean and std one per channel"
         )
-    return {"size": size, "channels": channels, "mean": mean, "std": std}
+    image: dict[str, Any] = {"size": size, "channels": channels, "mean": mean, "std": std}
+    if "resize" in value or "crop" in value:
+        image.update(_resize_and_crop(value, size))
+    return image
+
+
+def _resize_and_crop(value: Mapping[str, Any], size: list[int]) -> dict[str, Any]:
+    """image_input's optional torchvision-style steps, in the form the graph builder reads:
+    {"resize": {"shorter": n} or {"size": [h, w]}, "crop": [h, w], "antialias": True}."""
+    problem = f"datamodule.image_input={dict(value)}: "
+    resize, crop = value.get("resize"), value.get("crop")
+    steps: dict[str, Any] = {"antialias": bool(value.get("antialias", True))}
+    if isinstance(resize, Mapping):  # as kiln writes it into model.onnx's metadata
+        resize = resize.get("shorter", resize.get("size"))
+    if isinstance(resize, int):
+        steps["resize"] = {"shorter": resize}
+    elif isinstance(resize, Sequence) and len(resize) == 2:
+        steps["resize"] = {"size": [int(s) for s in resize]}
+    else:
+        raise ValueError(problem + 'resize must be n (the shorter side) or [h, w], e.g. "resize": 36')
+    if crop is not None:
+        pair = [int(crop), int(crop)] if isinstance(crop, int) else [int(c) for c in crop]
+        if pair != size:
+            raise ValueError(problem + f"crop {pair} must equal size {size} (the crop is what the net sees)")
+        steps["crop"] = pair
+    elif "shorter" in steps["resize"]:
+        raise ValueError(
+            problem + f'resizing the shorter side needs a centre crop to size, e.g. "crop": {size}'
+        )
+    elif steps["resize"]["size"] != size:
+        raise ValueError(problem + f"resize {steps['resize']['size']} without a crop must equal size {size}")
+    return steps
 
 
 def export_module(module: Any) -> Any:

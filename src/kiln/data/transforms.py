@@ -36,6 +36,18 @@ class EvalTransform:
     refused: str | None = None
 
 
+def image_input(datamodule: Any) -> EvalTransform:
+    """How `x` is made from an image, for the export, the drift baseline and the graph: the
+    datamodule's own `image_input` (kiln.contract; a malformed one raises ValueError), else its
+    torchvision eval transform read here; EvalTransform(None) when `x` is not known to be an image."""
+    from kiln import contract
+
+    own = contract.image_input(datamodule)
+    if own is not None:
+        return EvalTransform(own)
+    return read_eval_transform(datamodule) or EvalTransform(None)
+
+
 def read_eval_transform(datamodule: Any) -> EvalTransform | None:
     """The eval transform of `datamodule` (set up) as an `image_input`; None when it has none kiln
     can find (no validation dataset with a `transform`)."""
@@ -60,13 +72,26 @@ def read_eval_transform(datamodule: Any) -> EvalTransform | None:
 
 
 def _eval_transform(datamodule: Any) -> Any:
-    try:
-        dataset = datamodule.val_dataloader().dataset
-    except Exception:
-        return None
+    dataset = _validation_dataset(datamodule)
     while getattr(dataset, "transform", None) is None and hasattr(dataset, "dataset"):
         dataset = dataset.dataset  # torch.utils.data.Subset and the like
     return getattr(dataset, "transform", None)
+
+
+def _validation_dataset(datamodule: Any) -> Any:
+    """The validation loader's dataset; the datamodule is set up first if its loader needs it.
+    None when it has no validation loader (or any loader kiln can read a dataset from)."""
+    for attempt in range(2):
+        try:
+            return datamodule.val_dataloader().dataset
+        except Exception:  # a user's loader before setup, or none: nothing to read
+            if attempt or not callable(getattr(datamodule, "setup", None)):
+                return None
+            try:
+                datamodule.setup("validate")
+            except Exception:
+                return None
+    return None
 
 
 def _translate(step: Any, spec: dict[str, Any]) -> str | None:

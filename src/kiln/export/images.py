@@ -27,6 +27,57 @@ from kiln.errors import KilnError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def export_image_input(datamodule: Any) -> dict[str, Any] | None:
+    """The datamodule's `image_input`, or its torchvision eval transform read as one
+    (kiln.data.transforms). A transform kiln cannot repeat in the graph is named in one warning
+    line, and the model takes the transformed tensor instead (None)."""
+    from kiln.data.transforms import UNTRANSLATABLE_FIX, image_input
+
+    try:
+        found = image_input(datamodule)
+    except ValueError as exc:  # the datamodule's own attribute, malformed: its author's fix
+        raise KilnError(f"export: {exc}") from exc
+    if found.refused is not None:
+        print(f"kiln export: warning: {found.refused}; {UNTRANSLATABLE_FIX}", file=sys.stderr, flush=True)
+    return found.image_input
+
+
+def framed_for_graph(pixels: np.ndarray, image: dict[str, Any]) -> np.ndarray:
+    """uint8 (batch, height, width, channels) images of the net's input size, framed so that the
+    graph gives them to the net unchanged: a graph with torchvision's Resize and CenterCrop
+    (`resize`) would resize them first, so each sits where the crop takes it from, on a canvas the
+    resize keeps as it is (its shorter side already `shorter`, or exactly the resize's size).
+    Parity with torch then compares the same pixels."""
+    resize = image.get("resize")
+    if resize is None or "crop" not in image:
+        return pixels
+    canvas_height, canvas_width = (
+        (int(resize["shorter"]),) * 2 if "shorter" in resize else (int(s) for s in resize["size"])
+    )
+    batch, height, width, channels = pixels.shape
+    top, left = round((canvas_height - height) / 2), round((canvas_width - width) / 2)  # as CenterCrop
+    canvas = np.zeros((batch, canvas_height, canvas_width, channels), dtype=np.uint8)
+    canvas[:, top : top + height, left : left + width] = pixels
+    return canvas
+
+
+def takes_image_tensors(specs: list[Any]) -> bool:
+    """A model of one (batch, channels, height, width) float input: an image net whose
+    preprocessing stayed outside its graph."""
+    return len(specs) == 1 and len(specs[0].shape) == 4 and specs[0].type.startswith("tensor(float")
+
+
+def tensor_input_needed(key: str, spec: Any) -> str:
+    """What such a model takes, for someone who gave it image files."""
+    shape = ", ".join("batch" if d is None else str(d) for d in spec.shape)
+    dtype = spec.type.removeprefix("tensor(").removesuffix(")")
+    return (
+        f"{key}: image files, but this model takes {dtype} tensors shaped ({shape}), as the "
+        "datamodule's eval transform makes them (its graph holds no image preprocessing); save "
+        "them as a .npy array and give input=<file>.npy"
+    )
+
+
 def predict_images(session: Any, images: list[np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """Every output of the model for every image, in order; images of one size run together."""
     from kiln.export.checks import run_batched
@@ -48,15 +99,42 @@ def predict_images(session: Any, images: list[np.ndarray], batch_size: int) -> d
 
 def at_training_size(images: list[np.ndarray], meta: dict[str, str]) -> list[np.ndarray]:
     """The images resized to the size the model was trained at (its `kiln.image_input`), as the
-    drift baseline's were: sharpness and contrast depend on the size."""
+    drift baseline's were: sharpness and contrast depend on the size. A torchvision eval
+    transform's images (`resize`, `crop`) are resized and centre-cropped as it did."""
     try:
-        height, width = (int(s) for s in json.loads(meta.get("kiln.image_input", "{}"))["size"])
+        image = json.loads(meta.get("kiln.image_input", "{}"))
+        height, width = (int(s) for s in image["size"])
     except (ValueError, KeyError, TypeError):
         return images
+    if isinstance(image.get("resize"), dict):
+        return [torchvision_resize_and_crop(pixels, image) for pixels in images]
     return [
         pixels if pixels.shape[:2] == (height, width) else bilinear(pixels, height, width)
         for pixels in images
     ]
+
+
+def torchvision_resize_and_crop(pixels: np.ndarray, image: dict[str, Any]) -> np.ndarray:
+    """torchvision's Resize (on a Pillow image: Pillow's antialiased bilinear) and CenterCrop, as
+    the user's eval transform made the drift baseline's images."""
+    from PIL import Image
+
+    resize, (height, width) = image["resize"], pixels.shape[:2]
+    if "shorter" in resize:  # the longer side in proportion, truncated, as torchvision computes it
+        short, long = sorted((height, width))
+        sides = (int(resize["shorter"]), int(int(resize["shorter"]) * long / short))
+        new_height, new_width = sides if height <= width else sides[::-1]
+    else:
+        new_height, new_width = (int(s) for s in resize["size"])
+    if (new_height, new_width) != (height, width):
+        picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        resized = np.asarray(picture.resize((new_width, new_height), Image.Resampling.BILINEAR))
+        pixels = resized[:, :, None] if resized.ndim == 2 else resized
+    crop = image.get("crop")
+    if crop is None:
+        return pixels
+    top, left = round((new_height - int(crop[0])) / 2), round((new_width - int(crop[1])) / 2)
+    return pixels[top : top + int(crop[0]), left : left + int(crop[1])]
 
 
 def bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -653,14 +653,11 @@ class ModelInputs:
     """
 
     def __init__(self, datamodule: Any, module: Any) -> None:
-        from kiln import contract
         from kiln.export.from_run import raw_split, table_state
+        from kiln.export.images import export_image_input
 
         self.table = table_state(datamodule)
-        try:
-            self.image = contract.image_input(datamodule) if self.table is None else None
-        except ValueError as exc:
-            raise KilnError(f"export: {exc}") from exc
+        self.image = export_image_input(datamodule) if self.table is None else None
         self.kind = "table" if self.table is not None else "image" if self.image is not None else "array"
         self.frame = None
         self._x: np.ndarray | None = None
@@ -697,8 +694,11 @@ class ModelInputs:
                 assert self.frame is not None
                 self._cache[key] = table_feeds(self.frame, specs, source="test split")
             elif self.image is not None and specs[0].type == "tensor(uint8)":
+                from kiln.export.images import framed_for_graph
+
                 assert self._x is not None
-                self._cache[key] = {specs[0].name: as_uint8_images(self._x, self.image)}
+                pixels = framed_for_graph(as_uint8_images(self._x, self.image), self.image)
+                self._cache[key] = {specs[0].name: pixels}
             else:
                 assert self._x is not None
                 self._cache[key] = array_feeds(self._x, specs[0])

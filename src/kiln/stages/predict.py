@@ -406,9 +406,12 @@ def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, An
     import numpy as np
 
     from kiln.export.feeds import array_feeds, check_columns, is_table, numeric_column, specs_of, table_feeds
+    from kiln.export.images import IMAGE_SUFFIXES, takes_image_tensors, tensor_input_needed
 
     specs = specs_of(session.get_inputs())
     key = f"input={source}"
+    if (source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES) and takes_image_tensors(specs):
+        raise KilnError(tensor_input_needed(key, specs[0]))  # an image net without images in its graph
     if source.is_dir():
         raise KilnError(f"{key}: a folder, but this model takes rows; give a CSV, Parquet or .npy file")
     suffix = source.suffix.lower()
