@@ -52,7 +52,7 @@ def compress(
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
     from kiln.export.measure import Stopwatch
-    from kiln.export.onnx_export import example_input, export_graph
+    from kiln.export.onnx_export import example_input, export_graph, input_shape, skip_reason
 
     started = time.perf_counter()
     watch = Stopwatch()
@@ -84,6 +84,13 @@ def compress(
         budget = BudgetOnce(recipe, monitor, module, datamodule, finetune_trainer, watch)
         calibration = Calibration(datamodule, seed)
         for candidate in recipe.candidates:
+            skipped = skip_reason(candidate, example)  # steps that need one input tensor
+            if skipped:
+                say(f"{candidate.name}: skipped ({skipped})")
+                abandoned.append(
+                    {"name": candidate.name, "steps": candidate.step_names, "abandoned": skipped}
+                )
+                continue
             source = variants[0]
             if candidate.prune_steps:
                 key = tuple(candidate.prune_steps)  # frozen dataclasses: equal settings, equal key
@@ -135,7 +142,7 @@ def compress(
             "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
             "monitor": monitor,
             "opset": opset,
-            "input_shape": list(example.shape[1:]),
+            "input_shape": input_shape(example),
             "variants": variants,
             "abandoned": abandoned,  # candidates that could not make the budget: numbers, no net
             "keep_variants": recipe.keep_variants,

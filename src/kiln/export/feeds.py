@@ -31,14 +31,22 @@ class InputSpec:
     name: str
     type: str
     shape: tuple[int | None, ...]
+    axes: tuple[str, ...] = ()  # each axis's name (a dynamic one's, e.g. "sequence") or size
+
+    def describe(self) -> str:
+        """'input_ids (int64, batch x sequence)': the input as a refusal names it."""
+        dims = " x ".join(self.axes or [str(d) if d is not None else "?" for d in self.shape])
+        return f"{self.name} ({self.type.removeprefix('tensor(').removesuffix(')')}, {dims})"
 
 
 def specs_of(session_inputs: Sequence[object]) -> list[InputSpec]:
     """InputSpecs from `onnxruntime.InferenceSession.get_inputs()`."""
     specs = []
     for node in session_inputs:
-        shape = tuple(d if isinstance(d, int) else None for d in getattr(node, "shape", []))
-        specs.append(InputSpec(str(getattr(node, "name", "")), str(getattr(node, "type", "")), shape))
+        dims = list(getattr(node, "shape", []))
+        shape = tuple(d if isinstance(d, int) else None for d in dims)
+        axes = tuple(str(d) if d is not None else "?" for d in dims)
+        specs.append(InputSpec(str(getattr(node, "name", "")), str(getattr(node, "type", "")), shape, axes))
     return specs
 
 
@@ -220,3 +228,76 @@ def take_rows(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str, 
 
 def num_rows(feeds: dict[str, np.ndarray]) -> int:
     return len(next(iter(feeds.values())))
+
+
+# The kinds of numpy array each ONNX element type takes (cast to that type): integers for token
+# ids, 0/1 integers or booleans for a mask, any numbers for a float input.
+TAKES_KINDS = {"int64": "iub", "int32": "iub", "bool": "biu", "float": "fiub", "double": "fiub"}
+NUMPY_TYPES = {
+    "int64": np.int64,
+    "int32": np.int32,
+    "bool": np.bool_,
+    "float": np.float32,
+    "double": np.float64,
+}
+
+
+def named_feeds(arrays: Mapping[str, Any], specs: Sequence[InputSpec], source: str) -> dict[str, np.ndarray]:
+    """A model of several named inputs: one array per input, from the arrays of the same names
+    (an .npz, or Parquet columns of lists), each checked against what the model takes (its
+    element type, number of axes, fixed sizes) and with the rows and the named dynamic axes
+    (e.g. `sequence`) the same size in every input. Arrays the model does not take (e.g. the
+    labels) are left out. Every refusal is one line naming the input and what the model expects."""
+    takes = f"the model takes {', '.join(spec.describe() for spec in specs)}"
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        given = ", ".join(sorted(map(str, arrays))) or "none"
+        raise KilnError(f"{source}: no array {missing[0]!r} (arrays given: {given}); {takes}")
+    feeds: dict[str, np.ndarray] = {}
+    sizes: dict[str, tuple[int, str]] = {}  # an axis name -> (its size, the input that set it)
+    for spec in specs:
+        values = np.asarray(arrays[spec.name])
+        element = spec.type.removeprefix("tensor(").removesuffix(")")
+        if values.dtype.kind not in TAKES_KINDS.get(element, "fiub"):
+            raise KilnError(f"{source}: array {spec.name!r} holds {values.dtype}, but {takes}")
+        if values.ndim != len(spec.shape):
+            raise KilnError(
+                f"{source}: array {spec.name!r} has shape {list(values.shape)} ({values.ndim} axes), but {takes}"
+            )
+        for axis, (size, name) in enumerate(
+            zip(values.shape, spec.axes or ("?",) * values.ndim, strict=True)
+        ):
+            if spec.shape[axis] is not None and size != spec.shape[axis]:
+                raise KilnError(
+                    f"{source}: array {spec.name!r} has {size} on axis {axis}, the model takes {spec.shape[axis]} "
+                    f"there; {takes}"
+                )
+            key = "batch (rows)" if axis == 0 else name
+            if spec.shape[axis] is None and key != "?":
+                first = sizes.setdefault(key, (int(size), spec.name))
+                if first[0] != size:
+                    raise KilnError(
+                        f"{source}: array {spec.name!r} has {size} on its {key} axis but {first[1]!r} has "
+                        f"{first[0]}; they must match ({takes})"
+                    )
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise KilnError(f"{source}: array {spec.name!r} holds NaN or inf; give finite numbers")
+        with np.errstate(over="ignore", invalid="ignore"):
+            feeds[spec.name] = np.ascontiguousarray(values.astype(NUMPY_TYPES.get(element, np.float32)))
+    if not num_rows(feeds):
+        raise KilnError(f"{source}: no rows")
+    return feeds
+
+
+def stacked_column(values: Sequence[Any], name: str, source: str) -> np.ndarray:
+    """A table column holding one array (or list) per row, as one array of rows; rows of
+    different lengths are refused, naming the first that differs."""
+    rows = [np.asarray(value) for value in values]
+    first = rows[0].shape
+    for index, row in enumerate(rows):
+        if row.shape != first:
+            raise KilnError(
+                f"{source}: column {name!r} holds {list(row.shape)} values in row {index + 1} but "
+                f"{list(first)} in row 1; give every row the same length (pad it, as the model was trained)"
+            )
+    return np.stack(rows) if rows else np.zeros((0,))

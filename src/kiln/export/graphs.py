@@ -39,14 +39,19 @@ def assemble(
     table: Mapping[str, Any] | None = None,
     image: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
-    """A copy of `net` (one input, one output) with the preprocessing (tables, images) and the head
-    added. `image` is a datamodule's `image_input` (kiln.contract.image_input)."""
+    """A copy of `net` (one output; one input, or several named ones and no preprocessing) with the
+    preprocessing (tables, images) and the head added. `image` is a datamodule's `image_input`
+    (kiln.contract.image_input)."""
     model = onnx.ModelProto()
     model.CopyFrom(net)
     graph = model.graph
-    (net_input,) = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    net_inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    net_input = net_inputs[0]
     (net_output,) = list(graph.output)
-    if table is not None:
+    if len(net_inputs) > 1:
+        for each in net_inputs:  # several named inputs: each keeps its own (dynamic) axes
+            each.type.tensor_type.shape.dim[0].dim_param = BATCH
+    elif table is not None:
         _add_table_preprocessing(graph, net_input.name, table)
         graph.input.remove(net_input)
     elif image is not None:

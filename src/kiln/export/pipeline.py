@@ -86,7 +86,7 @@ class Model:
 
     task: str | None  # classification, regression, or None: the raw output, no head
     class_names: list[str]
-    input_shape: list[int]
+    input_shape: list[int] | dict[str, list[int]]  # per input name, for several inputs
 
     @property
     def output(self) -> str:
@@ -121,7 +121,7 @@ def export(
     model = Model(
         task=contract.task(datamodule, module),
         class_names=contract.class_names(datamodule, module) or [],
-        input_shape=list(manifest.get("input_shape") or inputs.input_shape),
+        input_shape=manifest.get("input_shape") or inputs.input_shape,
     )
     if model.task == "classification" and not model.class_names:
         model.task = None  # no names to answer with: the graph gives its raw output
@@ -135,9 +135,7 @@ def export(
                 module, datamodule, "test", trainer=trainer
             )
         with watch.part("baseline: latency"):
-            latency = measure.torch_latency(
-                target, inputs.torch_features(), BATCHES, settings.latency_repeats
-            )
+            latency = torch_latency(target, inputs.torch_features(), settings.latency_repeats)
         baseline = {
             "name": "torch_fp32",
             "val_metrics": val_metrics,
@@ -349,7 +347,7 @@ def export_variant(
 
     from kiln.compression.choose import describe_drop, metric_drop
     from kiln.compression.pipeline import COMPRESS_DIR
-    from kiln.export import checks, measure
+    from kiln.export import checks
     from kiln.export.graphs import assemble, set_metadata
     from kiln.export.scoring import RowRecorder, evaluate_graph
 
@@ -416,7 +414,7 @@ def export_variant(
     if entry["precision"] == "fp32":
         with watch.part(f"{name}: parity with torch"):
             graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
-            torch_out = measure.torch_outputs(
+            torch_out = torch_outputs(
                 variant_module(run, target, entry), inputs.torch_features(), model.task or ""
             )
             result = checks.parity(graph_out, torch_out, model.task or "regression", settings.atol)
@@ -649,6 +647,8 @@ class ModelInputs:
     Images (a datamodule with `image_input`): torch takes up to PARITY_ROWS inputs `x` from the
     test loader, the graph the same images as uint8 (x un-normalized, rounded: exact for images
     that were resized as uint8 and then scaled, as kiln's are).
+    Several inputs (kiln.export.onnx_export.NamedInputs): up to PARITY_ROWS rows of each, by name,
+    from the test loader's batches (those shaped as the first batch), for both.
     Anything else: up to PARITY_ROWS inputs `x` from the datamodule's own test loader, for both.
     """
 
@@ -658,24 +658,39 @@ class ModelInputs:
 
         self.table = table_state(datamodule)
         self.image = export_image_input(datamodule) if self.table is None else None
-        self.kind = "table" if self.table is not None else "image" if self.image is not None else "array"
+        self.named = named_test_inputs(datamodule, module, PARITY_ROWS) if self.table is None else None
+        self.kind = (
+            "table"
+            if self.table is not None
+            else "named"
+            if self.named is not None
+            else "image"
+            if self.image is not None
+            else "array"
+        )
         self.frame = None
         self._x: np.ndarray | None = None
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         if self.table is not None:
             self.frame = with_unseen_rows(raw_split(datamodule, "test"), self.table)
             self.feature_names = list(self.table["numeric_columns"]) + list(self.table["categorical_columns"])
+        elif self.named is not None:
+            self.feature_names = self.named.names
         else:
             self._x = test_inputs(datamodule, PARITY_ROWS)
             self.feature_names = list(getattr(datamodule, "feature_names", None) or [])
 
     @property
-    def input_shape(self) -> list[int]:
+    def input_shape(self) -> list[int] | dict[str, list[int]]:
+        if self.named is not None:
+            return self.named.shapes()
         return list(self.torch_features().shape[1:])
 
     def torch_features(self) -> Any:
         import torch
 
+        if self.named is not None:
+            return self.named
         if self.table is None:
             assert self._x is not None
             return torch.from_numpy(self._x)
@@ -693,6 +708,8 @@ class ModelInputs:
             if self.table is not None:
                 assert self.frame is not None
                 self._cache[key] = table_feeds(self.frame, specs, source="test split")
+            elif self.named is not None:
+                self._cache[key] = named_feeds(self.named, session)
             elif self.image is not None and specs[0].type == "tensor(uint8)":
                 from kiln.export.images import framed_for_graph
 
@@ -703,6 +720,97 @@ class ModelInputs:
                 assert self._x is not None
                 self._cache[key] = array_feeds(self._x, specs[0])
         return self._cache[key]
+
+
+def named_test_inputs(datamodule: Any, module: Any, limit: int) -> Any:
+    """Up to `limit` rows of each of a several-input model's inputs (NamedInputs) from the test
+    loader, or None for a model of one input. Batches shaped unlike the first (another padded
+    length) are left out: rows of one array share one shape."""
+    import torch
+
+    from kiln.contract import export_module
+    from kiln.export.onnx_export import NamedInputs, example_input, inputs_of_batch
+
+    example = example_input(module, datamodule)
+    if not isinstance(example, NamedInputs):
+        return None
+    datamodule.setup("test")
+    forward = getattr(export_module(module), "forward", None)
+    parts: dict[str, list[Any]] = {name: [] for name in example.names}
+    rows = 0
+    for batch in datamodule.test_dataloader():
+        tensors = (
+            batch
+            if isinstance(batch, dict) and all(n in batch for n in parts)
+            else inputs_of_batch(batch, forward)
+        )
+        if tensors is None or any(name not in tensors for name in parts):
+            break
+        if any(tensors[n].shape[1:] != parts[n][0].shape[1:] for n in parts if parts[n]):
+            continue
+        for name in parts:
+            parts[name].append(tensors[name].detach().cpu())
+        rows += len(tensors[example.names[0]])
+        if rows >= limit:
+            break
+    if not rows:
+        raise KilnError(
+            "data: the test loader gave no batches with the model's inputs; kiln checks the exported model on them"
+        )
+    joined = {name: torch.cat(values)[:limit].contiguous() for name, values in parts.items()}
+    return NamedInputs(joined, example.axes, example.as_dict)
+
+
+def named_feeds(named: Any, session: Any) -> dict[str, np.ndarray]:
+    """The graph's inputs by name, each as the graph's element type."""
+    from kiln.export.scoring import numpy_type
+
+    return {
+        node.name: np.ascontiguousarray(named.tensors[node.name].numpy().astype(numpy_type(node.type)))
+        for node in session.get_inputs()
+    }
+
+
+def torch_latency(target: Any, features: Any, repeats: int) -> Any:
+    """torch eager latency at each of BATCHES rows; several inputs are tiled together."""
+    import torch
+
+    from kiln.export import measure
+    from kiln.export.onnx_export import NamedInputs
+
+    if not isinstance(features, NamedInputs):
+        return measure.torch_latency(target, features, BATCHES, repeats)
+    target.eval()
+    latency = measure.Latency()
+    with torch.inference_mode():
+        for batch in BATCHES:
+            tiled = {name: tile(tensor, batch) for name, tensor in features.tensors.items()}
+            latency.add(batch, measure.timed(functools.partial(features.call, target, tiled), repeats))
+    return latency
+
+
+def tile(tensor: Any, rows: int) -> Any:
+    """Exactly `rows` rows, repeating the tensor's own."""
+    reps = -(-rows // len(tensor))
+    return tensor.repeat(reps, *([1] * (tensor.dim() - 1)))[:rows].contiguous()
+
+
+def torch_outputs(net: Any, features: Any, task: str, batch_size: int = 1024) -> np.ndarray:
+    """The torch module's answers to the parity inputs (several inputs: called as forward takes them)."""
+    import torch
+
+    from kiln.export import measure
+    from kiln.export.onnx_export import NamedInputs
+
+    if not isinstance(features, NamedInputs):
+        return measure.torch_outputs(net, features, task, batch_size)
+    net.eval()
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(features.tensors[features.names[0]]), batch_size):
+            out = features.call(net, {n: t[start : start + batch_size] for n, t in features.tensors.items()})
+            parts.append((out.squeeze(-1) if task == "regression" else out).float().numpy())
+    return np.concatenate(parts, axis=0)
 
 
 def test_inputs(datamodule: Any, limit: int) -> np.ndarray:

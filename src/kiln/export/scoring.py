@@ -117,25 +117,45 @@ class RowRecorder:
 
 
 class OnnxForward:
-    """While active, `target.forward(x)` runs the ONNX graph at `session` (one tensor in, the
-    first output back as a tensor on x's device), and counts its calls."""
+    """While active, `target.forward(...)` runs the ONNX graph at `session` (the first output back
+    as a tensor on the inputs' device), and counts its calls. A graph of one input takes one
+    tensor; a graph of several named inputs takes them as forward does: one tensor per argument
+    (positional or by name, in the graph's input order) or one dict of them."""
 
     def __init__(self, target: nn.Module, session: Any) -> None:
         self.target = target
         self.session = session
-        self.input_name = session.get_inputs()[0].name
+        self.inputs = [(node.name, numpy_type(node.type)) for node in session.get_inputs()]
         self.calls = 0
 
-    def __call__(self, x: Any, *rest: Any, **keywords: Any) -> Tensor:
-        if rest or keywords or not isinstance(x, Tensor):
-            raise KilnError(
-                "the exported forward takes one tensor; this module's forward was called with more "
-                "(define kiln_export_module() returning the part that takes one tensor)"
-            )
+    def __call__(self, *args: Any, **keywords: Any) -> Tensor:
+        tensors = self.named_tensors(args, keywords)
         self.calls += 1
-        feed = {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())}
+        feed = {
+            name: np.ascontiguousarray(tensors[name].detach().cpu().numpy().astype(dtype, copy=False))
+            for name, dtype in self.inputs
+        }
         out = self.session.run(None, feed)[0]
-        return torch.from_numpy(np.asarray(out)).to(x.device)
+        return torch.from_numpy(np.asarray(out)).to(next(iter(tensors.values())).device)
+
+    def named_tensors(self, args: tuple[Any, ...], keywords: dict[str, Any]) -> dict[str, Tensor]:
+        names = [name for name, _ in self.inputs]
+        if len(args) == 1 and not keywords and isinstance(args[0], dict):
+            given = dict(args[0])  # forward(batch) with a dict batch
+        else:
+            given = {**dict(zip(names, args, strict=False)), **keywords}
+            if len(args) > len(names):
+                given["(extra positional)"] = args[len(names)]
+        wrong = [name for name in names if not isinstance(given.get(name), Tensor)]
+        extra = [name for name in given if name not in names]
+        if wrong or (extra and len(names) == 1):
+            takes = "one tensor" if len(names) == 1 else f"the tensors {', '.join(names)}"
+            raise KilnError(
+                f"the exported forward takes {takes}; this module's forward was called with "
+                f"{describe_call(args, keywords)} (define kiln_export_module() returning the part that "
+                "takes what the graph takes)"
+            )
+        return {name: given[name] for name in names}
 
     @contextmanager
     def active(self) -> Iterator[OnnxForward]:
@@ -151,6 +171,19 @@ class OnnxForward:
                 own["forward"] = previous
             else:
                 del own["forward"]
+
+
+def numpy_type(onnx_type: str) -> Any:
+    """The numpy dtype of an onnxruntime input type string such as 'tensor(int64)'."""
+    name = onnx_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": np.float32, "double": np.float64, "bool": np.bool_}.get(
+        name, getattr(np, name, np.float32)
+    )
+
+
+def describe_call(args: tuple[Any, ...], keywords: dict[str, Any]) -> str:
+    parts = [type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in keywords.items()]
+    return f"({', '.join(parts)})"
 
 
 def evaluate_graph(

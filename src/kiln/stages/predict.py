@@ -415,6 +415,8 @@ def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, An
     if source.is_dir():
         raise KilnError(f"{key}: a folder, but this model takes rows; give a CSV, Parquet or .npy file")
     suffix = source.suffix.lower()
+    if len(specs) > 1 and not is_table(specs):
+        return read_named_feeds(source, specs, key)
     if suffix == ".npy":
         if is_table(specs):
             raise KilnError(f"{key}: this model takes table columns; give a CSV or Parquet file with them")
@@ -466,6 +468,37 @@ def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, An
 
 
 NO_MISSING_IN_ARRAYS = "replace it with a finite number (an array model has no missing values to fill in)"
+
+
+def read_named_feeds(source: Path, specs: list[Any], key: str) -> dict[str, Any]:
+    """A model of several named inputs (token ids and a mask, an image and tabular features) reads
+    an .npz of arrays named as its inputs, or a Parquet table whose columns of those names hold
+    one array (or list) per row (kiln.export.feeds.named_feeds checks them)."""
+    import numpy as np
+
+    from kiln.export.feeds import named_feeds, stacked_column
+
+    takes = ", ".join(spec.describe() for spec in specs)
+    suffix = source.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(source, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (ValueError, OSError, KeyError) as exc:
+            raise KilnError(f"{key}: cannot read it as an .npz of arrays ({exc})") from exc
+        return named_feeds(arrays, specs, key)
+    if suffix in (".parquet", ".pq"):
+        header, columns, _ = read_columns(source, key)
+        arrays = {
+            name: stacked_column(columns[name], name, key)
+            for name in header
+            if name in {s.name for s in specs}
+        }
+        return named_feeds(arrays, specs, key)
+    raise KilnError(
+        f"{key}: this model takes several named inputs: {takes}; give an .npz of arrays with those names, "
+        "or a Parquet file with those columns (one list per row)"
+    )
 
 
 def refuse_infinite_cells(feeds: dict[str, Any], columns: dict[str, Any], key: str) -> None:
