@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from kiln.errors import KilnError
 from multi_input_project import CLASSES, token_rows, write_text_project
 
 
@@ -284,3 +285,105 @@ def test_predict_takes_a_sequence_length_the_model_never_saw(text_run, tmp_path)
         expected = module(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(-1).numpy()
     assert float(np.mean(answers == expected)) >= 0.98  # int8 may flip a borderline row
     assert float(np.mean(answers == labels)) > 0.8
+
+
+# -- bad input: one line naming the input and what the model expects ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_input_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model.onnx taking input_ids and attention_mask (int64, batch x sequence), written by
+    torch's exporter directly (what predict reads is the graph, whoever wrote it)."""
+    torch.manual_seed(0)
+    ids = torch.ones(2, 6, dtype=torch.long)
+    axes = {0: "batch", 1: "sequence"}
+    path = tmp_path_factory.mktemp("two_inputs") / "model.onnx"
+    torch.onnx.export(
+        TwoTensors().eval(),
+        (ids, ids),
+        str(path),
+        dynamo=False,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["output"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "output": {0: "batch"}},
+    )
+    return path
+
+
+TAKES = "the model takes input_ids (int64, batch x sequence), attention_mask (int64, batch x sequence)"
+IDS = np.arange(40, dtype=np.int64).reshape(4, 10) % 16
+
+
+@pytest.mark.parametrize(
+    ("arrays", "expected"),
+    [
+        ({"input_ids": IDS}, f"no array 'attention_mask' (arrays given: input_ids); {TAKES}"),
+        (
+            {"input_ids": IDS.astype(np.float64), "attention_mask": np.ones((4, 10))},
+            f"array 'input_ids' holds float64, but {TAKES}",
+        ),
+        (
+            {"input_ids": IDS.ravel(), "attention_mask": np.ones((40,), dtype=np.int64)},
+            f"array 'input_ids' has shape [40] (1 axes), but {TAKES}",
+        ),
+        (
+            {"input_ids": IDS, "attention_mask": np.ones((4, 8), dtype=np.int64)},
+            f"array 'attention_mask' has 8 on its sequence axis but 'input_ids' has 10; they must match ({TAKES})",
+        ),
+        (
+            {"input_ids": IDS, "attention_mask": np.ones((3, 10), dtype=np.int64)},
+            f"array 'attention_mask' has 3 on its batch (rows) axis but 'input_ids' has 4; they must match ({TAKES})",
+        ),
+    ],
+    ids=["missing", "dtype", "rank", "sequence", "rows"],
+)
+def test_an_npz_that_does_not_fit_the_inputs_is_one_line_naming_the_input(
+    two_input_model, tmp_path, capsys, arrays, expected
+):
+    from kiln.stages import predict as predict_stage
+
+    source = tmp_path / "rows.npz"
+    np.savez(source, **arrays)
+    output = tmp_path / "out.csv"
+    code = predict_stage.main([f"model={two_input_model}", f"input={source}", f"output={output}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"kiln predict: error: input={source}: {expected}"]
+    assert not output.exists()
+
+
+def test_rows_of_one_array_and_ragged_parquet_rows_are_refused_naming_what_the_model_takes(
+    two_input_model, tmp_path
+):
+    import pandas as pd
+
+    from kiln.stages import predict as predict_stage
+
+    np.save(tmp_path / "ids.npy", IDS)
+    with pytest.raises(KilnError) as raised:
+        predict(two_input_model, tmp_path / "ids.npy", tmp_path / "out.csv")
+    assert str(raised.value) == (
+        f"input={tmp_path / 'ids.npy'}: this model takes several named inputs: input_ids (int64, batch x sequence), "
+        "attention_mask (int64, batch x sequence); give an .npz of arrays with those names, or a Parquet file with "
+        "those columns (one list per row)"
+    )
+    ragged = pd.DataFrame({"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]]})
+    ragged.to_parquet(tmp_path / "ragged.parquet")
+    with pytest.raises(KilnError, match=r"column 'input_ids' holds \[2\] values in row 2 but \[3\] in row 1"):
+        predict(two_input_model, tmp_path / "ragged.parquet", tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+    # int32 token ids are taken (cast), and the answers are the net's
+    np.savez(
+        tmp_path / "ok.npz", input_ids=IDS.astype(np.int32), attention_mask=np.ones((4, 10), dtype=np.int32)
+    )
+    assert (
+        predict_stage.run(
+            {
+                "model": str(two_input_model),
+                "input": str(tmp_path / "ok.npz"),
+                "output": str(tmp_path / "ok.csv"),
+                "batch_size": 3,
+            }
+        )["rows"]
+        == 4
+    )
