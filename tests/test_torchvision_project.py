@@ -29,7 +29,7 @@ import onnx
 import pytest
 import torch
 
-from kilntest import read_run
+from kilntest import copy_run, read_run
 from torchvisionproject import write_torchvision_project
 
 EPOCHS = 4  # the narrowed resnet10t reaches a test accuracy of about 0.8 on the three digits
@@ -167,6 +167,26 @@ def test_the_eval_transform_goes_into_the_graph_and_predict_reproduces_the_modul
     predict_accuracy = float(np.mean(np.equal(predicted, truth)))
     assert abs(predict_accuracy - torch_accuracy) <= 0.005, (predict_accuracy, torch_accuracy)
     assert np.mean(np.equal(predicted, answers)) >= 0.99  # file by file, the module's answers
+
+
+@pytest.mark.slow
+def test_kiln_export_of_the_saved_run_reads_the_eval_transform_again(trained, tmp_path, capfd):
+    """`kiln export run=<dir>` rebuilds the user's datamodule from the run's saved config (not set
+    up yet) and puts the same preprocessing into the graph, without a warning."""
+    from kiln.config import compose
+    from kiln.stages import export as export_stage
+
+    run_dir = copy_run(trained.run_dir, tmp_path)
+    forget_project_modules()
+    sys.path.insert(0, str(trained.project))
+    try:
+        export_stage.main.call(compose("export", [f"run={run_dir}", "export.latency_repeats=3"]))
+    finally:
+        sys.path.remove(str(trained.project))
+    assert "warning" not in capfd.readouterr().err
+    assert graph_input(run_dir / "model.onnx") == (onnx.TensorProto.UINT8, ["batch", "height", "width", 3])
+    meta = {p.key: p.value for p in onnx.load(str(run_dir / "model.onnx")).metadata_props}
+    assert json.loads(meta["kiln.image_input"])["resize"] == {"shorter": 36}
 
 
 @pytest.mark.slow
