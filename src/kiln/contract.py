@@ -8,14 +8,22 @@ Required, exactly as the Lightning docs teach:
     LightningModule       training_step, configure_optimizers; validation_step logging
                           `monitor.metric` at epoch level (the default in validation);
                           test_step (kiln tests the best checkpoint); forward(x), the
-                          computation to deploy (one tensor in, one tensor out)
+                          computation to deploy (one tensor in, one tensor out), or
+                          forward(a, b, ...) / forward(batch_dict): several named inputs
     LightningDataModule   train_dataloader, val_dataloader, test_dataloader; batches are
                           `(x, y, ...)` tuples or lists (the default collate) or a bare tensor x
 
 Optional, used when present:
 
-    module.example_input_array      Lightning's own: the example for export and the graph;
-                                    without it, kiln takes `x` from the first validation batch
+    module.example_input_array      Lightning's own: the example for export and the graph: a
+                                    tensor; a tuple of tensors (forward(*example)); a dict
+                                    (forward(**example)); a tuple of one dict (forward(example[0])).
+                                    Without it, kiln takes `x` from the first validation batch,
+                                    or a dict batch's entries named like forward's arguments.
+                                    Several inputs become the graph's named inputs; dynamic axes:
+                                    axis 0 of each is `batch`, axis 1 of an integer or boolean
+                                    input of 2+ axes is `sequence` (kiln.export.onnx_export)
+    module.kiln_dynamic_axes        {input name: {axis: name}}: replaces that rule for those inputs
     module.kiln_export_module()     the part to export, when `forward` is not it (e.g. a module
                                     whose forward returns a loss, or only the backbone)
     class_names / classes           on the datamodule (or the module): a classifier's class names;

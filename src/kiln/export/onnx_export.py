@@ -13,6 +13,10 @@ Two exporters, chosen by `export.exporter`:
                like torch to 1e-4. Every variant is checked against torch again after export anyway.
 
 When no exporter can handle the net, the error names the module it stopped at.
+
+Several inputs (a forward of several tensors, or of one dict: NamedInputs) export through a thin
+wrapper that takes them one positional tensor each, so both exporters see plain tensors; the graph's
+inputs carry forward's argument names (or the dict's keys) and the axes of `dynamic_axes`' rule.
 """
 
 from __future__ import annotations

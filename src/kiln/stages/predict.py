@@ -3,9 +3,11 @@
     kiln predict model=runs/train/<run>/model.onnx input=penguins.csv output=predictions.csv
     kiln predict model=runs/train/<run>/model.onnx input=digits.npy output=predictions.csv
     kiln predict model=runs/train/<run>/model.onnx input=photos/ output=predictions.csv
+    kiln predict model=runs/train/<run>/model.onnx input=tokens.npz output=predictions.csv
 
 Steps: open the model (a damaged file is one clear error) -> read the rows (CSV, Parquet, or .npy
-for array models; image files, a folder of them, or a .npy batch for image models) and check them
+for array models; image files, a folder of them, or a .npy batch for image models; an .npz or
+Parquet file of named arrays for a model of several inputs) and check them
 against the model's inputs (missing or extra columns, text in a numeric column, inf, an empty
 file) -> run in batches -> write the predicted class (or value) and each class's probability to a
 temp file, then rename it to `output` (never the input's or the model's own file).
@@ -30,7 +32,7 @@ from kiln.errors import EXIT_USER_ERROR, KilnError
 from kiln.interrupts import Interrupted
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
-USAGE = """usage: kiln predict model=<file.onnx> input=<rows.csv|.parquet|.npy|image files or folder> output=<predictions.csv> [batch_size=1024]
+USAGE = """usage: kiln predict model=<file.onnx> input=<rows.csv|.parquet|.npy|.npz|image files or folder> output=<predictions.csv> [batch_size=1024]
 
 Serves a model written by kiln export with onnxruntime alone. The defaults are in conf/predict.yaml;
 `kiln predict --cfg job` prints them with your overrides applied."""
