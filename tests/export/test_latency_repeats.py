@@ -65,6 +65,14 @@ def test_repeats_caps_the_runs_and_a_slow_call_is_warmed_once(clock: FakeClock):
     assert len(samples) == 7 and len(made) == 1 + 7  # one warm-up call: it took over WARMUP_BUDGET_S
 
 
+def test_slow_calls_stop_at_three_runs_once_the_budget_is_spent(clock: FakeClock):
+    call, made = calls_taking(clock, itertools.cycle([0.1, 0.2]))  # 100 ms apart: never tight
+    samples = measure.timed(call, repeats=30, budget_s=0.3)
+    assert len(samples) == measure.MIN_SLOW_REPEATS == 3 and len(made) == 1 + 3
+    quick, _ = calls_taking(clock, itertools.cycle([0.010, 0.020]))  # under QUICK_CALL_S: the usual minimum
+    assert len(measure.timed(quick, repeats=30, budget_s=0.01)) == measure.MIN_REPEATS
+
+
 def test_fewer_repeats_than_the_minimum_are_honoured(clock: FakeClock):
     call, _ = calls_taking(clock, itertools.repeat(0.001))
     assert len(measure.timed(call, repeats=2)) == 2

@@ -131,6 +131,8 @@ def compress(
                     warn(warning)
                 variant.update(precision="int8", net_onnx=target_file.name)
                 variant["notes"] = [*variant["notes"], *warnings]
+            if slower_than_fp32(recipe, staging, variant, example, watch, say, abandoned):
+                continue
             variants.append(variant)
         manifest = {
             "recipe": recipe.name,
@@ -225,6 +227,45 @@ def prune(
         **exported_by(exported),
         "notes": notes,
     }
+
+
+def slower_than_fp32(
+    recipe: Recipe,
+    staging: Path,
+    variant: dict[str, Any],
+    example: Any,
+    watch: Any,
+    say: Callable[[str], None],
+    abandoned: list[dict[str, Any]],
+) -> bool:
+    """auto, objective=latency: a candidate whose net is shown slower than the fp32 net at batch 1
+    could never ship (kiln.compression.speed_check), so it is abandoned, its net deleted, the
+    evidence recorded."""
+    from kiln.compression import speed_check
+
+    if not recipe.auto or recipe.objective != "latency":
+        return False
+    with watch.part(f"{variant['name']}: speed pre-check"):
+        nets = staging / f"{FP32}.net.onnx", staging / variant["net_onnx"]
+        speedup = speed_check.slower_than_fp32(*nets, example, rounds=30)
+    if speedup is None:
+        return False
+    reason = speed_check.describe(speedup)
+    say(f"{variant['name']}: abandoned ({reason})")
+    abandoned.append(
+        {
+            "name": variant["name"],
+            "steps": variant["steps"],
+            "params": variant["params"],
+            "abandoned": reason,
+            "speedup": {str(speed_check.BATCH): speedup},
+            "notes": variant["notes"],
+            **{key: variant[key] for key in ("int8_search",) if key in variant},  # static int8's attempts
+        }
+    )
+    if variant.get("precision") != "fp32":  # its own quantized net; a pruned fp32 one may serve others
+        (staging / variant["net_onnx"]).unlink(missing_ok=True)
+    return True
 
 
 def abandoned_record(candidate: Any, source: dict[str, Any]) -> dict[str, Any]:

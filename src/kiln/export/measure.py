@@ -41,6 +41,8 @@ from kiln.export.feeds import tile_rows
 WARMUP = 3
 WARMUP_BUDGET_S = 0.02
 MIN_REPEATS = 5
+MIN_SLOW_REPEATS = 3  # of calls over QUICK_CALL_S once the time budget is spent: a ResNet's batch
+# of 256 in torch eager took 8 s a call on a busy machine, and that baseline is reported, not decided on
 TIGHT = 0.1  # runs whose middle half lies within 10% of their median agree
 TIME_BUDGET_S = 0.3  # per batch size and variant, once MIN_REPEATS runs are in
 MIN_ROUNDS = 8  # paired rounds of quick calls at least (a round of them costs little)
@@ -74,7 +76,8 @@ def scores(
 
 def timed(call: Callable[[], Any], repeats: int, budget_s: float = TIME_BUDGET_S) -> list[float]:
     """Microseconds of up to `repeats` warm calls (at least MIN_REPEATS unless `repeats` is
-    smaller; no more once they agree within TIGHT or `budget_s` has passed)."""
+    smaller; no more once they agree within TIGHT or `budget_s` has passed, and then
+    MIN_SLOW_REPEATS are enough for calls slower than QUICK_CALL_S)."""
     started = time.perf_counter()
     for _ in range(WARMUP):
         call()
@@ -86,7 +89,10 @@ def timed(call: Callable[[], Any], repeats: int, budget_s: float = TIME_BUDGET_S
         start = time.perf_counter()
         call()
         samples.append((time.perf_counter() - start) * 1e6)
-        if len(samples) >= MIN_REPEATS and (agree(samples) or time.perf_counter() - started > budget_s):
+        over_budget = time.perf_counter() - started > budget_s
+        if len(samples) >= MIN_REPEATS and (agree(samples) or over_budget):
+            break
+        if len(samples) >= MIN_SLOW_REPEATS and over_budget and min(samples) > QUICK_CALL_S * 1e6:
             break
     return samples
 
@@ -254,3 +260,17 @@ class Stopwatch:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def seconds_per_variant(*parts: dict[str, float]) -> dict[str, float]:
+    """Wall seconds spent on each variant, compression and export together: the sum of the
+    Stopwatch parts named `<variant>: <what>` (`pruned0: fine-tune` is a pruning that candidates
+    share). The parts of no one variant are left out: `baseline: ...`, and `latency: ...`, the
+    paired rounds of every candidate together."""
+    totals: dict[str, float] = {}
+    for seconds in parts:
+        for name, spent in seconds.items():
+            variant, separator, _ = name.partition(": ")
+            if separator and variant not in ("baseline", "latency"):
+                totals[variant] = round(totals.get(variant, 0.0) + spent, 3)
+    return totals
