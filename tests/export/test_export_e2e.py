@@ -190,8 +190,8 @@ def test_a_candidate_is_timed_against_fp32_and_the_summary_says_what_each_number
     fp32, int8 = data["variants"]
     for batch in ("1", "256"):
         speedup = int8["speedup"][batch]
-        # at least 8 rounds whatever latency_repeats says (3 here): fewer give no 95% interval
-        assert speedup["rounds"] >= 8 and int8["latency_runs"][batch] == speedup["rounds"]
+        # at least 6 rounds (8 of quick calls) whatever latency_repeats says (3 here): fewer give no 95% interval
+        assert speedup["rounds"] >= 6 and int8["latency_runs"][batch] == speedup["rounds"]
         assert fp32["latency_runs"][batch] == speedup["rounds"]  # fp32 ran once in every round
         low, high = speedup["ci95"]
         assert 0 < low <= speedup["median"] <= high

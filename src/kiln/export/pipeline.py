@@ -237,6 +237,9 @@ def export(
             "compress_total": compress_seconds,
             "export_total": export_seconds,
             "compress_export": round(compress_seconds + export_seconds, 1),
+            # the training's fit (run.json throughput): what compression's cost is measured against
+            "train": (run.record.get("throughput") or {}).get("fit_seconds"),
+            "per_variant": measure.seconds_per_variant(manifest.get("timings_s", {}), watch.seconds),
         },
     }
     with held():  # model.onnx and the report that describes it are replaced together
@@ -270,8 +273,14 @@ def summary(report: dict[str, Any], directory: Path, seconds: float) -> str:
         f"  onnxruntime latency at batch {batch}: median {shipped['latency_us'][batch]:.0f} us of "
         f"{shipped['latency_runs'][batch]} {runs(shipped, batch)} (fp32 graph {fp32['latency_us'][batch]:.0f} us; "
         f"torch eager {baseline['latency_us'][batch]:.0f} us of {baseline['latency_runs'][batch]} runs)\n"
-        f"  compress + export {seconds:.1f} s; report: {directory / 'report.md'}"
+        f"  compress + export {seconds:.1f} s{against_training(report, seconds)}; report: {directory / 'report.md'}"
     )
+
+
+def against_training(report: dict[str, Any], seconds: float) -> str:
+    """` (0.25x the training's fit of 64.0 s)`: what the delivery cost beside the training."""
+    train = (report.get("timings_s") or {}).get("train")
+    return f" ({seconds / train:.2f}x the training's fit of {train:.1f} s)" if train else ""
 
 
 @dataclass(frozen=True)

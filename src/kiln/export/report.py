@@ -78,12 +78,13 @@ def markdown(report: dict[str, Any]) -> str:
         "| variant | precision | "
         + " | ".join(columns)
         + f" | val drop ({'points' if unit == 'points' else '%'}) | drop 95% CI | size (KB) | parameters | "
-        f"latency b1 (us) | latency b{batch} (us) [min, max] (runs) | speed-up over fp32 graph b{batch} [95% CI] | check |",
+        f"latency b1 (us) [min, max] (runs) | latency b{batch} (us) [min, max] (runs) | "
+        f"speed-up over fp32 graph b{batch} [95% CI] (rounds) | check |",
         "|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|---|---|",
         f"| {base['name']} (baseline) | fp32 | "
         + " | ".join(_cell(base, c) for c in columns)
         + f" | 0.00 | - | {base['size_bytes'] / 1024:.1f} | {base['params']} | "
-        f"{base['latency_us']['1']:.0f} | {_latency(base, batch)} | - | - |",
+        f"{_latency(base, '1')} | {_latency(base, batch)} | - | - |",
     ]
     for v in report["variants"]:
         interval = v.get("drop_ci95")
@@ -92,7 +93,7 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(_cell(v, c) for c in columns)
             + f" | {v['val_drop']:.2f} | "
             + (f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "n/a")
-            + f" | {v['size_bytes'] / 1024:.1f} | {v['params']} | {v['latency_us']['1']:.0f} | "
+            + f" | {v['size_bytes'] / 1024:.1f} | {v['params']} | {_latency(v, '1')} | "
             f"{_latency(v, batch)} | {_speedup(v, batch)} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
         )
     verdicts = report.get("verdicts") or {}
@@ -117,8 +118,9 @@ def markdown(report: dict[str, Any]) -> str:
         "its 95% interval comes from a paired bootstrap over the validation rows. Latency: "
         "onnxruntime, warm, median of the runs counted in the table, with the quickest and slowest run. "
         "Each candidate ran alternately with the fp32 graph (paired rounds, up to "
-        f"{report['latency_repeats']} per batch size, at least 8; a round of calls under 20 ms alternates them 3 "
-        "times and keeps each one's quickest, so a call the scheduler interrupted does not count), "
+        f"{report['latency_repeats']} per batch size, at least 8, 6 of calls over 20 ms; no more once the "
+        "speed-up's interval lies above or below 1, or 1 s has passed; a round of calls under 20 ms alternates "
+        "them 3 times and keeps each one's quickest, so a call the scheduler interrupted does not count), "
         "and its speed-up is the median over the rounds of fp32's time / its time, with the 95% "
         "sign-test interval of that median; the runs column counts rounds, and fp32's latency pools "
         "its rounds of every pairing. torch eager (the baseline) was timed alone "
@@ -128,13 +130,19 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if timings:
-        lines += [
-            f"Time: compression {timings.get('compress_total', 0):.1f} s, export "
-            f"{timings.get('export_total', 0):.1f} s (each part in report.json, `timings_s`).",
-            "",
-        ]
+        lines += [time_line(timings), ""]
     lines += ["![trade-off](report.png)", ""]
     return "\n".join(lines)
+
+
+def time_line(timings: dict[str, Any]) -> str:
+    """Wall seconds of compression and export, and beside the training's fit when it is known."""
+    compress, export = float(timings.get("compress_total", 0)), float(timings.get("export_total", 0))
+    line = f"Time (wall): compression {compress:.1f} s, export {export:.1f} s"
+    train = timings.get("train")
+    if train:
+        line += f", together {(compress + export) / train:.2f}x the training's fit ({train:.1f} s)"
+    return line + " (each part in report.json, `timings_s`)."
 
 
 def _exporters(variants: list[dict[str, Any]]) -> str:
