@@ -45,6 +45,23 @@ class JsonLinesTracker:
         self.write(call="finish", status=status)
 
 
+class LosesItsServer:
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def start(self, run):
+        pass
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_artifacts(self, paths):
+        raise ConnectionError("the server went away\\nsecond line")
+
+    def finish(self, status):
+        pass
+
+
 class NotATracker:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
@@ -75,6 +92,9 @@ def jsonl_tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config_dir = tmp_path / "conf"
     (config_dir / "logger").mkdir(parents=True)
     (config_dir / "logger" / "jsonl.yaml").write_text(TRACKER_CONFIG)
+    (config_dir / "logger" / "remote.yaml").write_text(
+        "trackers:\n  remote:\n    _target_: kiln_jsonl_tracker.LosesItsServer\n"
+    )
     return config_dir
 
 
@@ -141,6 +161,24 @@ def test_a_run_that_fails_while_training_finishes_its_trackers_as_failed(
     assert [line["metrics"]["epoch"] for line in lines if "val/loss" in line.get("metrics", {})] == [0.0]
     assert lines[-1]["status"] == "failed" == read_run(run_dir)["status"]
     assert not (run_dir / "tensorboard").exists()  # logger=jsonl alone: no TensorBoard
+
+
+def test_a_tracker_failing_after_a_completed_run_is_one_line_and_the_others_still_finish(
+    tmp_path: Path, jsonl_tracker: Path
+) -> None:
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError) as raised:
+        train(tmp_path, jsonl_tracker, "logger=[remote,jsonl]")  # the failing one first
+    (run_dir,) = [path.parent for path in (tmp_path / "runs").rglob("tracked.jsonl")]
+    assert str(raised.value) == (
+        "logger.trackers.remote: could not finish its run (ConnectionError: the server went away); "
+        f"the run itself is complete in {run_dir}"
+    )
+    lines = calls(run_dir / "tracked.jsonl")
+    assert lines[-1] == {"call": "finish", "status": "completed"}  # the tracker beside it finished
+    assert read_run(run_dir)["status"] == "completed"
+    assert not (run_dir / "tensorboard").exists()  # logger=jsonl alone: no TensorBoard, and no error
 
 
 @pytest.mark.parametrize(
