@@ -332,7 +332,7 @@ def _running_config() -> Any:
 
     if not HydraConfig.initialized():
         return None
-    return HydraConfig.get()._get_parent()  # type: ignore[attr-defined]
+    return _whole_config(HydraConfig.get())
 
 
 def _same_or_above(path: Path, other: Path) -> bool:
@@ -403,8 +403,16 @@ def _hydra_config_of(exc: BaseException) -> Any:
                 if isinstance(candidate, DictConfig) and "hydra" in candidate:
                     return candidate
     if HydraConfig.initialized():
-        return HydraConfig.get()._get_parent()  # type: ignore[attr-defined]
+        return _whole_config(HydraConfig.get())
     return None
+
+
+def _whole_config(hydra_node: Any) -> Any:
+    """The config whose `hydra` node HydraConfig holds. Hydra keeps only that node, linked to its
+    parent, and has no public getter for the rest: OmegaConf's relative key `..` is one."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(hydra_node, "..")
 
 
 def exception_chain(exc: BaseException) -> list[BaseException]:

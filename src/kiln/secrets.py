@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MASK = "***"
@@ -49,11 +49,12 @@ _SECRET_PARAMETER = re.compile(
 )
 
 
-def without_credentials(text: str) -> str:
+def without_credentials(text: str, secret_values: Sequence[str] | None = None) -> str:
     """`text` with every secret in it masked: scheme://user:***@host, ?password=***, and the value
     of every secret-looking environment variable as ***. A reference to an environment variable
-    in a secret's place (`${oc.env:NAME}`, see `secrets_to_environment`) holds none and is kept."""
-    for value in _secret_values():
+    in a secret's place (`${oc.env:NAME}`, see `secrets_to_environment`) holds none and is kept.
+    `secret_values`: those variables' values, when the caller has already read them."""
+    for value in _secret_values() if secret_values is None else secret_values:
         text = text.replace(value, MASK)
     return _replace_secrets(text, lambda found: MASK)
 
@@ -106,16 +107,20 @@ def mask_secrets(value: Any) -> Any:
     """`value` with every secret masked in every string inside it (dicts, lists, tuples,
     OmegaConf containers); the very same object when nothing needed masking. For what Lightning
     writes from hyperparameters: hparams.yaml, TensorBoard's hparams, checkpoints."""
+    return _masked(value, _secret_values())  # the environment read once, not once a string
+
+
+def _masked(value: Any, secret_values: Sequence[str]) -> Any:
     if isinstance(value, str):
-        return without_credentials(value)
+        return without_credentials(value, secret_values)
     if type(value).__module__.startswith("omegaconf"):
         from omegaconf import OmegaConf
 
         plain = OmegaConf.to_container(value, resolve=False)
-        masked = mask_secrets(plain)
+        masked = _masked(plain, secret_values)
         return value if masked is plain else OmegaConf.create(masked)
     if isinstance(value, dict):
-        items = {key: mask_secrets(item) for key, item in value.items()}
+        items = {key: _masked(item, secret_values) for key, item in value.items()}
         if all(items[key] is item for key, item in value.items()):
             return value
         try:
@@ -123,7 +128,7 @@ def mask_secrets(value: Any) -> Any:
         except TypeError:
             return items
     if isinstance(value, list | tuple):
-        masked_items = [mask_secrets(item) for item in value]
+        masked_items = [_masked(item, secret_values) for item in value]
         if all(new is old for new, old in zip(masked_items, value, strict=True)):
             return value
         try:
@@ -143,7 +148,7 @@ def secrets_to_environment(cfg: Any) -> list[str]:
     inherit (a local job, and a SLURM job: sbatch exports the submitter's environment). What
     Hydra then writes (multirun.yaml) and pickles for SLURM jobs (.submitit/) holds no secret.
     Returns the variables set."""
-    from omegaconf import DictConfig, ListConfig, open_dict, read_write
+    from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
     def variable(key: str, secret: str) -> str:
         if secret not in _secret_variables:
@@ -159,28 +164,21 @@ def secrets_to_environment(cfg: Any) -> list[str]:
             key = text.split("=", 1)[0].lstrip("+~")
         return _replace_secrets(text, lambda secret: f"${{oc.env:{variable(key, secret)}}}")
 
-    def walk(node: Any, key: str) -> None:
-        children = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
-        for child in children:
-            label = str(child)
-            name = f"{key}.{label}" if key else label
-            value = node._get_node(child)
-            if isinstance(value, DictConfig | ListConfig):
-                if not value._is_none() and not value._is_missing():
-                    walk(value, name)
-                continue
-            raw = value._value() if value is not None else None
-            if isinstance(raw, str) and holds_secret(raw):
-                node[child] = replaced(name, raw)
+    def walk(node: DictConfig | ListConfig, raw: Any, key: str) -> None:
+        """`raw`: the node as plain values, unresolved (interpolations as their text)."""
+        children = list(raw.items()) if isinstance(raw, dict) else list(enumerate(raw))
+        for child, value in children:
+            name = f"{key}.{child}" if key else str(child)
+            if isinstance(value, dict | list):  # a container, not an interpolation: no resolving
+                walk(node[child], value, name)
+            elif isinstance(value, str) and holds_secret(value):
+                node[child] = replaced(name, value)
 
+    if not isinstance(cfg, DictConfig):
+        return sorted(set(_secret_variables.values()))
+    raw = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    assert isinstance(raw, dict)
     # the user's keys first: a secret gets the variable named after the key that holds it
-    keys = sorted(cfg.keys(), key=lambda k: k == "hydra") if isinstance(cfg, DictConfig) else []
     with read_write(cfg), open_dict(cfg):
-        for top in keys:
-            value = cfg._get_node(top)
-            if isinstance(value, DictConfig | ListConfig):
-                if not value._is_none() and not value._is_missing():
-                    walk(value, str(top))
-            elif isinstance(value._value(), str) and holds_secret(value._value()):
-                cfg[top] = replaced(str(top), value._value())
+        walk(cfg, dict(sorted(raw.items(), key=lambda item: item[0] == "hydra")), "")
     return sorted(set(_secret_variables.values()))

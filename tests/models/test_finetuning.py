@@ -258,10 +258,15 @@ def test_the_backbone_gets_its_own_learning_rate_and_both_follow_the_schedule():
 
 
 class StepHook(L.Callback):
-    """Implementing a step hook sends the module through Lightning's manual_backward and step."""
+    """Implementing a backward hook sends the module through Lightning's manual_backward (its
+    steps always go through Lightning's optimizer.step, which calls on_before_optimizer_step)."""
 
     def __init__(self) -> None:
         self.steps = 0
+        self.backwards = 0
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.backwards += 1
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
@@ -276,6 +281,7 @@ def sgd_module(**settings: Any) -> KilnModule:
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lightning_path", [False, True])
 def test_accumulating_k_batches_of_b_rows_trains_what_batches_of_k_times_b_rows_train(lightning_path: bool):
     """16 rows x 3 against 48 rows: 300 rows make 6 full windows and a short one of 12 rows (one
@@ -293,6 +299,7 @@ def test_accumulating_k_batches_of_b_rows_trains_what_batches_of_k_times_b_rows_
     assert accumulated_trainer.global_step == whole_trainer.global_step == 3 * steps_per_epoch
     if lightning_path:
         assert hooks[0].steps == 3 * steps_per_epoch
+        assert hooks[0].backwards == -(-ROWS // 16) * 3  # one backward a mini-batch
     assert accumulated.lr_schedulers().last_epoch == 3 * steps_per_epoch
     assert_same_weights(accumulated, whole, atol=1e-6)
     start, end = sgd_module().net.state_dict(), whole.net.state_dict()

@@ -5,10 +5,11 @@ Lightning step runs `len(chunk)` optimizer steps. Each optimizer step is the idi
 (zero_grad, forward, loss, backward, step) at the configured batch size; only Lightning's
 bookkeeping is amortized. Metrics are logged at epoch level only.
 
-On one device in 32-bit or bf16-mixed precision, Lightning's per-step wrappers (manual_backward,
-LightningOptimizer.step) only call hooks around plain `loss.backward()` and `optimizer.step()`;
-when no callback implements those hooks, kiln calls the two directly (about a tenth of a small
-MLP's step time on CPU) and still counts each step where Lightning does (global_step).
+On one device in 32-bit or bf16-mixed precision, Lightning's manual_backward only calls hooks
+around a plain `loss.backward()`; when neither the module nor a callback implements them, kiln
+calls `loss.backward()` itself (manual_backward's hooks cost about a twentieth of a small MLP's
+step on CPU). Every optimizer step goes through Lightning's public `optimizer.step()`, which
+counts it (global_step) and calls `on_before_optimizer_step`.
 
 Fine-tuning options (all off by default): label smoothing, a frozen `net.backbone` for the first
 epochs, a smaller learning rate for the backbone, gradient accumulation over mini-batches (across
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -141,6 +143,9 @@ class KilnModule(L.LightningModule):
         # the open accumulation window: mini-batches and rows so far, rows of its first mini-batch
         self._window_batches = self._window_rows = self._window_unit = 0
         self._restored_grads: dict[str, Tensor] = {}
+        # the epoch's training metrics (by name) whose state was restored from a checkpoint: kept
+        # here, as torchmetrics' update count cannot be set through its public API
+        self._restored_epoch: set[str] = set()
         # torch.compile's callable; deliberately not a registered submodule (see _compiled)
         object.__setattr__(self, "_compiled_net", None)
         num_classes = len(self.class_names)
@@ -246,10 +251,8 @@ class KilnModule(L.LightningModule):
         backbone = _backbone(self.net)
         if frozen:
             self._frozen_params = [p for p in backbone.parameters() if p.requires_grad]
-            self._frozen_norms = [
-                m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            ]
-            unwrapped = self._trainer is None or self.trainer.strategy.model is self
+            self._frozen_norms = [m for m in backbone.modules() if isinstance(m, _BATCH_NORMS)]
+            unwrapped = not _has_trainer(self) or self.trainer.strategy.model is self
             if unwrapped:
                 for parameter in self._frozen_params:
                     parameter.requires_grad_(False)
@@ -317,11 +320,11 @@ class KilnModule(L.LightningModule):
                     if self._accumulated_backward(
                         loss, len(y), direct, epoch_ends and index == len(batches) - 1
                     ):
-                        self._optimizer_step(optimizer, scheduler, direct)
+                        self._optimizer_step(optimizer, scheduler)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     self._backward(loss, direct)
-                    self._optimizer_step(optimizer, scheduler, direct)
+                    self._optimizer_step(optimizer, scheduler)
                 losses.append(loss.detach())
                 outputs.append(out.detach())
                 targets.append(y)
@@ -351,7 +354,7 @@ class KilnModule(L.LightningModule):
         else:
             self.manual_backward(loss)
 
-    def _optimizer_step(self, optimizer: Any, scheduler: Any, direct: bool) -> None:
+    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         """One real optimizer step on the gradients there are: clipped, then stepped and counted."""
         for parameter in self._dropped_grads:  # a frozen backbone under DDP (see _freeze_backbone)
             parameter.grad = None
@@ -361,12 +364,7 @@ class KilnModule(L.LightningModule):
                 gradient_clip_val=self.gradient_clip_val,
                 gradient_clip_algorithm="norm",
             )
-        if direct:  # the step counting of LightningOptimizer.step, without its hook calls
-            optimizer._on_before_step()
-            optimizer.optimizer.step()
-            optimizer._on_after_step()
-        else:
-            optimizer.step()
+        optimizer.step()  # Lightning's public step: it counts the step (global_step) and calls its hooks
         if scheduler is not None:
             scheduler.step()
 
@@ -420,7 +418,7 @@ class KilnModule(L.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def on_train_epoch_end(self) -> None:
-        if self.train_loss.update_called:  # an epoch of unknown length: its last step was not recognised
+        if self._holds_epoch_state("loss"):  # an epoch of unknown length: its last step was not recognised
             self._log_epoch("train")
         self._discard_window()
 
@@ -447,7 +445,7 @@ class KilnModule(L.LightningModule):
         checkpoint[_EPOCH_STATE_KEY] = {
             name: _state_over_ranks(metric)
             for name, metric in self._train_epoch_metrics().items()
-            if metric.update_called  # the same on every rank: ranks take the same steps
+            if self._holds_epoch_state(name)  # the same on every rank: ranks take the same steps
         }
         if self._window_batches:
             checkpoint[_WINDOW_KEY] = self._window_state()
@@ -458,7 +456,7 @@ class KilnModule(L.LightningModule):
         sums of them), so every rank can restore the one saved copy."""
         named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
         flat = torch.cat([grad.detach().flatten() for _, grad in named])
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if _has_trainer(self) and self.trainer.world_size > 1:
             flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
             for (_, grad), mean in zip(named, flat.split([grad.numel() for _, grad in named]), strict=True):
                 grad.copy_(mean.view_as(grad))
@@ -482,7 +480,11 @@ class KilnModule(L.LightningModule):
             if name in metrics:
                 for attribute, value in state.items():
                     setattr(metrics[name], attribute, value.to(self.device))
-                metrics[name]._update_count = 1  # it has been updated: compute() without a warning
+                self._restored_epoch.add(name)
+
+    def _holds_epoch_state(self, name: str) -> bool:
+        """Has this epoch's training metric `name` a state (updated, or restored from a checkpoint)?"""
+        return self._train_epoch_metrics()[name].update_called or name in self._restored_epoch
 
     def _train_epoch_metrics(self) -> dict[str, Metric]:
         return {"loss": self.train_loss, **dict(self.train_metrics.items(keep_base=True))}
@@ -518,7 +520,12 @@ class KilnModule(L.LightningModule):
         """The epoch's mean loss (weighted by rows) and metrics; compute() reduces over ranks itself.
         Accumulated in metrics, not self.log per step: Lightning's self.log costs about 1 ms a call."""
         loss, metrics = self._stage_state(stage)
-        values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
+        with warnings.catch_warnings():
+            if stage == "train" and self._restored_epoch:  # restored, maybe not updated since: not empty
+                warnings.filterwarnings("ignore", message=_COMPUTE_BEFORE_UPDATE, category=UserWarning)
+            values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
+        if stage == "train":
+            self._restored_epoch = set()
         # one value per epoch, so its weight is moot; given, Lightning does not guess it from the chunk
         self.log_dict(values, on_step=False, on_epoch=True, batch_size=1)
         loss.reset()
@@ -533,7 +540,7 @@ class KilnModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # Under mixed precision Lightning refuses to clip a fused optimizer's gradients (its kernel
         # unscales them itself), so there clipping keeps torch's default loop.
-        mixed = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        mixed = _has_trainer(self) and isinstance(self.trainer.precision_plugin, MixedPrecision)
         fused = not (mixed and self.gradient_clip_val)
         if self.backbone_lr_scale == 1.0:
             optimizer = build_optimizer(self.optimizer_factory, self.parameters(), fused=fused)
@@ -589,9 +596,32 @@ def build_optimizer(
 
 
 _EPOCH_STATE_KEY = "kiln_train_epoch_metrics"
+# torchmetrics' warning for a compute() with no update() since the last reset
+_COMPUTE_BEFORE_UPDATE = r".*``compute`` method of metric .* was called before the ``update`` method"
 _WINDOW_KEY = "kiln_accumulation_window"
 # Seeds of an accumulation window's later mini-batches: far from any step count a run reaches.
 _WINDOW_SEED_STRIDE = 1_000_000_007
+
+
+# torch's batch norms (their common base, _BatchNorm, is private)
+_BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
+
+
+def _has_trainer(module: L.LightningModule) -> bool:
+    """Is the module attached to a Trainer? (Lightning's `trainer` property raises when not.)"""
+    try:
+        module.trainer  # noqa: B018
+    except RuntimeError:
+        return False
+    return True
 
 
 def _backbone(net: nn.Module) -> nn.Module:
@@ -622,14 +652,14 @@ def _state_over_ranks(metric: Metric) -> dict[str, Tensor]:
         return {name: value.detach().clone() for name, value in state.items() if isinstance(value, Tensor)}
 
 
-# Hooks Lightning's manual_backward and LightningOptimizer.step exist to call.
-_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+# Hooks Lightning's manual_backward exists to call (besides the module's own `backward`).
+_BACKWARD_HOOKS = ("on_before_backward", "on_after_backward")
 
 
 def _direct_steps_allowed(module: KilnModule) -> bool:
-    """True when Lightning's per-step wrappers would add nothing but calls to unimplemented hooks:
+    """True when Lightning's manual_backward would add nothing but calls to unimplemented hooks:
     one device (DDP's backward prepares gradient reduction), 32-bit or bf16-mixed precision (no
-    gradient scaler to apply), and no callback or module overriding a step hook or `backward`."""
+    gradient scaler to apply), and no callback or module overriding a backward hook or `backward`."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -640,6 +670,6 @@ def _direct_steps_allowed(module: KilnModule) -> bool:
     )
     callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
     hooked = any(
-        is_overridden(hook, module, L.LightningModule) for hook in ("backward", *_STEP_HOOKS)
-    ) or any(is_overridden(hook, callback, L.Callback) for callback in callbacks for hook in _STEP_HOOKS)
+        is_overridden(hook, module, L.LightningModule) for hook in ("backward", *_BACKWARD_HOOKS)
+    ) or any(is_overridden(hook, callback, L.Callback) for callback in callbacks for hook in _BACKWARD_HOOKS)
     return type(trainer.strategy) is SingleDeviceStrategy and plain_precision and not hooked

@@ -32,13 +32,19 @@ def log_hparams(writer: Any, params: Mapping[str, Any], metrics: Mapping[str, fl
     URL passwords in the values are masked.
     """
     from torch.utils.tensorboard.summary import hparams
+    from torch.utils.tensorboard.writer import FileWriter
 
     from kiln.runs import mask_secrets
 
     experiment, session_start, session_end = hparams(mask_secrets(dict(params)), dict(metrics))
-    file_writer = writer._get_file_writer()  # reopens the writer Lightning closed after fit
-    for summary in (experiment, session_start, session_end):
-        file_writer.add_summary(summary)
+    # An event file of its own in the run's log directory (TensorBoard reads them all): the
+    # writer's add_hparams would put the session in a subdirectory, away from the run's scalars.
+    file_writer = FileWriter(writer.get_logdir())
+    try:
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary)
+    finally:
+        file_writer.close()
     writer.flush()
 
 
