@@ -45,8 +45,29 @@ def digits_cnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 GPU_SKIP = "needs a CUDA GPU (torch.cuda.is_available() is False): pytest -m gpu on a GPU machine runs it"
 
 
+# Fixtures that train a run or start a real server: a test that uses one is in the `slow` tier
+# whatever its own marks say, so `-m "not slow"` (the fast loop) never pays for them.
+SLOW_FIXTURES = frozenset(
+    {
+        "penguins_run",
+        "digits_cnn_run",
+        "tiny_run",  # test_api.py
+        "image_run",  # test_images_e2e.py: a ResNet on image files
+        "mlflow_server",
+        "tracked",  # test_mlflow.py
+        "completed_run",  # test_run_ownership.py
+        "trained",  # test_targets.py
+        "completed",  # test_recovery.py
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `gpu` tier runs only where CUDA is: elsewhere its tests are skipped, saying why."""
+    """Tests that need a trained run or a server are `slow`. The `gpu` tier runs only where CUDA
+    is: elsewhere its tests are skipped, saying why."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_tests:
         return

@@ -213,6 +213,7 @@ def test_no_compression_settings_are_valid(tmp_path):
     assert_ok(run_kiln(["train", "--cfg", "job", *NO_COMPRESSION], tmp_path))
 
 
+@pytest.mark.slow
 def test_a_bad_value_is_reported_under_the_key_the_user_wrote(tmp_path):
     # digits_cnn's scheduler copies trainer.max_epochs (T_max: ${trainer.max_epochs}): the error must
     # still name trainer.max_epochs, not the copy.

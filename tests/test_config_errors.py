@@ -71,10 +71,12 @@ def net_of(cfg: Any) -> str:
         ([], "cnn"),  # train.yaml's default data (digits)
     ],
 )
+@pytest.mark.slow
 def test_the_default_model_follows_the_data(tmp_path: Path, overrides: list[str], net: str):
     assert net_of(composed(tmp_path, *overrides)) == net
 
 
+@pytest.mark.slow
 def test_a_model_chosen_on_the_command_line_wins_over_the_datas_default(tmp_path: Path):
     assert net_of(composed(tmp_path, "data=table", "model=cnn")) == "cnn"
     assert net_of(composed(tmp_path, "model=cnn", "data=table")) == "cnn"  # in either order
@@ -90,6 +92,7 @@ def test_a_model_chosen_on_the_command_line_wins_over_the_datas_default(tmp_path
         ("images_resnet", "backbone"),
     ],
 )
+@pytest.mark.slow
 def test_experiments_keep_their_model(tmp_path: Path, experiment: str, net: str):
     assert net_of(composed(tmp_path, f"experiment={experiment}")) == net
 

@@ -88,6 +88,7 @@ def test_refit_trains_on_train_and_validation_for_the_mean_best_epoch_and_ships(
         ("200", "cv.folds=200: the smallest class ('8') has only 147 rows outside the test split"),
     ],
 )
+@pytest.mark.slow
 def test_bad_fold_counts_are_one_line_and_exit_2(tmp_path, folds, message):
     result = run_kiln(["train", *TINY_DIGITS, f"cv.folds={folds}", f"paths.output_dir={tmp_path}"], tmp_path)
     assert result.returncode == 2

@@ -91,6 +91,7 @@ def test_a_damaged_baseline_in_model_metadata_is_one_value_error(entry: str, say
         from_metadata(entry)
 
 
+@pytest.mark.slow
 def test_a_baseline_that_inflates_to_hundreds_of_megabytes_is_refused_without_expanding_it():
     import base64
     import resource

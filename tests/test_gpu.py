@@ -80,6 +80,7 @@ def test_ddp_on_one_gpu_through_the_cli(tmp_path: Path):
     assert_trained_and_shipped(read_run(run_dir))
 
 
+@pytest.mark.slow
 def test_the_gpu_tier_is_skipped_without_cuda_and_says_why(tmp_path: Path):
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine with one
     result = subprocess.run(

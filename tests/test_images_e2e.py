@@ -68,6 +68,7 @@ def image_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_resnet_trains_on_image_files_and_ships_a_pruned_int8_model(image_run):
     record = read_run(image_run)
     assert record["status"] == "completed"
@@ -85,6 +86,7 @@ def test_a_resnet_trains_on_image_files_and_ships_a_pruned_int8_model(image_run)
     assert variants["fp32"]["passed"] and variants["fp32"]["parity_max_abs"] <= 1e-3
 
 
+@pytest.mark.slow
 def test_the_shipped_model_takes_uint8_images_and_predict_reads_the_files(image_run, tmp_path):
     from kiln.stages.predict import run
 
@@ -122,6 +124,7 @@ def test_the_shipped_model_takes_uint8_images_and_predict_reads_the_files(image_
         assert written == pytest.approx(probabilities[0].tolist(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_image_drift_compares_colour_and_sharpness_not_pixels(image_run, tmp_path):
     from kiln.stages.predict import run
 
@@ -167,6 +170,7 @@ def test_image_drift_compares_colour_and_sharpness_not_pixels(image_run, tmp_pat
     assert (tmp_path / "b.drift.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_shipped_model_carries_an_embedding_baseline_from_its_penultimate_layer(image_run, tmp_path):
     """The shipped model's own penultimate-layer output (the input of its head, behind the int8
     quantizer) for the training images, summarized by principal components and distance; new

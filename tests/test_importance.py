@@ -51,6 +51,7 @@ def numeric_signal() -> tuple[pd.DataFrame, torch.Tensor]:
     return frame, targets
 
 
+@pytest.mark.slow
 def test_the_one_column_that_matters_ranks_first_and_noise_is_near_zero(numeric_signal):
     frame, targets = numeric_signal
     preprocessor = TablePreprocessor(["noise_a", "signal", "noise_b"], ["noise_colour"]).fit(

@@ -195,6 +195,7 @@ def tracked(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"run_dir": run_dir, "run": run, "output": output.read_bytes(), "uri": mlflow_server}
 
 
+@pytest.mark.slow
 def test_a_run_shows_its_config_metrics_tags_artifacts_and_model_version(tracked: dict[str, Any]) -> None:
     uri, run, run_dir = tracked["uri"], tracked["run"], tracked["run_dir"]
     record = read_run(run_dir)
@@ -248,6 +249,7 @@ def test_the_password_in_the_uri_is_written_and_printed_nowhere(tracked: dict[st
     assert SECRET not in str(tracked["run"])  # nor in what the server holds
 
 
+@pytest.mark.slow
 def test_cross_validation_folds_are_nested_under_one_parent(mlflow_server: str, tmp_path: Path) -> None:
     run_dir, _ = train_in_process(
         tmp_path / "runs",
@@ -275,6 +277,7 @@ def test_cross_validation_folds_are_nested_under_one_parent(mlflow_server: str, 
         assert read_run(run_dir / child["info"]["run_name"])["mlflow"]["run_id"] == child["info"]["run_id"]
 
 
+@pytest.mark.slow
 def test_search_trials_are_nested_under_one_parent(mlflow_server: str, tmp_path: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -424,6 +427,7 @@ def fresh_git_context() -> Iterator[None]:
     forget()
 
 
+@pytest.mark.slow
 def test_a_project_outside_git_gets_no_git_tags_of_kilns_checkout(
     mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_git_context: None
 ) -> None:

@@ -112,6 +112,7 @@ class StepHooks(L.Callback):
 STEPS_PER_EPOCH = -(-ROWS // BATCH)  # 10 optimizer steps an epoch
 
 
+@pytest.mark.slow
 def test_direct_steps_train_exactly_what_lightnings_wrappers_train_and_count_every_step():
     direct, wrapped = new_module(), new_module()
     hooks = StepHooks()
@@ -206,6 +207,7 @@ def test_gradient_clipping_under_mixed_precision_keeps_torchs_default_loop(preci
     assert trainer.global_step == STEPS_PER_EPOCH and torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.slow
 def test_the_fused_kernel_trains_what_torchs_default_loop_trains():
     fused, default = new_module(dropout=0.0), new_module(dropout=0.0)
     default.optimizer_factory = partial(torch.optim.AdamW, lr=0.01, fused=False)
@@ -226,6 +228,7 @@ def fit_synthetic(callbacks: list[L.Callback], ckpt_path: Path | None = None) ->
     trainer.fit(new_module(), datamodule=data, ckpt_path=ckpt_path)
 
 
+@pytest.mark.slow
 def test_a_run_preempted_inside_an_epoch_resumes_with_that_epochs_whole_training_loss(tmp_path: Path):
     straight = EpochLosses()
     fit_synthetic([ExactResume(), straight])
@@ -240,6 +243,7 @@ def test_a_run_preempted_inside_an_epoch_resumes_with_that_epochs_whole_training
     assert len(straight.losses) == 2 and resumed.losses == pytest.approx(straight.losses[1:], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_signal_in_an_epochs_last_step_saves_at_the_end_of_that_epoch(tmp_path: Path):
     """Saved in an epoch's last step, a resume would enter an epoch with no steps left, which
     Lightning ends without validating: the save waits for the epoch's end (after validation)."""

@@ -80,6 +80,7 @@ def error_lines(stderr: str) -> list[str]:
 # -- training ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_past_the_file_size_limit_ends_in_one_line_and_records_failed(tmp_path):
     """`ulimit -f 40` (40 KiB): the logs and run.json fit, the first checkpoint (about 45 KB) does
     not. Python ignores SIGXFSZ, so the write fails with EFBIG inside torch's C++ writer."""
@@ -170,6 +171,7 @@ def test_running_out_of_memory_in_training_says_smaller_batch(tmp_path, monkeypa
 # -- export ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_keeps_the_shipped_model_and_its_report(tmp_path):
     """A run exported once, copied to a disk with 24 KiB left, exported again: the new export
     runs out of space; the model.onnx and report shipped before are left byte for byte."""

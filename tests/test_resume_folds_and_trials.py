@@ -31,6 +31,7 @@ def train_in_process(*overrides: str) -> Any:
     return train_stage.main.call(compose("train", list(overrides)))
 
 
+@pytest.mark.slow
 def test_a_resumed_cross_validation_keeps_its_completed_folds(tmp_path: Path) -> None:
     run_dir = tmp_path / "cv"
     train_in_process(*TINY, "cv.folds=2", f"run_dir={run_dir}")

@@ -53,6 +53,7 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_a_completed_run_is_not_trained_over_without_resume(completed_run):
     before = snapshot(completed_run)
     result = kiln_cli("train", *TINY_DIGITS, f"run_dir={completed_run}", cwd=completed_run.parent)
@@ -65,6 +66,7 @@ def test_a_completed_run_is_not_trained_over_without_resume(completed_run):
     assert snapshot(completed_run) == before
 
 
+@pytest.mark.slow
 def test_a_refused_resume_changes_nothing_on_disk(completed_run):
     before = snapshot(completed_run)
     result = kiln_cli(
@@ -90,6 +92,7 @@ def test_a_refused_resume_changes_nothing_on_disk(completed_run):
         ({"run.json": '{"experiment": "mine"}'}, "holds a run.json that kiln did not write"),
     ],
 )
+@pytest.mark.slow
 def test_kiln_writes_only_into_a_new_or_empty_directory_or_its_own_run(tmp_path, contents, says):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -130,6 +133,7 @@ def wait_for_line(process: subprocess.Popen[str], prefix: str) -> list[str]:
 @pytest.mark.parametrize(
     ("signum", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")]
 )
+@pytest.mark.slow
 def test_a_signal_saves_says_how_to_continue_and_exits_as_shells_do(tmp_path, signum, code, name):
     run_dir = tmp_path / "run"
     training = start_training(run_dir)
@@ -171,6 +175,7 @@ def test_a_signal_saves_says_how_to_continue_and_exits_as_shells_do(tmp_path, si
     assert record["status"] == "completed" and record["attempts"][-1]["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     training = start_training(run_dir)
@@ -189,6 +194,7 @@ def test_kill_9_leaves_no_stale_lock(tmp_path):
     assert read_run(run_dir)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_no_password_from_a_url_reaches_any_file_or_the_terminal(tmp_path):
     marker = "Pa55w0rdMarker"
     run_dir = tmp_path / "run"

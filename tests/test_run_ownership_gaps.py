@@ -160,6 +160,7 @@ def test_a_completed_cross_validation_run_is_not_trained_over_without_resume(tmp
     runs.release(run)
 
 
+@pytest.mark.slow
 def test_a_refused_run_dir_gets_no_log_file(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()

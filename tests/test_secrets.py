@@ -112,6 +112,7 @@ def user_data_importable(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
 
 
+@pytest.mark.slow
 def test_no_password_reaches_any_file_of_a_sweep_or_the_terminal(tmp_path):
     env = user_data_importable(tmp_path)
     output = tmp_path / "runs"
@@ -254,6 +255,7 @@ def written_or_printed(root: Path, result) -> list[str]:
     return leaks(root) + printed
 
 
+@pytest.mark.slow
 def test_a_failing_run_writes_and_prints_no_secret(tmp_path):
     """A data.path that is a URL with a password: pathlib turns it into http:/kiln:PW@host, quoted
     by the error in run.json and on stderr."""
@@ -278,6 +280,7 @@ def test_a_failing_run_writes_and_prints_no_secret(tmp_path):
     assert written_or_printed(output, result) == []
 
 
+@pytest.mark.slow
 def test_a_run_that_trains_writes_and_prints_no_secret(tmp_path):
     """The secrets are in the config the user's DataModule gets (it needs them: it refuses a masked
     URL), so Lightning has them in its hyperparameters too. (No export: a later stage reads the

@@ -101,6 +101,7 @@ PAYLOADS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", PAYLOADS)
 def test_a_tampered_run_is_refused_by_load_module(trained: Path, tmp_path: Path, target: str) -> None:
     run = copy_run(trained, tmp_path)

@@ -52,6 +52,7 @@ def compress_in_process(run: Path, *overrides: str) -> dict:
     return json.loads((run / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_pruned_candidate_that_cannot_recover_is_abandoned_after_one_epoch_and_reported(
     digits_cnn_run: Path, tmp_path: Path
 ):
@@ -77,6 +78,7 @@ def test_a_pruned_candidate_that_cannot_recover_is_abandoned_after_one_epoch_and
     assert "pruned0: export" not in timings and "pruned0: fine-tune" in timings
 
 
+@pytest.mark.slow
 def test_a_delivered_run_keeps_checkpoints_model_and_report_and_export_builds_the_variants_again(
     digits_cnn_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

@@ -75,6 +75,7 @@ def test_bad_fractions_name_the_argument():
     assert error.value.argument == "val_fraction"
 
 
+@pytest.mark.slow
 def test_small_data_never_crashes_inside_scikit_learn():
     """Every tiny case either splits (every split non-empty) or raises KilnError, never ValueError."""
     for counts in itertools.product(range(1, 8), repeat=2):

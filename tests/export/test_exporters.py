@@ -63,6 +63,7 @@ def test_auto_uses_torchscript_for_a_plain_net_and_its_graph_takes_any_batch_siz
     assert {o.domain or "ai.onnx": o.version for o in exported.model.opset_import}["ai.onnx"] == 20
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_dynamo_when_the_trace_may_not_hold_and_says_why():
     torch.manual_seed(0)
     net = ScalesByItsInput().eval()

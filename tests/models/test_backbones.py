@@ -99,6 +99,7 @@ def test_the_net_carries_timms_data_config():
     json.dumps(resnet)  # plain values: they go into run records and ONNX metadata
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "vit_tiny"])
 def test_grayscale_images_work(name: str):
     net = backbone((1, 32, 32), 3, name=name).eval()
@@ -132,6 +133,7 @@ def test_dropout_goes_before_the_head_and_bad_values_are_refused():
         backbone(SHAPE, 2, dropout=1.5)
 
 
+@pytest.mark.slow
 def test_an_unknown_name_lists_near_timm_matches():
     with pytest.raises(KilnError) as info:
         backbone(SHAPE, 2, name="resnt18")

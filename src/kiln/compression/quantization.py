@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +76,82 @@ def calibration_from_loader(datamodule: Any, batches: int, batch_size: int, seed
     return calibration_batches(np.concatenate(parts), batches, batch_size, seed)
 
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # onnxruntime's CalibrationMethod, by kiln's names
+
+
+@dataclass(frozen=True)
+class StaticSettings:
+    """How one static int8 graph is made: the calibration method of the activation ranges,
+    per-channel weight scales, 7-bit weights (`reduce_range`: for CPUs without VNNI, where 8-bit
+    products can saturate), and the nodes kept in fp32."""
+
+    method: str = "minmax"
+    per_channel: bool = True
+    reduce_range: bool = False
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """`minmax, per-channel`: the calibration, as the report names it."""
+        parts = [self.method, "per-channel" if self.per_channel else "per-tensor"]
+        return ", ".join([*parts, "reduce_range"] if self.reduce_range else parts)
+
+
 def quantize_static(
-    source: Path, target: Path, input_name: str, calibration: Sequence[np.ndarray], per_channel: bool = True
+    source: Path,
+    target: Path,
+    input_name: str,
+    calibration: Sequence[np.ndarray],
+    per_channel: bool = True,
+    settings: StaticSettings | None = None,
 ) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    """Static QDQ int8 of the fp32 net at `source` (pre-processed first) written to `target`."""
+    settings = settings or StaticSettings(per_channel=per_channel)
+    with tempfile.TemporaryDirectory(prefix="kiln-quantize-") as temp:
+        prepared = prepare(source, Path(temp) / "prepared.onnx")
+        quantize_prepared(prepared, target, input_name, calibration, settings)
+
+
+def prepare(source: Path, prepared: Path) -> Path:
+    """onnxruntime's pre-processing (shape inference, graph optimization) of the fp32 net: the
+    graph the quantizer rewrites, and whose node names `exclude` refers to."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, prepared = source.resolve(), prepared.resolve()
+    with tempfile.TemporaryDirectory(prefix="kiln-quantize-") as temp, _inside(Path(temp)), _quiet():
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+    return prepared
+
+
+def quantize_prepared(
+    prepared: Path,
+    target: Path,
+    input_name: str,
+    calibration: Sequence[np.ndarray],
+    settings: StaticSettings,
+    cache: Path | None = None,
+) -> None:
+    """Static QDQ int8 of a prepared net. `cache`: a file keeping the calibrated activation ranges
+    (onnxruntime's calibration cache), so that a retry with other nodes kept in fp32 does not
+    calibrate again."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     require(
         len(calibration) > 0 and all(len(b) > 0 for b in calibration),
         "calibration_batches",
         "the calibration set is empty; use 1 or more batches",
     )
+    require(
+        settings.method in CALIBRATION_METHODS,
+        "quantize_static.calibration",
+        f"unknown method {settings.method!r}; use one or more of {', '.join(CALIBRATION_METHODS)}",
+    )
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[settings.method]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -96,19 +161,45 @@ def quantize_static(
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
-    source, target = source.resolve(), target.resolve()
+    prepared, target = prepared.resolve(), target.resolve()
     with tempfile.TemporaryDirectory(prefix="kiln-quantize-") as temp, _inside(Path(temp)), _quiet():
-        prepared = Path(temp) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
         ort_quantize_static(
             str(prepared),
             str(target),
             Reader(),
             quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(settings.exclude) or None,
+            calibrate_method=method,
+            calibration_cache_path=None if cache is None else str(cache.resolve()),
         )
+    if settings.exclude:
+        shield_fp32_layers(target, settings.exclude)
+
+
+def shield_fp32_layers(path: Path, exclude: Sequence[str]) -> None:
+    """Keep the excluded layers in fp32 when onnxruntime loads the graph, too. Its graph optimizer
+    (WeightBiasQuantization, onnxruntime 1.2x+) quantizes the float weights of a Conv/Gemm/MatMul
+    whose input comes from a DequantizeLinear, undoing `nodes_to_exclude` (measured: an excluded
+    layer's error came back whole). A `Max(x, x)` between the two is an identity no optimizer
+    removes, and the layer then runs in fp32 as asked."""
+    model = onnx.load(str(path))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    nodes = list(model.graph.node)
+    for node in nodes:
+        source = producers.get(node.input[0]) if node.name in exclude and node.input else None
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        shielded = f"{node.input[0]}_kiln_fp32_{node.name}"
+        guard = onnx.helper.make_node(
+            "Max", [node.input[0], node.input[0]], [shielded], name=f"{node.name}_kiln_fp32"
+        )
+        model.graph.node.insert(list(model.graph.node).index(node), guard)
+        node.input[0] = shielded
+    onnx.save(model, str(path))
 
 
 def quantize_dynamic(source: Path, target: Path, per_channel: bool = False) -> list[str]:

@@ -161,7 +161,7 @@ def build_step(
     candidate's `overrides`, built and checked; a built-in with its defaults when it has no node."""
     from hydra.utils import get_object
 
-    from kiln.stages.build import build
+    from kiln.builder import build
 
     node = dict(nodes.get(name) or {})
     if "_target_" not in node:

@@ -11,7 +11,8 @@ example)`, or a `Quantization` subclass with `quantize(source, target, calibrati
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,12 +140,21 @@ class QuantizeDynamic(Quantization):
 
 @dataclass(frozen=True)
 class QuantizeStatic(Quantization):
-    """onnxruntime static QDQ int8, per-channel weights, activation ranges calibrated on
-    `calibration_batches` batches of `calibration_batch_size` training inputs."""
+    """onnxruntime static QDQ int8, activation ranges calibrated on `calibration_batches` batches of
+    `calibration_batch_size` training inputs. Accuracy-aware (compression/int8_search.py): each
+    calibration choice (`calibration` x `per_channel` x `reduce_range`, each a value or a list) is
+    judged on the validation split in the order given, the first within the budget kept; when none
+    is, up to `max_fallback_attempts` retries keep the most sensitive layers in fp32 (`fallback`).
+    `exclude`: layers always kept in fp32 (node names of the pre-processed graph)."""
 
     calibration_batches: int = 8
     calibration_batch_size: int = 64
-    per_channel: bool = True
+    per_channel: bool | Sequence[bool] = True
+    calibration: str | Sequence[str] = "minmax"
+    reduce_range: bool | str | Sequence[bool] = False
+    fallback: bool = True
+    max_fallback_attempts: int = 4
+    exclude: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         require(
@@ -157,15 +167,100 @@ class QuantizeStatic(Quantization):
             "calibration_batch_size",
             "the calibration set would be empty; use 1 or more rows",
         )
+        from kiln.compression.quantization import CALIBRATION_METHODS
+
+        methods = _as_tuple(self.calibration)
+        require(
+            bool(methods) and all(m in CALIBRATION_METHODS for m in methods),
+            "calibration",
+            f"unknown calibration method in {list(methods)}; use one or more of {', '.join(CALIBRATION_METHODS)}, "
+            "e.g. [minmax, percentile]",
+        )
+        require(
+            bool(_as_tuple(self.per_channel))
+            and all(isinstance(v, bool) for v in _as_tuple(self.per_channel)),
+            "per_channel",
+            "use true, false or [true, false]",
+        )
+        reduce = _as_tuple(self.reduce_range)
+        require(
+            bool(reduce) and (reduce == ("auto",) or all(isinstance(v, bool) for v in reduce)),
+            "reduce_range",
+            "use false, true, [false, true] or auto (true where the CPU lacks VNNI)",
+        )
+        require(isinstance(self.fallback, bool), "fallback", "use true or false")
+        require(
+            isinstance(self.max_fallback_attempts, int)
+            and not isinstance(self.max_fallback_attempts, bool)
+            and self.max_fallback_attempts >= 1,
+            "max_fallback_attempts",
+            f"must be an integer >= 1, got {self.max_fallback_attempts!r} "
+            "(compress.quantize_static.fallback=false turns the fallback off)",
+        )
+        require(
+            all(isinstance(name, str) and name for name in _as_tuple(self.exclude)),
+            "exclude",
+            "use a list of layer names, e.g. [/features/0/Conv]",
+        )
+        for name in ("per_channel", "calibration", "reduce_range", "exclude"):  # lists from Hydra, hashable
+            value = getattr(self, name)
+            if not isinstance(value, str | bool):
+                object.__setattr__(self, name, tuple(value))
+
+    def choices(self) -> list[Any]:
+        """The calibration choices, in the order they are tried (kiln.compression.quantization.StaticSettings)."""
+        from kiln.compression.quantization import StaticSettings
+
+        reduce = _as_tuple(self.reduce_range)
+        if reduce == ("auto",):
+            from kiln.compression.int8_search import cpu_instruction_set
+
+            reduce = (cpu_instruction_set().get("vnni") is False,)  # 7-bit weights only without VNNI
+        return [
+            StaticSettings(str(method), bool(per_channel), bool(reduced), tuple(_as_tuple(self.exclude)))
+            for method in _as_tuple(self.calibration)
+            for per_channel in _as_tuple(self.per_channel)
+            for reduced in reduce
+        ]
 
     def quantize(
         self, source: Path, target: Path, calibration: Callable[[int, int], list[np.ndarray]]
     ) -> list[str]:
+        """The first calibration choice, no judging (`search` judges)."""
         from kiln.compression.quantization import quantize_static
 
         batches = calibration(self.calibration_batches, self.calibration_batch_size)
-        quantize_static(source, target, "input", batches, per_channel=self.per_channel)
+        quantize_static(source, target, "input", batches, settings=self.choices()[0])
         return []
+
+    def search(
+        self, source: Path, target: Path, calibration: Callable[[int, int], list[np.ndarray]], judge: Any
+    ) -> dict[str, Any]:
+        """Accuracy-aware static int8 (kiln.compression.int8_search): writes `target`, returns the
+        variant's record of the attempts."""
+        from kiln.compression import int8_search
+
+        batches = calibration(self.calibration_batches, self.calibration_batch_size)
+        workdir = int8_search.work_directory(target)
+        try:
+            prepared = int8_search.prepared_net(source, workdir)
+            int8_search.check_exclude(prepared, _as_tuple(self.exclude))
+            attempts, outcome = int8_search.search(
+                self.choices(),
+                prepared,
+                target,
+                batches,
+                judge,
+                self.max_fallback_attempts if self.fallback else 0,
+                workdir,
+            )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return {
+            "outcome": outcome,
+            "ranked_by": "relative squared error each layer adds in the int8 graph on a calibration batch",
+            "attempts": [attempt.as_row() for attempt in attempts],
+        }
 
 
 # The steps a recipe may name without a config node of its own: built with their defaults.
@@ -185,6 +280,11 @@ def budget_drops(tuned: dict[str, Any]) -> str:
         if drops
         else ""
     )
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    """A setting that may be one value or a list of them, as a tuple."""
+    return (value,) if isinstance(value, str | bool | int | float) or value is None else tuple(value)
 
 
 def _number(value: Any) -> bool:

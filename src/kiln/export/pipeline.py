@@ -107,6 +107,7 @@ def export(
     `run` is the kiln.runs.RunDirectory of the trained run."""
     from kiln import contract
     from kiln.compression.choose import choose
+    from kiln.compression.int8_search import cpu_instruction_set
     from kiln.export import measure
     from kiln.export.report import log_tensorboard, write_report
     from kiln.export.scoring import RowRecorder, evaluate, evaluation_trainer
@@ -224,6 +225,7 @@ def export(
         "kiln_version": kiln.__version__,
         "config_hash": run.config_hash,
         "opset": manifest["opset"],
+        "cpu": cpu_instruction_set(),  # int8 accuracy and speed depend on it (compression/int8_search.py)
         "latency_repeats": settings.latency_repeats,
         "threads": settings.threads,
         "baseline": baseline,
@@ -407,7 +409,7 @@ def export_variant(
         "size_bytes": path.stat().st_size,
         "params": entry["params"],
         "nonzero_params": entry.get("nonzero_params"),
-        **{key: entry[key] for key in ("exporter", "exporter_fallback") if key in entry},  # compress's record
+        **{key: entry[key] for key in ("exporter", "exporter_fallback", "int8_search") if key in entry},
         "val_metrics": val_metrics,
         "test_metrics": test_metrics,
         "val_drop": val_drop,

@@ -44,6 +44,8 @@ OBJECTIVES = {
 
 
 def markdown(report: dict[str, Any]) -> str:
+    from kiln.compression import int8_search
+
     gate = report.get("gate") or report["monitor"]
     metric = gate["metric"]
     test_metric = "test/" + metric.split("/", 1)[-1]
@@ -110,6 +112,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {v['name']}: no bootstrap interval: {v['drop_ci95_reason']}")
         if v.get("exporter_fallback"):
             lines.append(f"- {v['name']}: exported by dynamo: {v['exporter_fallback']}")
+    lines += int8_search.report_lines(report)  # the CPU, and static int8's attempts, one row each
     timings = report.get("timings_s") or {}
     lines += [
         "",
