@@ -49,6 +49,7 @@ def compress(
     """Build every variant's net as ONNX (fp32 always, then the recipe's candidates) in
     <directory>/compress/, with manifest.json describing them. Returns the manifest. `say`
     tells progress, `warn` what the user should know (e.g. int8 that will be slow)."""
+    from kiln.compression import int8_search
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
     from kiln.export.measure import Stopwatch
@@ -83,6 +84,7 @@ def compress(
         abandoned: list[dict[str, Any]] = []
         budget = BudgetOnce(recipe, monitor, module, datamodule, finetune_trainer, watch)
         calibration = Calibration(datamodule, seed)
+        judge = int8_search.Judge(recipe, monitor, module, datamodule, staging / f"{FP32}.net.onnx", watch)
         for candidate in recipe.candidates:
             skipped = skip_reason(candidate, example)  # steps that need one input tensor
             if skipped:
@@ -126,11 +128,14 @@ def compress(
                 target_file = staging / f"{candidate.name}.net.onnx"
                 say(f"{candidate.step_names[-1]}: {type(quantizer).__name__} with onnxruntime")
                 with watch.part(f"{candidate.name}: quantize"):
-                    warnings = quantizer.quantize(staging / source["net_onnx"], target_file, calibration)
+                    warnings, searched = int8_search.quantize(
+                        quantizer, staging / source["net_onnx"], target_file, calibration, judge
+                    )
                 for warning in warnings:
                     warn(warning)
                 variant.update(precision="int8", net_onnx=target_file.name)
                 variant["notes"] = [*variant["notes"], *warnings]
+                variant.update(searched)  # static int8's attempts (compression/int8_search.py)
             if slower_than_fp32(recipe, staging, variant, example, watch, say, abandoned):
                 continue
             variants.append(variant)
