@@ -5,6 +5,8 @@ larger than the memory it may use, and ONNX inference against torch eager.
     .venv/bin/python scripts/benchmark_images.py --skip-memory    # without the large folder (about 1.5 minutes less)
     .venv/bin/python scripts/benchmark_images.py --rounds 3 --images 640    # steadier figures, longer
     .venv/bin/python scripts/benchmark_images.py --augment-only   # 0. alone (about a minute)
+    .venv/bin/python scripts/benchmark_images.py --depthwise --size 32 --epochs 10
+                     # static int8 of a depthwise net (MobileNetV3-Small 0.5) by compress=auto, with its attempts
 
 0. Augmentation: albumentations (kiln's pipeline: kiln.data.augment's transforms, then
    kiln.data.images.to_tensor) against torchvision's transforms.v2 doing the same steps (kiln's
@@ -146,6 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-onnx", action="store_true", help="skip the ONNX inference part")
     parser.add_argument("--onnx-seconds", type=float, default=3.0, help="timing per engine, at least")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with images, runs and logs")
+    parser.add_argument(
+        "--depthwise",
+        action="store_true",
+        help="only the depthwise hard case of static int8 (--size, --epochs)",
+    )
+    parser.add_argument("--depthwise-model", default="mobilenetv3_small_050", help="its timm model")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: epoch 1 is not measured")
@@ -1003,8 +1011,75 @@ def compressed_rates(net: Any, example: torch.Tensor, rate: Any) -> dict[str, fl
 # -- the benchmark ------------------------------------------------------------------------------
 
 
+# -- the depthwise hard case of static int8 (issue 25) ------------------------------------------
+
+
+def depthwise_part(args: argparse.Namespace) -> int:
+    """timm's MobileNetV3-Small (width 0.5, depthwise convolutions, from scratch) on the digit
+    images at --size pixels for --epochs epochs, delivered by compress=auto: what shipped, its
+    speed-up over ORT fp32 at batch 256 with its interval, the upper end of its accuracy drop,
+    compress_export_s and train_s, and static int8's attempts (calibration, layers kept in fp32)."""
+    work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-depthwise-"))
+    overrides = [
+        "data=digit_images",
+        f"data.size={args.size}",
+        "model=backbone",
+        f"model.net.name={args.depthwise_model}",
+        f"trainer.max_epochs={args.epochs}",
+        "monitor.metric=val/acc",
+        "monitor.mode=max",
+        "compress=auto",
+        "compress.quantize_static.calibration=[minmax,percentile]",
+        "progress=lines",
+        f"run_dir={work / 'run'}",
+    ]
+    env = {**os.environ, "KILN_CACHE_DIR": os.environ.get("KILN_CACHE_DIR", str(work / "cache"))}
+    print("kiln train " + " ".join(overrides[:-1]), flush=True)
+    try:
+        subprocess.run([*kiln_command(), "train", *overrides], check=True, cwd=work, env=env)
+        print(describe_depthwise(json.loads((work / "run" / "report.json").read_text())))
+    finally:
+        if args.keep:
+            print(f"run kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def describe_depthwise(report: dict[str, Any]) -> str:
+    """The delivery in a few labelled lines, then one line per static int8 attempt."""
+    shipped = next(v for v in report["variants"] if v["name"] == report["shipped"])
+    speedup = (shipped.get("speedup") or {}).get("256") or {}
+    interval = shipped.get("drop_ci95")
+    timings = report["timings_s"]
+    lines = [
+        f"shipped={report['shipped']} speedup_b256={speedup.get('median', 1.0)}x {speedup.get('ci95')} "
+        f"drop_upper={interval[1] if interval else shipped['val_drop']} ({report['gate']['metric']}, "
+        f"{report['metric_unit']}) compress_export_s={timings['compress_export']} train_s={timings.get('train')}",
+        f"reason: {report['reason']}",
+        *(f"verdict: {line}" for line in report["verdicts"].values()),
+        *(f"abandoned {a['name']}: {a['abandoned']}" for a in report.get("abandoned", [])),
+    ]
+    for variant in [*report["variants"], *report.get("abandoned", [])]:
+        search = variant.get("int8_search")
+        if not search:
+            continue
+        lines.append(f"{variant['name']} int8 search: {search['outcome']}")
+        for row in search["attempts"]:
+            lines.append(
+                f"  {row['calibration']}; fp32: {', '.join(row['kept_fp32']) or 'none'}; drop {row['val_drop']:.2f} "
+                f"{row['drop_ci95']}; speed-up {(row['speedup'].get('256') or {}).get('median', 'not timed')} "
+                f"{(row['speedup'].get('256') or {}).get('ci95', '')}; {row['verdict']}"
+            )
+    cpu = report.get("cpu") or {}
+    lines.append(f"cpu: {cpu}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.depthwise:
+        return depthwise_part(args)
     work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-images-"))
     os.environ.setdefault("KILN_CACHE_DIR", str(work / "cache"))
     try:
