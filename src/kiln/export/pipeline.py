@@ -610,14 +610,17 @@ def add_embedding_baseline(
     )
     from kiln.export import checks
     from kiln.export.graphs import embedding_tensor, metadata, set_metadata, with_output
-    from kiln.export.images import predict_images
+    from kiln.export.images import framed_for_graph, predict_images
 
     model = onnx.load(str(path))
     tensor = embedding_tensor(model)
     meta = metadata(model)
     if tensor is None or METADATA_KEY not in meta:
         return None
-    images = training_images(datamodule, image, EMBEDDING_IMAGES)
+    # framed so the net sees them as training did (a torchvision graph would resize them again)
+    images = [
+        framed_for_graph(p[None], image)[0] for p in training_images(datamodule, image, EMBEDDING_IMAGES)
+    ]
     if not images:
         return None
     session = checks.open_session(path, settings.threads, model=with_output(model, tensor))
