@@ -7,6 +7,8 @@ larger than the memory it may use, and ONNX inference against torch eager.
     .venv/bin/python scripts/benchmark_images.py --augment-only   # 0. alone (about a minute)
     .venv/bin/python scripts/benchmark_images.py --depthwise --size 32 --epochs 10
                      # static int8 of a depthwise net (MobileNetV3-Small 0.5) by compress=auto, with its attempts
+    .venv/bin/python scripts/benchmark_images.py --compression-run runs/train/<images_resnet run>
+                     # its delivery: shipped variant, speed-up over ORT fp32 at batch 256, drop, cost
 
 0. Augmentation: albumentations (kiln's pipeline: kiln.data.augment's transforms, then
    kiln.data.images.to_tensor) against torchvision's transforms.v2 doing the same steps (kiln's
@@ -154,6 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only the depthwise hard case of static int8 (--size, --epochs)",
     )
     parser.add_argument("--depthwise-model", default="mobilenetv3_small_050", help="its timm model")
+    parser.add_argument(
+        "--compression-run",
+        type=Path,
+        help="a run of experiment=images_resnet (compress.keep_variants=true): only its delivery, "
+        "as scripts/benchmark_inference.py --images-run prints it",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: epoch 1 is not measured")
@@ -1011,6 +1019,17 @@ def compressed_rates(net: Any, example: torch.Tensor, rate: Any) -> dict[str, fl
 # -- the benchmark ------------------------------------------------------------------------------
 
 
+def compression_part(run: Path) -> int:
+    """The ResNet's delivery: shipped variant, speed-up over onnxruntime fp32 at batch 256 with its
+    interval (timed here side by side), the accuracy drop's upper end, compress_export_s and train_s
+    (scripts/benchmark_inference.py describe_delivery)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_inference import describe_delivery
+
+    print(describe_delivery(run))
+    return 0
+
+
 # -- the depthwise hard case of static int8 (issue 25) ------------------------------------------
 
 
@@ -1080,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.depthwise:
         return depthwise_part(args)
+    if args.compression_run:
+        return compression_part(args.compression_run)
     work = Path(tempfile.mkdtemp(prefix="kiln-benchmark-images-"))
     os.environ.setdefault("KILN_CACHE_DIR", str(work / "cache"))
     try:

@@ -20,6 +20,17 @@ timed on already preprocessed features, so its ratio understates what the ONNX f
 The last line printed is digits_cnn's: `vs_torch=R1 vs_ort_fp32=R2 size=R3 drop=D
 compress_export_s=S1 train_s=S2`. Targets on digits_cnn: vs_torch >= 5, vs_ort_fp32 >= 2,
 size <= 0.3, drop <= 1, compress_export_s < train_s / 2.
+
+    .venv/bin/python scripts/benchmark_inference.py --images-run runs/train/<run>   the ResNet-18 part
+
+`--images-run` (a run of `kiln train experiment=images_resnet`, trained with
+`compress.keep_variants=true` so that export/fp32.onnx is there) prints, from its report.json, the
+shipped variant, its speed-up over onnxruntime fp32 at batch 256 with the 95% interval, the upper
+end of its validation accuracy drop's 95% interval, and compress_export_s against train_s; then
+times the shipped model.onnx against export/fp32.onnx side by side (paired rounds at batch 256, as
+the export does) and prints `shipped=NAME speedup_b256=X [LOW, HIGH] drop_upper=D
+compress_export_s=S1 train_s=S2 ratio=S1/S2`. Targets: speed-up >= 3 with drop_upper <= 1 point,
+ratio <= 0.3. scripts/benchmark_images.py --compression-run RUN prints the same.
 """
 
 from __future__ import annotations
@@ -53,7 +64,11 @@ def main() -> int:
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where new runs go (default: a temp dir)"
     )
+    parser.add_argument("--images-run", type=Path, help="an images_resnet run: its delivery, measured alone")
     args = parser.parse_args()
+    if args.images_run:
+        print(describe_delivery(args.images_run, args.rounds))
+        return 0
     output = args.output_dir or Path(tempfile.mkdtemp(prefix="kiln-benchmark-"))
     lines = []
     for experiment, given in (("penguins_mlp", args.penguins_run), ("digits_cnn", args.digits_run)):
@@ -197,6 +212,70 @@ def measure(run: Path, rounds: int, threads: int) -> dict[str, Any]:
         "shipped_acc": shipped_acc,
         "drop": (torch_acc - shipped_acc) * 100,
     }
+
+
+def describe_delivery(run: Path, rounds: int = 30) -> str:
+    """What the run's delivery shipped and cost (its report.json), and the shipped model timed
+    against export/fp32.onnx at batch 256 here, in paired rounds: the line the script ends with."""
+    report = json.loads((run / "report.json").read_text())
+    shipped = next(v for v in report["variants"] if v["name"] == report["shipped"])
+    timings = report.get("timings_s") or {}
+    train = timings.get("train") or json.loads((run / "run.json").read_text())["throughput"]["fit_seconds"]
+    delivery = float(timings["compress_export"])
+    unit = "points" if report.get("metric_unit") == "points" else "%"
+    drop_upper = (shipped.get("drop_ci95") or [None, shipped["val_drop"]])[1]
+    print(
+        f"{run.name}: shipped {shipped['name']} ({report['reason']})\n"
+        f"  report: speed-up over fp32 at batch 256 {speed(shipped.get('speedup', {}).get('256'))}; "
+        f"{report['gate']['metric']} drop upper end {drop_upper:.2f} {unit} "
+        f"({shipped.get('val_rows')} validation rows); per variant: {timings.get('per_variant')}",
+        flush=True,
+    )
+    measured = side_by_side(run, rounds)
+    print(f"  timed here: shipped against export/fp32.onnx at batch {BATCH}: {speed(measured)}", flush=True)
+    return (
+        f"shipped={shipped['name']} speedup_b256={speed(measured, short=True)} drop_upper={drop_upper:.2f} "
+        f"compress_export_s={delivery:.1f} train_s={float(train):.1f} ratio={delivery / float(train):.2f}"
+    )
+
+
+def speed(speedup: dict[str, Any] | None, short: bool = False) -> str:
+    if not speedup:
+        return "none (fp32 shipped)" if not short else "1"
+    low, high = speedup.get("ci95") or (float("nan"), float("nan"))
+    if short:
+        return f"{speedup['median']:.2f}[{low:.2f},{high:.2f}]"
+    return (
+        f"{speedup['median']:.2f}x [{low:.2f}, {high:.2f}] (95% interval, {speedup['rounds']} paired rounds)"
+    )
+
+
+def side_by_side(run: Path, rounds: int) -> dict[str, Any] | None:
+    """The shipped model.onnx against export/fp32.onnx at batch BATCH, alternately, in this process
+    (kiln.export.measure.paired_rounds: the export's own way); None when fp32 shipped."""
+    import functools
+
+    import onnxruntime as ort
+
+    from kiln.export import measure
+    from kiln.export.feeds import tile_rows
+    from kiln.export.from_run import load_trained, open_run
+    from kiln.export.pipeline import ModelInputs, timing_session
+
+    fp32_file, shipped_file = run / "export" / "fp32.onnx", run / "model.onnx"
+    if not fp32_file.is_file():
+        raise SystemExit(f"{fp32_file} is missing: train with compress.keep_variants=true")
+    if (
+        ort.InferenceSession(str(shipped_file)).get_modelmeta().custom_metadata_map.get("kiln.variant")
+        == "fp32"
+    ):
+        return None
+    datamodule, module = load_trained(open_run(run))
+    inputs = ModelInputs(datamodule, module)
+    sessions = [timing_session(path, None) for path in (fp32_file, shipped_file)]
+    calls = [functools.partial(s.run, None, tile_rows(dict(inputs.feeds(s)), BATCH)) for s in sessions]
+    reference_us, shipped_us, _ = measure.paired_rounds(calls[0], calls[1], rounds, budget_s=60.0)
+    return measure.speedup_interval(reference_us, shipped_us).as_dict()
 
 
 if __name__ == "__main__":
