@@ -393,3 +393,43 @@ def test_rows_of_one_array_and_ragged_parquet_rows_are_refused_naming_what_the_m
         )["rows"]
         == 4
     )
+
+
+class ImageAndTable(nn.Module):
+    """forward(pixels, features): an image with tabular features, as tuple batches give them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Linear(12, 4)
+        self.table = nn.Linear(3, 4)
+
+    def forward(self, pixels: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.image(pixels.flatten(1)) + self.table(features)
+
+
+class TupleBatches:
+    def val_dataloader(self) -> list[tuple[torch.Tensor, ...]]:
+        return [(torch.randn(5, 3, 2, 2), torch.randn(5, 3), torch.zeros(5, dtype=torch.long))]
+
+
+def test_a_tuple_batch_gives_one_input_per_required_argument_of_forward():
+    """(pixels, features, y) batches and forward(pixels, features): the first two items are the
+    inputs, float ones dynamic in the batch only; a dict batch with one input keeps the old rule."""
+    from kiln.export.onnx_export import example_input, export_graph, inputs_of_batch
+
+    torch.manual_seed(0)
+    net = ImageAndTable().eval()
+    example = example_input(net, TupleBatches())
+    assert example.names == ["pixels", "features"] and not example.as_dict
+    assert example.axes == {"pixels": {0: "batch"}, "features": {0: "batch"}}
+    assert [len(t) for t in example.tensors.values()] == [2, 2]  # two rows: a dynamic batch is traced above 1
+    exported = export_graph(net, example, opset=20)
+    assert graph_inputs(exported.model) == {
+        "pixels": ("FLOAT", ["batch", 3, 2, 2]),
+        "features": ("FLOAT", ["batch", 3]),
+    }
+    pixels, features = torch.randn(4, 3, 2, 2), torch.randn(4, 3)
+    answer = ort_answer(exported.model, {"pixels": pixels.numpy(), "features": features.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(answer, net(pixels, features).numpy(), atol=1e-5)
+    assert inputs_of_batch({"x": torch.ones(2, 3), "y": torch.ones(2)}, nn.Linear(3, 1).forward) is None

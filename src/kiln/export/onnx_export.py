@@ -128,7 +128,7 @@ def inputs_of_batch(batch: Any, forward: Any) -> dict[str, Tensor] | None:
     names = forward_arguments(forward)
     if isinstance(batch, Mapping):
         named = {name: batch[name] for name in names if isinstance(batch.get(name), Tensor)}
-        return named or None
+        return named if len(named) >= 2 else None  # one input: kiln.contract.batch_input's rules
     required = [
         name
         for name, p in _parameters(forward).items()
