@@ -223,6 +223,7 @@ def finetune(
             module.cpu().eval()
             return {**outcome, **progress.record()}
     keep = KeepBest(monitor, mode)
+    fresh_metric_states(module)
     trainer = quiet_trainer(
         settings,
         datamodule,
@@ -279,11 +280,23 @@ def validate(module: Any, datamodule: Any, settings: dict[str, Any]) -> dict[str
     """The module's own validation metrics (its validation_step over the datamodule's loader)."""
     # no inference mode: the metrics' states it would make read-only are updated again by a fine-tune
     trainer = quiet_trainer(settings, datamodule, inference_mode=False)
+    fresh_metric_states(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.validate(module, datamodule=datamodule, verbose=False)
     module.cpu().eval()
     return {str(k): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def fresh_metric_states(module: Any) -> None:
+    """Reset the module's torchmetrics outside inference mode: an earlier scoring pass under
+    inference mode (the export's, the int8 search's) leaves their states as inference tensors,
+    which a validation or fine-tune outside it cannot update in place."""
+    from torchmetrics import Metric
+
+    for child in module.modules():
+        if isinstance(child, Metric):
+            child.reset()
 
 
 @dataclass(frozen=True)
