@@ -81,3 +81,20 @@ def test_nothing_is_recovered_when_the_cheaper_variants_fit_or_recovery_is_off(
     assert "int8_static_qat: fine-tune" not in within["timings_s"]["compress"]
     off = compress_in_process(run, *MISSING, "compress.recovery_epochs=0")
     assert [v["name"] for v in off["variants"]] == ["fp32", "pruned", "int8_static"]
+
+
+def test_a_negative_recovery_epochs_is_one_line_and_exit_2_with_nothing_written(
+    digits_cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from kilntest import kiln_in_process
+
+    run = copy_run(digits_cnn_run, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    code = kiln_in_process(
+        monkeypatch, "compress", f"run={run}", "compress=auto", "compress.recovery_epochs=-1"
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "compress.recovery_epochs=-1: must be a whole number >= 0" in err[0]
+    assert "compress.recovery_epochs=2" in err[0]  # the fix
+    assert sorted(p.name for p in run.iterdir()) == before  # no compress/, no report
