@@ -104,3 +104,27 @@ def test_nodes_are_put_in_order_even_along_a_chain_longer_than_the_recursion_lim
     fp16.in_order(graph)
     assert [node.output[0] for node in graph.node] == [f"t{i + 1}" for i in range(3000)]
     onnx.checker.check_graph(graph)
+
+
+def test_where_the_gpu_provider_exists_the_step_times_fp16_against_fp32_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from kiln.export.onnx_export import export_net
+
+    # the CPU provider stands in for CUDA: the timing's logic, not a GPU's numbers
+    monkeypatch.setattr(fp16, "CUDA", "CPUExecutionProvider")
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    onnx.save(export_net(net, torch.randn(2, 8), 18), str(tmp_path / "fp32.onnx"))
+    batches: list[tuple[int, int]] = []
+
+    def calibration(count: int, size: int) -> list[np.ndarray]:
+        batches.append((count, size))
+        return [np.random.default_rng(0).normal(size=(size, 8)).astype(np.float32)]
+
+    notes = fp16.ConvertFp16().quantize(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx", calibration)
+    assert batches == [(1, 64)]
+    assert len(notes) == 1 and notes[0].startswith(
+        "fp16 on the GPU (onnxruntime CPUExecutionProvider), batch 64: "
+    )
+    assert f"medians of {fp16.CUDA_ROUNDS} alternating calls" in notes[0]
+    assert (tmp_path / "fp16.onnx").is_file()
