@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -120,9 +120,8 @@ class Judge:
         datamodule: Any,
         reference_net: Path,
         watch: Any,
-        say: Callable[[str], None] = print,
     ) -> None:
-        self.recipe, self.monitor, self.watch, self.say = recipe, monitor, watch, say
+        self.recipe, self.monitor, self.watch = recipe, monitor, watch
         self.module, self.datamodule, self.reference_net = module, datamodule, reference_net
         self.ready = False
 
@@ -243,11 +242,6 @@ def describe_drop_of(attempt: Attempt) -> str:
     interval = attempt.drop_ci95
     measured = f"{attempt.val_drop:.2f}"
     return f"{measured}, 95% interval [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else measured
-
-
-def describe_attempt(attempt: Attempt) -> str:
-    kept = ", ".join(attempt.settings.exclude) or "none"
-    return f"calibration {attempt.settings.label}; kept in fp32: {kept}; {attempt.verdict}"
 
 
 def search(
