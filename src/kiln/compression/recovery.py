@@ -125,21 +125,27 @@ def recover(
     budget = budget_of()
     if budget is None:
         return []
-    judge = Judge(work.module, work.datamodule, budget, recipe.decision)
+    judges: list[Judge] = []  # made on first use: its baseline costs a validation pass
+
+    def missed_budget(name: str, net: Path) -> str | None:
+        if not judges:
+            judges.append(Judge(work.module, work.datamodule, budget, recipe.decision))
+        return judges[0].missed(name, net)
+
     built = {variant["name"]: variant for variant in variants}
     given_up = {record["name"]: record for record in abandoned}
     recovered = []
     for candidate in recipe.candidates:
         quantizer = candidate.quantize_step
         if not candidate.prune_steps and isinstance(quantizer, QuantizeStatic) and candidate.name in built:
-            missed = judge.missed(candidate.name, work.staging / built[candidate.name]["net_onnx"])
+            missed = missed_budget(candidate.name, work.staging / built[candidate.name]["net_onnx"])
             if missed:
                 work.say(f"{candidate.name}: {missed}; recovering by a quantization-aware fine-tune")
                 recovered.append(quantization_aware(candidate, settings, work, abandoned))
         elif candidate.prune_steps and quantizer is None:
             source = built.get(candidate.name)
             if source is not None:
-                missed = judge.missed(candidate.name, work.staging / source["net_onnx"])
+                missed = missed_budget(candidate.name, work.staging / source["net_onnx"])
             else:
                 missed = given_up[candidate.name]["abandoned"] if candidate.name in given_up else None
             if missed:
