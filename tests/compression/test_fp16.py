@@ -52,8 +52,8 @@ def test_auto_builds_fp16_only_where_onnxruntime_can_time_it_on_a_gpu(monkeypatc
     asked = read_recipe(
         {
             "recipe": "auto",
-            "candidates": {"int8": ["quantize_static"], "half": ["convert_fp16"]},
-            "convert_fp16": {"_target_": "kiln.compression.fp16.ConvertFp16"},
+            "candidates": {"int8": ["quantize_static"], "half": ["fp16"]},
+            "fp16": {"_target_": "kiln.compression.fp16.ConvertFp16"},
         }
     )
     abandoned: list[dict] = []
@@ -63,11 +63,11 @@ def test_auto_builds_fp16_only_where_onnxruntime_can_time_it_on_a_gpu(monkeypatc
     fixed = read_recipe(
         {
             "recipe": "fp16",
-            "steps": ["convert_fp16"],
-            "convert_fp16": {"_target_": "kiln.compression.fp16.ConvertFp16"},
+            "steps": ["fp16"],
+            "fp16": {"_target_": "kiln.compression.fp16.ConvertFp16"},
         }
     )
-    assert [c.name for c in fp16.candidates(fixed, [])] == ["convert_fp16"]  # asked for: built anywhere
+    assert [c.name for c in fp16.candidates(fixed, [])] == ["fp16"]  # asked for: built anywhere
 
 
 def test_compress_fp16_ships_a_variant_checked_against_torch_and_judged_by_accuracy(
@@ -79,8 +79,8 @@ def test_compress_fp16_ships_a_variant_checked_against_torch_and_judged_by_accur
     run = copy_run(digits_cnn_run, tmp_path)
     compress_stage.main.call(compose("compress", [f"run={run}", *QUICK, "compress=fp16"]))
     report = json.loads((run / "report.json").read_text())
-    assert report["shipped"] == "convert_fp16" and report["status"] == "passed"
-    variant = next(v for v in report["variants"] if v["name"] == "convert_fp16")
+    assert report["shipped"] == "fp16" and report["status"] == "passed"
+    variant = next(v for v in report["variants"] if v["name"] == "fp16")
     assert variant["precision"] == "fp16"
     assert variant["check"].startswith("parity: ") and "allowed 1e-02" in variant["check"]
     assert 0 < variant["parity_max_abs"] < fp16.PARITY_ATOL

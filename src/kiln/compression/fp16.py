@@ -27,7 +27,7 @@ import numpy as np
 from kiln.compression.steps import Quantization
 
 CUDA = "CUDAExecutionProvider"
-STEP = "convert_fp16"
+STEP = "fp16"
 CANDIDATE = "fp16"
 # |fp16 graph - torch fp32| allowed on the exported model's outputs (probabilities or raw
 # outputs): fp16 keeps about 3 significant digits, so 1e-2 is a few of its rounding steps.
