@@ -65,6 +65,7 @@ def test_a_pruned_candidate_that_cannot_recover_is_abandoned_after_one_epoch_and
         "compress.prune_structured.finetune_epochs=5",
         "compress.prune_structured.lr_scale=1e-9",  # it cannot learn: the budget is out of reach
         "compress.max_metric_drop=0",
+        "compress.recovery_epochs=0",  # no distillation after it (test_recovery_e2e.py tests that)
     )
     assert [a["name"] for a in report["abandoned"]] == ["pruned", "pruned_int8_static"]  # shared pruning
     abandoned = report["abandoned"][0]

@@ -49,11 +49,11 @@ def compress(
     """Build every variant's net as ONNX (fp32 always, then the recipe's candidates) in
     <directory>/compress/, with manifest.json describing them. Returns the manifest. `say`
     tells progress, `warn` what the user should know (e.g. int8 that will be slow)."""
-    from kiln.compression import int8_search
+    from kiln.compression import fp16, int8_search, recovery
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
     from kiln.export.measure import Stopwatch
-    from kiln.export.onnx_export import example_input, export_graph, input_shape, skip_reason
+    from kiln.export.onnx_export import NamedInputs, example_input, export_graph, input_shape, skip_reason
 
     started = time.perf_counter()
     watch = Stopwatch()
@@ -85,7 +85,7 @@ def compress(
         budget = BudgetOnce(recipe, monitor, module, datamodule, finetune_trainer, watch)
         calibration = Calibration(datamodule, seed)
         judge = int8_search.Judge(recipe, monitor, module, datamodule, staging / f"{FP32}.net.onnx", watch)
-        for candidate in recipe.candidates:
+        for candidate in fp16.candidates(recipe, abandoned):  # auto gains fp16 where a GPU can time it
             skipped = skip_reason(candidate, example)  # steps that need one input tensor
             if skipped:
                 say(f"{candidate.name}: skipped ({skipped})")
@@ -133,12 +133,27 @@ def compress(
                     )
                 for warning in warnings:
                     warn(warning)
-                variant.update(precision="int8", net_onnx=target_file.name)
+                variant.update(precision=getattr(quantizer, "precision", "int8"), net_onnx=target_file.name)
                 variant["notes"] = [*variant["notes"], *warnings]
                 variant.update(searched)  # static int8's attempts (compression/int8_search.py)
             if slower_than_fp32(recipe, staging, variant, example, watch, say, abandoned):
                 continue
             variants.append(variant)
+        if not isinstance(example, NamedInputs):  # recovery retrains through one input tensor
+            work = recovery.Work(
+                module,
+                datamodule,
+                staging,
+                monitor,
+                example,
+                opset,
+                exporter,
+                finetune_trainer,
+                calibration,
+                watch,
+                say,
+            )
+            variants += recovery.recover(recipe, variants, abandoned, budget.get, work)  # only after a miss
         manifest = {
             "recipe": recipe.name,
             "max_metric_drop": recipe.max_metric_drop,

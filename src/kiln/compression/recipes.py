@@ -32,6 +32,7 @@ from kiln.errors import KilnError
 
 RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision", "keep_variants"}
 RECIPE_KEYS |= {"objective", "metric"}  # how auto chooses, and the metric the budget holds
+RECIPE_KEYS |= {"recovery_epochs", "distillation"}  # recovery by training (kiln.compression.recovery)
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
 Step = Pruning | Quantization
@@ -101,6 +102,9 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
             f"compress.metric={metric}: name a metric the module logs on validation, e.g. val/acc, "
             "or null (a classifier's validation accuracy, else monitor.metric)"
         )
+    from kiln.compression.recovery import read_settings
+
+    read_settings(config)  # compress.recovery_epochs and compress.distillation, checked before any work
     known = sorted({*BUILT_IN, *nodes})
     for key in nodes:  # every step node is checked, used or not: a typo must not wait for its turn
         build_step(key, nodes, {}, f"compress.{key}", known)

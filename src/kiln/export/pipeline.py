@@ -357,6 +357,7 @@ def export_variant(
     import onnx
 
     from kiln.compression.choose import describe_drop, metric_drop
+    from kiln.compression.fp16 import PARITY_ATOL as FP16_PARITY_ATOL
     from kiln.compression.pipeline import COMPRESS_DIR
     from kiln.export import checks
     from kiln.export.graphs import assemble, set_metadata
@@ -422,13 +423,14 @@ def export_variant(
         ),
         "notes": entry.get("notes", []),
     }
-    if entry["precision"] == "fp32":
+    if entry["precision"] in ("fp32", "fp16"):  # fp16: against torch's fp32, within fp16's rounding
+        atol = settings.atol if entry["precision"] == "fp32" else max(settings.atol, FP16_PARITY_ATOL)
         with watch.part(f"{name}: parity with torch"):
             graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
             torch_out = torch_outputs(
                 variant_module(run, target, entry), inputs.torch_features(), model.task or ""
             )
-            result = checks.parity(graph_out, torch_out, model.task or "regression", settings.atol)
+            result = checks.parity(graph_out, torch_out, model.task or "regression", atol)
         variant.update(parity_max_abs=result.max_abs, passed=result.ok, check=f"parity: {result.describe()}")
         variant["reason"] = "" if result.ok else f"parity failed: {result.describe()}"
     else:
