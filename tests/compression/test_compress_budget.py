@@ -67,13 +67,17 @@ def test_a_pruned_candidate_that_cannot_recover_is_abandoned_after_one_epoch_and
         "compress.max_metric_drop=0",
         "compress.recovery_epochs=0",  # no distillation after it (test_recovery_e2e.py tests that)
     )
-    assert [a["name"] for a in report["abandoned"]] == ["pruned", "pruned_int8_static"]  # shared pruning
-    abandoned = report["abandoned"][0]
+    # int8_dynamic may be abandoned too, when its net is shown slower than fp32 (the speed pre-check)
+    by_budget = [a for a in report["abandoned"] if a["name"].startswith("pruned")]
+    assert [a["name"] for a in by_budget] == ["pruned", "pruned_int8_static"]  # shared pruning
+    assert all(a["name"] == "int8_dynamic" for a in report["abandoned"] if a not in by_budget)
+    abandoned = by_budget[0]
     assert abandoned["abandoned"].startswith("fine-tune stopped after epoch 1 of 5")
     before, after = abandoned["budget_drops"]
     assert before > 0 and after == pytest.approx(before, abs=1e-6)  # no progress at all
     assert "fine-tuned 1 epochs" in abandoned["notes"][0]
-    assert [v["name"] for v in report["variants"]] == ["fp32", "int8_static", "int8_dynamic"]  # not exported
+    built = [v["name"] for v in report["variants"]]
+    assert built[:2] == ["fp32", "int8_static"] and set(built) <= {"fp32", "int8_static", "int8_dynamic"}
     assert "- pruned: abandoned: fine-tune stopped after epoch 1 of 5" in (run / "report.md").read_text()
     timings = report["timings_s"]["compress"]
     assert "pruned0: export" not in timings and "pruned0: fine-tune" in timings
