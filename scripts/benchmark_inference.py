@@ -260,7 +260,8 @@ def side_by_side(run: Path, rounds: int) -> dict[str, Any] | None:
     from kiln.export import measure
     from kiln.export.feeds import tile_rows
     from kiln.export.from_run import load_trained, open_run
-    from kiln.export.pipeline import ModelInputs, timing_session
+    from kiln.export.measure import timing_session
+    from kiln.export.pipeline import ModelInputs
 
     fp32_file, shipped_file = run / "export" / "fp32.onnx", run / "model.onnx"
     if not fp32_file.is_file():

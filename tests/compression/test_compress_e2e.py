@@ -121,24 +121,24 @@ def test_auto_tries_every_candidate_and_ships_the_fastest_within_budget(digits_c
         )
     )
     data = report(run)
-    assert {v["name"] for v in data["variants"]} == {
-        "fp32",
-        "int8_static",
-        "int8_dynamic",
-        "pruned",
-        "pruned_int8_static",
-    }
-    # every candidate was timed against fp32 in paired rounds; a candidate ships only if shown faster
+    # every candidate is built and judged, or abandoned by the speed pre-check with its evidence
+    built = {v["name"] for v in data["variants"]}
+    dropped = {a["name"]: a for a in data["abandoned"]}
+    assert built | set(dropped) == {"fp32", "int8_static", "int8_dynamic", "pruned", "pruned_int8_static"}
+    assert "fp32" in built and not built & set(dropped)
+    for abandoned in dropped.values():  # shown slower at batch 1: the upper end of its interval below 1
+        assert abandoned["abandoned"].startswith("not scored: its net measured slower than the fp32 net")
+        assert abandoned["speedup"]["1"]["ci95"][1] < 1
+    # every built candidate was timed against fp32 in paired rounds; one ships only if shown faster
     candidates = [v for v in data["variants"] if v["name"] != "fp32"]
-    assert all(v["speedup"]["256"]["rounds"] >= 8 and v["speedup"]["256"]["ci95"] for v in candidates)
+    assert all(v["speedup"]["256"]["rounds"] >= 6 and v["speedup"]["256"]["ci95"] for v in candidates)
     shipped = next(v for v in data["variants"] if v["name"] == data["shipped"])
     assert data["shipped"] == "fp32" or shipped["speedup"]["256"]["ci95"][0] > 1
-    assert set(data["verdicts"]) == {v["name"] for v in data["variants"]}  # why, for each
-    # a CNN: dynamic int8 is flagged as slow on convolutions
+    assert set(data["verdicts"]) == built  # why, for each
+    # a CNN: dynamic int8 is flagged as slow on convolutions, built or abandoned
     assert "ConvInteger" in result.stderr
-    assert any(
-        "ConvInteger" in n for n in next(v for v in data["variants"] if v["name"] == "int8_dynamic")["notes"]
-    )
+    dynamic = next(v for v in [*data["variants"], *data["abandoned"]] if v["name"] == "int8_dynamic")
+    assert any("ConvInteger" in n for n in dynamic["notes"])
 
 
 def test_the_gate_refuses_a_lossy_variant_with_a_zero_budget(penguins_run: Path, tmp_path: Path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -200,3 +201,33 @@ def _regression(name: str, predicted: np.ndarray, targets: np.ndarray) -> Metric
 
         return r2
     return None
+
+
+def variant_drop_interval(
+    metric: str,
+    task: str | None,
+    mode: str,
+    unit: str,
+    baseline_rows: Any,
+    rows: Any,
+    baseline: dict[str, Any],
+    val_metrics: dict[str, float],
+) -> Any:
+    """The paired bootstrap 95% interval of a variant's validation drop from the rows two scorings
+    recorded (kiln.export.scoring.RowRecorder), in the budget's unit."""
+    from kiln.compression.choose import metric_drop
+
+    paired = baseline_rows.rows(), rows.rows()
+    if paired[0] is None or paired[1] is None:
+        return Interval(
+            None, None, 0, "the validation batches gave no target kiln could pair with each output"
+        )
+    return drop_interval(
+        metric,
+        task,
+        mode,
+        lambda base, value: metric_drop(base, value, mode, unit),
+        Rows(*paired[0]),
+        Rows(*paired[1]),
+        (baseline["val_metrics"][metric], val_metrics[metric]),
+    )

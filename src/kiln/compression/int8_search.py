@@ -209,7 +209,7 @@ class Judge:
     def _speedup(self, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         from kiln.export import measure
         from kiln.export.feeds import tile_rows
-        from kiln.export.pipeline import timing_session
+        from kiln.export.measure import timing_session
 
         batch = tile_rows(feeds, SEARCH_BATCH)
         reference, candidate = timing_session(self.reference_net, None), timing_session(path, None)

@@ -53,7 +53,14 @@ def compress(
     from kiln.compression.pruning import count_nonzero, count_parameters
     from kiln.contract import export_module
     from kiln.export.measure import Stopwatch
-    from kiln.export.onnx_export import NamedInputs, example_input, export_graph, input_shape, skip_reason
+    from kiln.export.onnx_export import (
+        NamedInputs,
+        example_input,
+        export_graph,
+        exported_by,
+        input_shape,
+        skip_reason,
+    )
 
     started = time.perf_counter()
     watch = Stopwatch()
@@ -203,7 +210,7 @@ def prune(
 
     from kiln.compression import pruning
     from kiln.contract import export_module
-    from kiln.export.onnx_export import export_graph
+    from kiln.export.onnx_export import export_graph, exported_by
 
     work = copy.deepcopy(module)
     notes = []
@@ -355,14 +362,6 @@ class Calibration:
                 self.datamodule, batches, batch_size, seed=self.seed
             )
         return self.drawn[batches, batch_size]
-
-
-def exported_by(exported: Any) -> dict[str, str]:
-    """A variant's record of the exporter that made its net (and why auto did not use torchscript)."""
-    record = {"exporter": exported.exporter}
-    if exported.fallback_reason:
-        record["exporter_fallback"] = exported.fallback_reason
-    return record
 
 
 def save_onnx(model: Any, path: Path) -> None:

@@ -33,6 +33,8 @@ from kiln.errors import KilnError
 RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit", "decision", "keep_variants"}
 RECIPE_KEYS |= {"objective", "metric"}  # how auto chooses, and the metric the budget holds
 RECIPE_KEYS |= {"recovery_epochs", "distillation"}  # recovery by training (kiln.compression.recovery)
+RECOVERY_EPOCHS = 2  # when the recipe does not say: short, since it runs only after a miss
+DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
 Step = Pruning | Quantization
@@ -102,8 +104,6 @@ def read_recipe(config: Mapping[str, Any]) -> Recipe:
             f"compress.metric={metric}: name a metric the module logs on validation, e.g. val/acc, "
             "or null (a classifier's validation accuracy, else monitor.metric)"
         )
-    from kiln.compression.recovery import read_settings
-
     read_settings(config)  # compress.recovery_epochs and compress.distillation, checked before any work
     known = sorted({*BUILT_IN, *nodes})
     for key in nodes:  # every step node is checked, used or not: a typo must not wait for its turn
@@ -182,3 +182,47 @@ def build_step(
         )
     step: Step = build(key, {**node, **overrides})
     return step
+
+
+# -- recovery by training (kiln.compression.recovery): its settings, read with the recipe --------
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    epochs: int
+    temperature: float  # softens both models' logits: higher shares more of the teacher's ranking
+    alpha: float  # weight of the distillation term; 1 - alpha stays on the module's own loss
+
+
+def read_settings(config: Mapping[str, Any]) -> RecoverySettings:
+    """`compress.recovery_epochs` and `compress.distillation` from a recipe config, checked."""
+    epochs = config.get("recovery_epochs", RECOVERY_EPOCHS)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise KilnError(
+            f"compress.recovery_epochs={epochs}: must be a whole number >= 0 (the epochs of the "
+            "fine-tune that recovers a variant missing the budget; 0 turns recovery off), e.g. "
+            "compress.recovery_epochs=2"
+        )
+    distillation = config.get("distillation") or {}
+    unknown = (
+        sorted(set(distillation) - set(DISTILLATION_DEFAULTS)) if isinstance(distillation, Mapping) else []
+    )
+    if not isinstance(distillation, Mapping) or unknown:
+        raise KilnError(
+            f"compress.distillation={distillation!r}: expected "
+            f"{{temperature: 4.0, alpha: 0.5}}{f' (no key {unknown[0]})' if unknown else ''}"
+        )
+    values = {**DISTILLATION_DEFAULTS, **distillation}
+    temperature, alpha = values["temperature"], values["alpha"]
+    if not _number(temperature) or temperature <= 0:
+        raise KilnError(f"compress.distillation.temperature={temperature}: must be > 0, e.g. 4.0")
+    if not _number(alpha) or not 0 <= alpha <= 1:
+        raise KilnError(
+            f"compress.distillation.alpha={alpha}: must be between 0 and 1 (the weight of the "
+            "teacher's soft targets), e.g. 0.5"
+        )
+    return RecoverySettings(epochs, float(temperature), float(alpha))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,50 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kiln.errors import KilnError
+from kiln.compression.recipes import (  # the settings are a recipe's; recovery uses them
+    RecoverySettings,
+    read_settings,
+)
 
-RECOVERY_EPOCHS = 2  # when the recipe does not say: short, since it runs only after a miss
 RECOVERY_LR_SCALE = 0.3  # the fine-tune's learning rate: the module's own times this
-DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
 QUANTIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 RANGE_MOMENTUM = 0.9  # of the activations' running min/max: a fine-tune's ranges drift slowly
-
-
-@dataclass(frozen=True)
-class RecoverySettings:
-    epochs: int
-    temperature: float  # softens both models' logits: higher shares more of the teacher's ranking
-    alpha: float  # weight of the distillation term; 1 - alpha stays on the module's own loss
-
-
-def read_settings(config: Mapping[str, Any]) -> RecoverySettings:
-    """`compress.recovery_epochs` and `compress.distillation` from a recipe config, checked."""
-    epochs = config.get("recovery_epochs", RECOVERY_EPOCHS)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-        raise KilnError(
-            f"compress.recovery_epochs={epochs}: must be a whole number >= 0 (the epochs of the "
-            "fine-tune that recovers a variant missing the budget; 0 turns recovery off), e.g. "
-            "compress.recovery_epochs=2"
-        )
-    distillation = config.get("distillation") or {}
-    unknown = (
-        sorted(set(distillation) - set(DISTILLATION_DEFAULTS)) if isinstance(distillation, Mapping) else []
-    )
-    if not isinstance(distillation, Mapping) or unknown:
-        raise KilnError(
-            f"compress.distillation={distillation!r}: expected "
-            f"{{temperature: 4.0, alpha: 0.5}}{f' (no key {unknown[0]})' if unknown else ''}"
-        )
-    values = {**DISTILLATION_DEFAULTS, **distillation}
-    temperature, alpha = values["temperature"], values["alpha"]
-    if not _number(temperature) or temperature <= 0:
-        raise KilnError(f"compress.distillation.temperature={temperature}: must be > 0, e.g. 4.0")
-    if not _number(alpha) or not 0 <= alpha <= 1:
-        raise KilnError(
-            f"compress.distillation.alpha={alpha}: must be between 0 and 1 (the weight of the "
-            "teacher's soft targets), e.g. 0.5"
-        )
-    return RecoverySettings(epochs, float(temperature), float(alpha))
 
 
 @dataclass
@@ -174,9 +138,9 @@ class Judge:
 
     def missed(self, name: str, net: Path) -> str | None:
         """Why the graph at `net` misses the budget, or None when it is within it."""
+        from kiln.compression.bootstrap import variant_drop_interval
         from kiln.compression.choose import metric_drop, over_budget, within_budget
         from kiln.export import checks
-        from kiln.export.pipeline import drop_interval
         from kiln.export.scoring import RowRecorder, evaluate_graph
 
         budget = self.budget
@@ -188,7 +152,7 @@ class Judge:
         if budget.metric not in metrics or budget.metric not in self.baseline:
             return None
         baseline = {"val_metrics": self.baseline}
-        interval = drop_interval(
+        interval = variant_drop_interval(
             budget.metric, self.task, budget.mode, budget.unit, self.baseline_rows, rows, baseline, metrics
         )
         judged = {
@@ -523,7 +487,7 @@ def export_net(net: nn.Module, work: Work) -> Any:
 
 
 def exported_by(exported: Any) -> dict[str, str]:
-    from kiln.compression.pipeline import exported_by as record
+    from kiln.export.onnx_export import exported_by as record
 
     return record(exported)
 
@@ -536,7 +500,3 @@ def save(model: Any, path: Path) -> None:
 
 def _score(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -24,7 +24,7 @@ def slower_than_fp32(fp32_net: Path, candidate_net: Path, example: Any, rounds: 
     """The candidate's speed-up at batch 1 ({median, ci95, rounds}) when it is shown slower than
     the fp32 net there, else None (faster, undecided, or an input this check cannot feed)."""
     from kiln.export import measure
-    from kiln.export.pipeline import timing_session
+    from kiln.export.measure import timing_session
 
     row = single_input_row(example)
     if row is None:

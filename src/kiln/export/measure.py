@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -274,3 +275,19 @@ def seconds_per_variant(*parts: dict[str, float]) -> dict[str, float]:
             if separator and variant not in ("baseline", "latency"):
                 totals[variant] = round(totals.get(variant, 0.0) + spent, 3)
     return totals
+
+
+def timing_session(path: Path, threads: int | None) -> Any:
+    """A session for paired timing: its idle threads do not spin. onnxruntime's workers spin for a
+    while after each run by default; with two sessions alternating, the one that just ran would
+    take CPU from the one being timed, and on a busy machine from the candidate more than fp32 or
+    the other way round, depending on which ran last."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -492,3 +492,11 @@ def skip_reason(candidate: Any, example: Example) -> str | None:
     if hasattr(getattr(candidate, "quantize_step", None), "calibration_batches"):
         return f"static int8 calibrates one input tensor; {takes}: use quantize_dynamic"
     return None
+
+
+def exported_by(exported: Any) -> dict[str, str]:
+    """A variant's record of the exporter that made its net (and why auto did not use torchscript)."""
+    record = {"exporter": exported.exporter}
+    if exported.fallback_reason:
+        record["exporter_fallback"] = exported.fallback_reason
+    return record

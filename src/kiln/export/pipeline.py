@@ -356,6 +356,7 @@ def export_variant(
     """One variant: the deployable file, checked, scored by the module's own steps, measured."""
     import onnx
 
+    from kiln.compression.bootstrap import variant_drop_interval
     from kiln.compression.choose import describe_drop, metric_drop
     from kiln.compression.fp16 import PARITY_ATOL as FP16_PARITY_ATOL
     from kiln.compression.pipeline import COMPRESS_DIR
@@ -377,7 +378,7 @@ def export_variant(
         val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name, rows, trainer)
         test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name, trainer=trainer)
     with watch.part(f"{name}: bootstrap"):
-        interval = drop_interval(
+        interval = variant_drop_interval(
             metric, model.task, mode, gate.unit, reference.rows, rows, baseline, val_metrics
         )
 
@@ -458,7 +459,7 @@ def measure_speed(
     from kiln.export.feeds import tile_rows
 
     def runner(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
-        session = timing_session(path, settings.threads)
+        session = measure.timing_session(path, settings.threads)
         return session, dict(inputs.feeds(session))
 
     fp32 = next(v for v in variants if v["name"] == "fp32")
@@ -490,22 +491,6 @@ def measure_speed(
     set_latency(fp32, latency)
 
 
-def timing_session(path: Path, threads: int | None) -> Any:
-    """A session for paired timing: its idle threads do not spin. onnxruntime's workers spin for a
-    while after each run by default; with two sessions alternating, the one that just ran would
-    take CPU from the one being timed, and on a busy machine from the candidate more than fp32 or
-    the other way round, depending on which ran last."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def runs(variant: dict[str, Any], batch: str) -> str:
     """What a latency median is over: timed runs, or paired rounds (each the quickest of N calls)."""
     calls = (variant.get("latency_calls_per_round") or {}).get(batch)
@@ -518,36 +503,6 @@ def set_latency(variant: dict[str, Any], latency: Any) -> None:
     variant["latency_us"] = latency.median_us
     variant["latency_spread_us"] = latency.spread_us
     variant["latency_runs"] = latency.repeats  # timed runs behind each median
-
-
-def drop_interval(
-    metric: str,
-    task: str | None,
-    mode: str,
-    unit: str,
-    baseline_rows: Any,
-    rows: Any,
-    baseline: dict[str, Any],
-    val_metrics: dict[str, float],
-) -> Any:
-    """The paired bootstrap 95% interval of the variant's validation drop (kiln.compression.bootstrap)."""
-    from kiln.compression.bootstrap import Interval, Rows, drop_interval
-    from kiln.compression.choose import metric_drop
-
-    paired = baseline_rows.rows(), rows.rows()
-    if paired[0] is None or paired[1] is None:
-        return Interval(
-            None, None, 0, "the validation batches gave no target kiln could pair with each output"
-        )
-    return drop_interval(
-        metric,
-        task,
-        mode,
-        lambda base, value: metric_drop(base, value, mode, unit),
-        Rows(*paired[0]),
-        Rows(*paired[1]),
-        (baseline["val_metrics"][metric], val_metrics[metric]),
-    )
 
 
 def variant_module(run: Any, target: Any, entry: dict[str, Any]) -> Any:
