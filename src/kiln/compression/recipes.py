@@ -7,7 +7,7 @@ A recipe file (`compress=<recipe>`) holds:
     max_metric_drop: 1.0                 # how much worse monitor.metric may get (validation split)
     metric_unit: auto                    # of that budget: points (bounded scores) or percent (losses)
     decision: auto                       # upper_bound where the drop has a 95% interval, else point
-    objective: latency                   # auto ships the fastest shown faster than fp32; size: the smallest
+    objective: latency                   # auto ships the highest speed-up shown above fp32; size: the smallest
     metric: null                         # the gate's metric; null: a classifier's val accuracy, else the monitor
     prune_structured:                    # a step: a config with a _target_ (kiln.compression.steps)
       _target_: kiln.compression.steps.PruneStructured
