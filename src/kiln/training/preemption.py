@@ -107,6 +107,14 @@ class ExactResume(L.Callback):
             datamodule.resume_train_chunks = position["chunks_done"]
 
 
+def drop_superseded(preempted: Path) -> None:
+    """A preempted.ckpt older than the last.ckpt beside it is a resume that has since trained past
+    it (`resume=auto` takes the newer file): keeping it only costs a checkpoint's size on disk."""
+    last = preempted.with_name("last.ckpt")
+    if preempted.is_file() and last.is_file() and last.stat().st_mtime_ns > preempted.stat().st_mtime_ns:
+        preempted.unlink()
+
+
 class SavesOnSignal(ExactResume):
     """On one of `signals`, let the current training step finish, save `checkpoints/preempted.ckpt`
     there (every rank at the same step: a save under DDP is collective), then `after_save`."""
@@ -133,6 +141,8 @@ class SavesOnSignal(ExactResume):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
+        if self.received is None and trainer.is_global_zero:
+            drop_superseded(self.checkpoint_path)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
