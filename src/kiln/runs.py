@@ -45,11 +45,11 @@ import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
@@ -100,10 +100,11 @@ def replacing(path: Path, prefix: str | None = None) -> Iterator[Path]:
     of the one it replaces, or what the user's umask gives a new file (mkstemp's 0600 would make
     a shared file private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(name)
+    # The name is chosen before the file exists, so that Ctrl-C or SIGTERM raising at any point
+    # (Python checks for signals between any two steps) finds it known to the `finally` below.
+    temp = path.parent / f"{prefix or f'.{path.name}.'}{secrets.token_hex(8)}.tmp"
     try:
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # refuses an existing file
         yield temp
         os.chmod(temp, file_mode(path))
         os.replace(temp, path)
