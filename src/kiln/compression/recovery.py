@@ -187,6 +187,23 @@ def fresh_metric_states(module: nn.Module) -> None:
             part.reset()
 
 
+def finetune(model: Any, settings: RecoverySettings, work: Work) -> Any:
+    """The recovery's fine-tune: the run's trainer settings, the module's optimizer at
+    RECOVERY_LR_SCALE, up to `settings.epochs` epochs, the best epoch by monitor.metric kept."""
+    from kiln.compression import pruning
+
+    return pruning.finetune(
+        model,
+        work.datamodule,
+        epochs=settings.epochs,
+        patience=settings.epochs,
+        monitor=work.monitor["metric"],
+        mode=work.monitor["mode"],
+        lr_scale=RECOVERY_LR_SCALE,
+        trainer_settings=work.finetune_trainer,
+    )
+
+
 def quantization_aware(
     candidate: Any, settings: RecoverySettings, work: Work, abandoned: list[dict[str, Any]]
 ) -> dict[str, Any] | None:
@@ -205,16 +222,7 @@ def quantization_aware(
         )
     work.say(f"{name}: fake-quantized fine-tune of {len(layers)} layers, up to {settings.epochs} epochs")
     with work.watch.part(f"{name}: fine-tune"), fake_quantized(layers) as observed:
-        tuned = pruning.finetune(
-            model,
-            work.datamodule,
-            epochs=settings.epochs,
-            patience=settings.epochs,
-            monitor=work.monitor["metric"],
-            mode=work.monitor["mode"],
-            lr_scale=RECOVERY_LR_SCALE,
-            trainer_settings=work.finetune_trainer,
-        )
+        tuned = finetune(model, settings, work)
     if observed.training_calls == 0:
         return refuse(
             abandoned,
@@ -284,16 +292,7 @@ def distilled(
         f"{settings.temperature:g}, alpha {settings.alpha:g}), up to {settings.epochs} epochs"
     )
     with work.watch.part(f"{name}: fine-tune"), distilling(part, teacher, settings) as calls:
-        tuned = pruning.finetune(
-            student,
-            work.datamodule,
-            epochs=settings.epochs,
-            patience=settings.epochs,
-            monitor=work.monitor["metric"],
-            mode=work.monitor["mode"],
-            lr_scale=RECOVERY_LR_SCALE,
-            trainer_settings=work.finetune_trainer,
-        )
+        tuned = finetune(student, settings, work)
     if calls.training == 0:
         return refuse(
             abandoned,
