@@ -252,3 +252,23 @@ class Output:
         """All of it, once the process has exited and its pipe is closed."""
         self._thread.join(timeout)
         return self.text
+
+
+def image_preprocessing(image: dict[str, Any], channels: int, size: Any) -> Any:
+    """An onnxruntime session of the preprocessing kiln assembles (kiln.export.graphs) in front of a
+    'net' that returns its input: what the graph makes of uint8 images, (batch, channels, *size)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from kiln.export.graphs import assemble
+
+    shape = ["batch", channels, *size]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "net",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+    )
+    net = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = assemble(net, task=None, class_names=[], image=image)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from kiln.data.transforms import read_eval_transform
-from kiln.export.graphs import assemble
+from kilntest import image_preprocessing
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 
@@ -45,20 +43,6 @@ def image_folder(root: Path) -> Path:
     return root
 
 
-def preprocessing_session(image: dict[str, Any], size: tuple[int, int]) -> ort.InferenceSession:
-    """The graph kiln assembles around an identity 'net' of the transform's output size."""
-    shape = ["batch", 3, *size]
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["output"])],
-        "net",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-    )
-    net = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model = assemble(net, task=None, class_names=[], image=image)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize(
     ("steps", "size"),
     [
@@ -75,7 +59,7 @@ def test_the_graph_repeats_a_torchvision_eval_transform_on_images_of_any_size(
     read = read_eval_transform(ValOnly(Subset(dataset, [0, 1])))  # a split of it, as users make them
     assert read is not None and read.refused is None and read.image_input is not None
     assert (read.image_input["size"], read.image_input["mean"]) == (list(size), MEAN)
-    session = preprocessing_session(read.image_input, size)
+    session = image_preprocessing(read.image_input, 3, size)
     rng = np.random.default_rng(0)
     for height, width in [(37, 23), (20, 20), (41, 64), (17, 30), (80, 33)]:
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
@@ -21,8 +19,8 @@ from torchvision.transforms import v2
 
 from kiln import contract
 from kiln.errors import KilnError
-from kiln.export.graphs import assemble
 from kiln.export.images import at_training_size, export_image_input, framed_for_graph
+from kilntest import image_preprocessing
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 EVAL = [
@@ -54,20 +52,6 @@ def folder(tmp_path: Path) -> Path:
         pixels = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / name / "0.png")
     return tmp_path
-
-
-def identity_graph(image: dict[str, Any]) -> ort.InferenceSession:
-    """The preprocessing kiln assembles in front of a 'net' that returns its input."""
-    shape = ["batch", image["channels"], *image["size"]]
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["output"])],
-        "net",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-    )
-    net = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model = assemble(net, task=None, class_names=[], image=image)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def test_the_eval_transform_becomes_the_image_input_silently(folder, capfd):
@@ -138,7 +122,7 @@ def test_parity_images_reach_the_net_unchanged(resize_and_crop):
     )
     framed = framed_for_graph(pixels, image)
     assert framed.shape[1:3] != (16, 16)
-    (out,) = identity_graph(image).run(None, {"image": framed})
+    (out,) = image_preprocessing(image, image["channels"], image["size"]).run(None, {"image": framed})
     assert np.abs(out - x).max() < 1e-5
 
 
