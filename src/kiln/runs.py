@@ -1,5 +1,5 @@
-"""The run directory, its one owner: the layout, the record (written by `Run`, read by
-`RunDirectory`), the saved config, the best checkpoint, and writing files so none looks finished
+"""The run directory, its one owner: the layout (`RunLayout`: every path, named only here), the
+record (`RunRecord`, run.json: written by `Run`, read by `RunDirectory` and `read_record`), the saved config, the best checkpoint, and writing files so none looks finished
 early (`replacing`, `write_atomically`, `swap_in`). No torch import: `kiln report`, the API and
 `kiln predict` read runs through it without loading a model.
 
@@ -50,12 +50,12 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypedDict, cast
 
 from kiln.errors import KilnError, exception_chain
 from kiln.secrets import (  # noqa: F401  (re-exported: kiln.runs was their home)
@@ -67,15 +67,221 @@ from kiln.secrets import (  # noqa: F401  (re-exported: kiln.runs was their home
     without_credentials,
 )
 
-RUN_RECORD = "run.json"
-LOCK_FILE = ".kiln.lock"
-CHECKPOINTS = "checkpoints"
-SAVED_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
-BEST = Path(CHECKPOINTS) / "best.ckpt"
-MODEL = "model.onnx"
-REPORT = "report.json"
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """Every path of a run directory, named in this one place: a file renamed here is renamed for
+    every stage, the report, the API and the trackers, which ask for paths here and never join
+    file names themselves. A pure description: nothing is read or created.
+
+        RunLayout(run_dir).best_checkpoint   # <run_dir>/checkpoints/best.ckpt
+    """
+
+    root: Path
+
+    # The names, as class attributes (one place to change, or to patch in a test).
+    RECORD: ClassVar[str] = "run.json"
+    CV_RECORD: ClassVar[str] = "cv.json"  # a cross-validation run's record (its folds have run.json)
+    SEARCH_RECORD: ClassVar[str] = "search.json"  # a search's record (its trials have run.json)
+    STUDY: ClassVar[str] = "study.db"  # a search's Optuna study
+    LOCK: ClassVar[str] = ".kiln.lock"
+    HYDRA: ClassVar[str] = ".hydra"
+    SAVED_CONFIG: ClassVar[str] = "config.yaml"
+    OVERRIDES: ClassVar[str] = "overrides.yaml"
+    HYDRA_CONFIG: ClassVar[str] = "hydra.yaml"
+    CHECKPOINTS: ClassVar[str] = "checkpoints"
+    BEST_CHECKPOINT: ClassVar[str] = "best.ckpt"
+    LAST_CHECKPOINT: ClassVar[str] = "last.ckpt"
+    PREEMPTED_CHECKPOINT: ClassVar[str] = "preempted.ckpt"
+    TENSORBOARD: ClassVar[str] = "tensorboard"
+    COMPRESS: ClassVar[str] = "compress"  # the variants' nets and weights
+    MANIFEST: ClassVar[str] = "manifest.json"  # in compress/: what each variant is
+    EXPORT: ClassVar[str] = "export"  # the variants' deployable ONNX files
+    MODEL: ClassVar[str] = "model.onnx"
+    REPORT: ClassVar[str] = "report.json"
+    REPORT_MARKDOWN: ClassVar[str] = "report.md"
+    REPORT_PLOT: ClassVar[str] = "report.png"
+    FOLD: ClassVar[str] = "fold_{}"
+    TRIAL: ClassVar[str] = "trial_{:03d}"
+
+    # -- the record and the saved config ---------------------------------------------------------
+
+    @property
+    def record(self) -> Path:
+        return self.root / self.RECORD
+
+    @property
+    def cv_record(self) -> Path:
+        return self.root / self.CV_RECORD
+
+    @property
+    def search_record(self) -> Path:
+        return self.root / self.SEARCH_RECORD
+
+    @property
+    def study(self) -> Path:
+        return self.root / self.STUDY
+
+    @property
+    def records(self) -> tuple[Path, ...]:
+        """What makes a directory a kiln run: its run.json, or a cross-validation run's cv.json."""
+        return (self.record, self.cv_record)
+
+    @property
+    def lock(self) -> Path:
+        return self.root / self.LOCK
+
+    @property
+    def hydra(self) -> Path:
+        return self.root / self.HYDRA
+
+    @property
+    def saved_config(self) -> Path:
+        return self.hydra / self.SAVED_CONFIG
+
+    @property
+    def overrides(self) -> Path:
+        return self.hydra / self.OVERRIDES
+
+    @property
+    def hydra_config(self) -> Path:
+        return self.hydra / self.HYDRA_CONFIG
+
+    def log(self, stage: str) -> Path:
+        """The stage's log file (conf/hydra/job_logging/kiln.yaml writes it)."""
+        return self.root / f"{stage}.log"
+
+    # -- training --------------------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS
+
+    def checkpoint(self, name: str) -> Path:
+        return self.checkpoints / name
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoint(self.BEST_CHECKPOINT)
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint(self.LAST_CHECKPOINT)
+
+    @property
+    def preempted_checkpoint(self) -> Path:
+        return self.checkpoint(self.PREEMPTED_CHECKPOINT)
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / self.TENSORBOARD
+
+    def fold(self, index: int) -> RunLayout:
+        """Fold `index` of a cross-validation run: a run directory of its own."""
+        return RunLayout(self.root / self.FOLD.format(index))
+
+    def trial(self, number: int) -> RunLayout:
+        """Trial `number` of a search: a run directory of its own."""
+        return RunLayout(self.root / self.TRIAL.format(number))
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    @property
+    def compress(self) -> Path:
+        return self.root / self.COMPRESS
+
+    @property
+    def manifest(self) -> Path:
+        return self.compress / self.MANIFEST
+
+    @property
+    def export(self) -> Path:
+        return self.root / self.EXPORT
+
+    def exported(self, variant: str) -> Path:
+        """A variant's deployable file in export/."""
+        return self.export / f"{variant}.onnx"
+
+    @property
+    def model(self) -> Path:
+        return self.root / self.MODEL
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    @property
+    def report_markdown(self) -> Path:
+        return self.root / self.REPORT_MARKDOWN
+
+    @property
+    def report_plot(self) -> Path:
+        return self.root / self.REPORT_PLOT
+
+    @property
+    def shipped(self) -> tuple[Path, ...]:
+        """What export ships together: the model and its report."""
+        return (self.model, self.report, self.report_markdown, self.report_plot)
+
+    @property
+    def artifacts(self) -> tuple[Path, ...]:
+        """What a finished run hands its trackers, where it holds them."""
+        return (self.record, self.cv_record, *self.shipped)
+
+    def relative(self, path: Path) -> str:
+        """`path` as written inside the run's own files (`export/int8.onnx`): relative to the root."""
+        return path.relative_to(self.root).as_posix()
+
+
+class RunRecord(TypedDict, total=False):
+    """run.json: what kiln writes there (`Run`) and reads back (`RunDirectory`, `read_record`).
+    A stage may add fields of its own (`Run.update`); these are the ones kiln relies on."""
+
+    status: str  # running, completed, failed, interrupted; pruned (a search trial)
+    stage: str
+    started: str
+    finished: str | None
+    command: list[str]
+    cwd: str
+    host: str
+    slurm_job_id: str | None
+    git: dict[str, Any]
+    versions: dict[str, str | None]
+    seed: int
+    config_hash: str
+    monitor: dict[str, str]
+    data_fingerprint: Any
+    resumed_from: str | None
+    best_checkpoint: dict[str, Any] | None  # {path, score, epoch}
+    throughput: dict[str, Any] | None
+    test_metrics: dict[str, Any]
+    error: str | None
+    attempts: list[dict[str, Any]]  # earlier attempts of a continued run
+    delivery: dict[str, Any]  # {status, shipped, reason}, after compression and export
+    mlflow: dict[str, Any]
+    feature_importance: list[Any]
+    feature_importance_measure: str
+    group_metrics: Any
+
+
+def read_record(directory: Path) -> RunRecord:
+    """A run's run.json, or one KilnError naming it when it is missing or damaged."""
+    path = RunLayout(directory).record
+    if not path.is_file():
+        raise KilnError(f"{directory}: not a kiln run directory (no {path.name})")
+    return cast(RunRecord, read_json(path))
+
+
+def write_record(directory: Path, record: Mapping[str, Any]) -> None:
+    """Write a run's run.json (credentials masked, through a temp file and a rename)."""
+    write_atomically(RunLayout(directory).record, json.dumps(record, indent=2, default=str) + "\n")
+
+
+# Today's names of the layout's files, for the modules that imported them from here.
+RUN_RECORD = RunLayout.RECORD
+LOCK_FILE = RunLayout.LOCK
+
+
 TRACKED_PACKAGES = (
     "kiln",
     "torch",
@@ -173,7 +379,7 @@ def _with_secrets(cfg: Any, directory: Path) -> Any:
     if missing:
         key, name, url = missing[0]
         raise KilnError(
-            f"{key}: the run's saved config ({directory / SAVED_CONFIG}) holds this URL without its "
+            f"{key}: the run's saved config ({RunLayout(directory).saved_config}) holds this URL without its "
             f"password ({url}...): kiln never saves passwords; give it in the environment variable "
             f"{name}, e.g. `export {name}=...` and run the command again"
         )
@@ -274,20 +480,21 @@ class Run:
 
     def __init__(self, directory: Path, writer: bool = True) -> None:
         self.directory = directory
+        self.layout = RunLayout(directory)
         self.writer = writer
         self.record: dict[str, Any] = {}
         self._pending: dict[str, Any] = {}  # fields given before the record started (see train_once)
 
     @property
     def checkpoints(self) -> Path:
-        return self.directory / CHECKPOINTS
+        return self.layout.checkpoints
 
     @property
     def tensorboard(self) -> Path:
-        return self.directory / "tensorboard"
+        return self.layout.tensorboard
 
     def start(self, *, stage: str, seed: int, monitor: dict[str, str], config_hash: str) -> None:
-        previous = self.read_record(self.directory) if (self.directory / RUN_RECORD).exists() else {}
+        previous = read_record(self.directory) if self.layout.record.exists() else {}
         self.record = {
             "status": "running",
             "stage": stage,
@@ -326,12 +533,10 @@ class Run:
 
     def save(self) -> None:
         if self.writer:
-            write_atomically(
-                self.directory / RUN_RECORD, json.dumps(self.record, indent=2, default=str) + "\n"
-            )
+            write_record(self.directory, self.record)
 
     def has_record(self) -> bool:
-        return (self.directory / RUN_RECORD).is_file()
+        return self.layout.record.is_file()
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -380,12 +585,14 @@ class Run:
             self.save()
         except OSError:
             if not self._overwrite_record_in_place():
-                exc.add_note(f"({RUN_RECORD} could not be updated, {why}: it says what it said before)")
+                exc.add_note(
+                    f"({self.layout.RECORD} could not be updated, {why}: it says what it said before)"
+                )
 
     def _overwrite_record_in_place(self) -> bool:
         """Write the record, compact, over the bytes run.json already has on disk: no new block is
         needed, so a full disk takes it. Only when it fits (else nothing is written)."""
-        path = self.directory / RUN_RECORD
+        path = self.layout.record
         compact = json.dumps(self.record, separators=(",", ":"), default=str)
         data = (without_credentials(compact) + "\n").encode()
         try:
@@ -402,10 +609,7 @@ class Run:
 
     @staticmethod
     def read_record(directory: Path) -> dict[str, Any]:
-        path = directory / RUN_RECORD
-        if not path.exists():
-            raise KilnError(f"{directory}: not a kiln run directory (no {RUN_RECORD})")
-        return read_json(path)
+        return dict(read_record(directory))
 
     @classmethod
     def reopen(cls, directory: Path) -> Run:
@@ -429,6 +633,10 @@ class RunDirectory:
     record: dict[str, Any] = dataclasses.field(repr=False)
     name: str = ""  # how a table names it (its path below the directory a report was asked for)
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.directory)
+
     @classmethod
     def read(cls, path: str | os.PathLike[str], key: str = "run") -> RunDirectory:
         """The run at `path`, or one KilnError naming what is missing."""
@@ -441,13 +649,14 @@ class RunDirectory:
             raise KilnError(
                 f"{key}={path}: no such directory; give a run directory written by kiln train (runs/train/<run>)"
             )
-        missing = [str(name) for name in (Path(RUN_RECORD), SAVED_CONFIG) if not (directory / name).is_file()]
+        layout = RunLayout(directory)
+        missing = [layout.relative(p) for p in (layout.record, layout.saved_config) if not p.is_file()]
         if missing:
             raise KilnError(
                 f"{key}={path}: not a kiln run directory ({' and '.join(missing)} missing); "
                 "give a directory written by kiln train (runs/train/<run>)"
             )
-        return cls(directory, read_json(directory / RUN_RECORD), directory.name)
+        return cls(directory, dict(read_record(directory)), directory.name)
 
     # -- the record ------------------------------------------------------------------------------
 
@@ -480,7 +689,7 @@ class RunDirectory:
         return (
             str(recorded)
             if recorded
-            else hashlib.sha256((self.directory / SAVED_CONFIG).read_bytes()).hexdigest()[:16]
+            else hashlib.sha256(self.layout.saved_config.read_bytes()).hexdigest()[:16]
         )
 
     @property
@@ -512,26 +721,26 @@ class RunDirectory:
         name = Path(str(best["path"])).name if isinstance(best, dict) and best.get("path") else None
         if name is None and self.status != "completed":
             return None
-        path = self.directory / CHECKPOINTS / (name or BEST.name)
+        path = self.layout.checkpoint(name) if name else self.layout.best_checkpoint
         return path if path.is_file() else None
 
     def require_best_checkpoint(self, key: str = "run") -> Path:
         path = self.best_checkpoint
         if path is None:
             raise KilnError(
-                f"{key}={self.directory}: no best checkpoint ({BEST} missing; the run's status is "
+                f"{key}={self.directory}: no best checkpoint ({self.layout.relative(self.layout.best_checkpoint)} missing; the run's status is "
                 f"{self.status!r}); finish training first: kiln train run_dir={self.directory} resume=auto"
             )
         return path
 
     @property
     def model_path(self) -> Path | None:
-        path = self.directory / MODEL
+        path = self.layout.model
         return path if path.is_file() else None
 
     @property
     def report(self) -> dict[str, Any] | None:
-        path = self.directory / REPORT
+        path = self.layout.report
         return read_json(path) if path.is_file() else None
 
     def saved_config(self) -> Any:
@@ -539,7 +748,7 @@ class RunDirectory:
         passwords given back from the environment (`_with_secrets`)."""
         from omegaconf import OmegaConf
 
-        path = self.directory / SAVED_CONFIG
+        path = self.layout.saved_config
         try:
             saved = OmegaConf.load(path)
         except Exception as exc:
@@ -558,7 +767,7 @@ class RunDirectory:
         """`.hydra/overrides.yaml` as key -> value (`+key=v` and `key=v` alike; `~key` as `~`)."""
         import yaml  # PyYAML comes with Hydra/OmegaConf; imported here to keep --help instant
 
-        path = self.directory / OVERRIDES
+        path = self.layout.overrides
         if not path.is_file():
             return {}
         try:
@@ -582,7 +791,7 @@ def open_run(path: str | os.PathLike[str] | None, key: str = "run") -> RunDirect
     cfg = run.saved_config()
     if not hasattr(cfg, "keys") or "data" not in cfg or "model" not in cfg:
         raise KilnError(
-            f"{run.directory / SAVED_CONFIG}: has no data or model config; it is not a kiln train config"
+            f"{run.layout.saved_config}: has no data or model config; it is not a kiln train config"
         )
     run.require_best_checkpoint(key)
     return run
@@ -591,10 +800,6 @@ def open_run(path: str | os.PathLike[str] | None, key: str = "run") -> RunDirect
 # -- ownership -----------------------------------------------------------------------------------
 
 _locks: dict[Path, Any] = {}  # run directory -> the open lock file, held until this process ends
-# What may sit in a directory before kiln claims it: Hydra's log of this very command, and kiln's
-# own lock and config (a run whose start failed before its record was written).
-_BEFORE_A_RECORD = {".hydra", LOCK_FILE}
-_KILN_RECORDS = (RUN_RECORD, "cv.json")
 
 
 def lock(directory: Path, key: str = "run_dir") -> bool:
@@ -611,7 +816,7 @@ def lock(directory: Path, key: str = "run_dir") -> bool:
     directory = directory.resolve()
     if directory in _locks:
         return False
-    path = directory / LOCK_FILE
+    path = RunLayout(directory).lock
     try:
         # O_CLOEXEC (Python's default for open()): a subprocess never inherits the lock
         handle = open(path, "a+")  # noqa: SIM115  # held open: closing it would unlock
@@ -670,7 +875,7 @@ def is_locked(directory: Path) -> bool:
 
     if directory.resolve() in _locks:
         return True
-    path = directory / LOCK_FILE
+    path = RunLayout(directory).lock
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -765,7 +970,9 @@ def undo_refused_start(directory: Path) -> None:
         return
     now = {entry.name for entry in directory.iterdir()}
     made = now - before
-    if not all(_is_start_file(name) for name in made) or any(name in now for name in _KILN_RECORDS):
+    if not all(_is_start_file(name) for name in made) or any(
+        path.name in now for path in RunLayout(directory).records
+    ):
         return
     if resolved in _new_run_dirs and all(_is_start_file(name) for name in now):
         shutil.rmtree(directory, ignore_errors=True)
@@ -779,25 +986,27 @@ def undo_refused_start(directory: Path) -> None:
 
 
 def _is_start_file(name: str) -> bool:
-    return name in _BEFORE_A_RECORD or name.endswith(".log")
+    """What may sit in a directory before kiln claims it: Hydra's log of this very command, and
+    kiln's own lock and config (a run whose start failed before its record was written)."""
+    return name in (RunLayout.HYDRA, RunLayout.LOCK) or name.endswith(".log")
 
 
 def _check_not_held(directory: Path, key: str) -> None:
     if directory.resolve() not in _locks and is_locked(directory):
         raise KilnError(
-            f"{key}={directory}: {_holder(directory / LOCK_FILE)} is writing this run now; wait for it "
+            f"{key}={directory}: {_holder(RunLayout(directory).lock)} is writing this run now; wait for it "
             f"to end, or choose another {key}"
         )
 
 
 def _check_may_continue(directory: Path, continuing: bool, key: str) -> None:
     # run.json, or for a cross-validation run (which has none of its own) cv.json: same rules
-    found = next((directory / name for name in _KILN_RECORDS if (directory / name).is_file()), None)
+    found = next((path for path in RunLayout(directory).records if path.is_file()), None)
     if found is None or continuing:
         return
     record = read_json(found)
     status = record.get("status")
-    what = "run" if found.name == RUN_RECORD else f"cross-validation run ({found.name})"
+    what = "run" if found == RunLayout(directory).record else f"cross-validation run ({found.name})"
     if status == "completed":
         finished = f" (finished {record['finished']})" if record.get("finished") else ""
         raise KilnError(
@@ -813,7 +1022,7 @@ def _check_may_continue(directory: Path, continuing: bool, key: str) -> None:
 
 def _check_is_kiln_run_or_new(directory: Path, key: str) -> None:
     entries = {entry.name for entry in directory.iterdir()}
-    record = directory / RUN_RECORD
+    record = RunLayout(directory).record
     if record.is_file():
         try:
             value = json.loads(record.read_text())
@@ -825,9 +1034,9 @@ def _check_is_kiln_run_or_new(directory: Path, key: str) -> None:
                 f"new or empty directory or a kiln run: choose another {key}"
             )
         return
-    if any(name in entries for name in _KILN_RECORDS):
+    if any(path.is_file() for path in RunLayout(directory).records):
         return
-    foreign = sorted(name for name in entries if name not in _BEFORE_A_RECORD and not name.endswith(".log"))
+    foreign = sorted(name for name in entries if not _is_start_file(name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise KilnError(
@@ -866,7 +1075,8 @@ def job_run_name(base: Path, stem: str, *, requeued: bool) -> str:
 
 def _first_record(directory: Path) -> dict[str, Any] | None:
     """run.json, or for a cross-validation run its first fold's (the command is the same)."""
-    for path in (directory / RUN_RECORD, directory / "fold_0" / RUN_RECORD, directory / "cv.json"):
+    layout = RunLayout(directory)
+    for path in (layout.record, layout.fold(0).record, layout.cv_record):
         if path.is_file():
             try:
                 value = json.loads(path.read_text())
@@ -945,15 +1155,16 @@ def save_run_config(directory: Path, cfg: Any, overrides: list[str], hydra: Any 
     import yaml
     from omegaconf import OmegaConf
 
-    write_atomically(directory / SAVED_CONFIG, OmegaConf.to_yaml(cfg))
-    write_atomically(directory / OVERRIDES, yaml.safe_dump(list(overrides), default_flow_style=False))
+    layout = RunLayout(directory)
+    write_atomically(layout.saved_config, OmegaConf.to_yaml(cfg))
+    write_atomically(layout.overrides, yaml.safe_dump(list(overrides), default_flow_style=False))
     if hydra is not None:
-        write_atomically(directory / HYDRA_CONFIG, OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
+        write_atomically(layout.hydra_config, OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
 
 
 def find_runs(root: Path) -> list[Path]:
     """Every directory at or below `root` holding a run.json."""
-    return sorted(path.parent for path in root.rglob(RUN_RECORD) if path.is_file())
+    return sorted(path.parent for path in root.rglob(RunLayout.RECORD) if path.is_file())
 
 
 _HYDRA_INTERPOLATION = re.compile(r"\$\{hydra:([A-Za-z0-9_.]+)\}")
@@ -962,7 +1173,8 @@ _HYDRA_INTERPOLATION = re.compile(r"\$\{hydra:([A-Za-z0-9_.]+)\}")
 def _resolved(directory: Path, saved: Any) -> Any:
     from omegaconf import OmegaConf
 
-    hydra_cfg = OmegaConf.load(directory / HYDRA_CONFIG) if (directory / HYDRA_CONFIG).is_file() else None
+    hydra_file = RunLayout(directory).hydra_config
+    hydra_cfg = OmegaConf.load(hydra_file) if hydra_file.is_file() else None
 
     def hydra_value(match: re.Match[str]) -> str:
         key = match.group(1)
@@ -1071,7 +1283,7 @@ def _saved_overrides(directory: Path) -> list[str] | None:
     """A run's `.hydra/overrides.yaml`: None when it has none, one KilnError when it is damaged."""
     import yaml
 
-    path = directory / OVERRIDES
+    path = RunLayout(directory).overrides
     if not path.is_file():
         return None
     try:
@@ -1082,7 +1294,7 @@ def _saved_overrides(directory: Path) -> list[str] | None:
         raise KilnError(
             f"{path}: unreadable as a list of overrides; the run's saved overrides are damaged: "
             f"restore the file, or continue its checkpoint in a new run: "
-            f"kiln train resume={directory / CHECKPOINTS / 'last.ckpt'} <its overrides>"
+            f"kiln train resume={RunLayout(directory).last_checkpoint} <its overrides>"
         )
     return items
 
@@ -1094,7 +1306,7 @@ def keep_saved_values(cfg: Any, directory: Path, line_keys: frozenset[str] | Non
     run halfway. Returns `key=saved (today: new)` for each value taken."""
     from omegaconf import OmegaConf
 
-    path = directory / SAVED_CONFIG
+    path = RunLayout(directory).saved_config
     if not path.is_file():
         return []
     try:
@@ -1147,7 +1359,7 @@ def check_finite_results(fields: dict[str, Any], monitor: dict[str, Any], direct
     raise KilnError(
         f"the run diverged: {what}; likely causes: a learning rate too high (model.optimizer.lr), "
         "unscaled inputs, or overflow in low precision; lower the learning rate or set "
-        f"model.gradient_clip_val=1.0. Checkpoints saved so far are kept in {directory / CHECKPOINTS}"
+        f"model.gradient_clip_val=1.0. Checkpoints saved so far are kept in {RunLayout(directory).checkpoints}"
     )
 
 
@@ -1155,7 +1367,7 @@ def _finite(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and math.isfinite(value))
 
 
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
+def _summary(record: Mapping[str, Any]) -> dict[str, Any]:
     return {key: record.get(key) for key in ("started", "finished", "status", "error", "command")}
 
 

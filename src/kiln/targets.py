@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.runs import RUN_RECORD, SAVED_CONFIG
+from kiln.runs import RunLayout
 
 TRUSTED_VARIABLE = "KILN_TRUSTED_TARGETS"
 
@@ -232,6 +232,6 @@ def _installed_folders() -> list[Path]:
 def _enclosing_run(path: Path) -> Path | None:
     """The run directory (a folder with kiln's run record or a saved config) holding `path`."""
     for folder in path.parents:
-        if (folder / RUN_RECORD).is_file() or (folder / SAVED_CONFIG).is_file():
+        if RunLayout(folder).record.is_file() or RunLayout(folder).saved_config.is_file():
             return folder
     return None

@@ -369,11 +369,11 @@ class MLflowTracker:
         only), then the MLflow run's own status."""
         from mlflow.entities import Metric, RunTag
 
-        from kiln.runs import MODEL, RUN_RECORD, read_json
+        from kiln.runs import RunLayout, read_record
 
         if self.run_id is None:
             return
-        record = read_json(self.run_dir / RUN_RECORD)
+        record = read_record(self.run_dir)
         mlflow_status = _STATUS.get(status, "FAILED")
         mlflow_client = client(self.found)
         best = (record.get("best_checkpoint") or {}).get("score")
@@ -383,7 +383,7 @@ class MLflowTracker:
         if delivery.get("status"):
             tags.append(RunTag("kiln.delivery", str(delivery["status"])))
         mlflow_client.log_batch(self.run_id, metrics=metrics, tags=tags)
-        registering = self.found.register_model and (self.run_dir / MODEL).is_file()
+        registering = self.found.register_model and RunLayout(self.run_dir).model.is_file()
         if registering and mlflow_status == "FINISHED":
             register(mlflow_client, str(self.found.register_model), self.run_id)
         mlflow_client.set_terminated(self.run_id, mlflow_status)
