@@ -97,84 +97,87 @@ def _add_table_preprocessing(graph: onnx.GraphProto, features: str, state: Mappi
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     blocks: list[str] = []
-
-    def const(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(array, name))
-        return name
-
     for column in numeric:
         graph.input.append(helper.make_tensor_value_info(column, TensorProto.DOUBLE, [BATCH, 1]))
     for column in categorical:
         graph.input.append(helper.make_tensor_value_info(column, TensorProto.STRING, [BATCH, 1]))
-
     if numeric:
-        row = (1, len(numeric))
-        fill = const("kiln_numeric_fill", np.asarray(state["numeric_fill"], dtype=np.float64).reshape(row))
-        offset = const("kiln_numeric_offset", np.asarray(state["offset"], dtype=np.float64).reshape(row))
-        scale = const("kiln_numeric_scale", np.asarray(state["scale"], dtype=np.float64).reshape(row))
-        nodes += [
-            helper.make_node("Concat", numeric, ["kiln_numbers"], axis=1, name="kiln_numbers"),
-            helper.make_node(
-                "IsNaN", ["kiln_numbers"], ["kiln_numbers_missing"], name="kiln_numbers_missing"
-            ),
-            helper.make_node(
-                "Where",
-                ["kiln_numbers_missing", fill, "kiln_numbers"],
-                ["kiln_numbers_filled"],
-                name="kiln_impute",
-            ),
-            helper.make_node(
-                "Sub", ["kiln_numbers_filled", offset], ["kiln_numbers_centered"], name="kiln_center"
-            ),
-            helper.make_node(
-                "Div", ["kiln_numbers_centered", scale], ["kiln_numbers_scaled"], name="kiln_scale"
-            ),
-            helper.make_node(
-                "Cast",
-                ["kiln_numbers_scaled"],
-                ["kiln_numbers_float"],
-                to=TensorProto.FLOAT,
-                name="kiln_to_float",
-            ),
-        ]
+        nodes += _numeric_block(numeric, state, inits)
         blocks.append("kiln_numbers_float")
     if categorical:
-        empty = const("kiln_empty_string", np.array([""], dtype=object))
-        for index, (column, categories) in enumerate(zip(categorical, state["categories"], strict=True)):
-            prefix = f"kiln_cat{index}"
-            fill = const(f"{prefix}_fill", np.array([str(state["categorical_fill"][index])], dtype=object))
-            known = const(
-                f"{prefix}_categories", np.array([str(c) for c in categories], dtype=object).reshape(1, -1)
-            )
-            nodes += [
-                helper.make_node("Equal", [column, empty], [f"{prefix}_missing"], name=f"{prefix}_missing"),
-                helper.make_node(
-                    "Where",
-                    [f"{prefix}_missing", fill, column],
-                    [f"{prefix}_filled"],
-                    name=f"{prefix}_impute",
-                ),
-                helper.make_node(
-                    "Equal", [f"{prefix}_filled", known], [f"{prefix}_hot"], name=f"{prefix}_one_hot"
-                ),
-                helper.make_node(
-                    "Cast",
-                    [f"{prefix}_hot"],
-                    [f"{prefix}_float"],
-                    to=TensorProto.FLOAT,
-                    name=f"{prefix}_to_float",
-                ),
-            ]
-            blocks.append(f"{prefix}_float")
+        empty = _const(inits, "kiln_empty_string", np.array([""], dtype=object))
+        for index, column in enumerate(categorical):
+            nodes += _category_block(index, column, empty, state, inits)
+            blocks.append(f"kiln_cat{index}_float")
     kept = [bool(k) for k in state.get("kept") or []]
     encoded = "kiln_encoded" if kept and not all(kept) else features
     nodes.append(helper.make_node("Concat", blocks, [encoded], axis=1, name="kiln_encode"))
     if encoded != features:
-        columns = const("kiln_kept_columns", np.flatnonzero(kept).astype(np.int64))
+        columns = _const(inits, "kiln_kept_columns", np.flatnonzero(kept).astype(np.int64))
         nodes.append(helper.make_node("Gather", [encoded, columns], [features], axis=1, name="kiln_select"))
     for position, node in enumerate(nodes):
         graph.node.insert(position, node)
     graph.initializer.extend(inits)
+
+
+def _const(inits: list[onnx.TensorProto], name: str, array: np.ndarray) -> str:
+    """An initializer named `name`, added to `inits`; its name."""
+    inits.append(numpy_helper.from_array(array, name))
+    return name
+
+
+def _numeric_block(
+    numeric: list[str], state: Mapping[str, Any], inits: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """The numeric columns side by side, missing values filled, scaled: `kiln_numbers_float`."""
+    row = (1, len(numeric))
+    fill = _const(
+        inits, "kiln_numeric_fill", np.asarray(state["numeric_fill"], dtype=np.float64).reshape(row)
+    )
+    offset = _const(inits, "kiln_numeric_offset", np.asarray(state["offset"], dtype=np.float64).reshape(row))
+    scale = _const(inits, "kiln_numeric_scale", np.asarray(state["scale"], dtype=np.float64).reshape(row))
+    return [
+        helper.make_node("Concat", numeric, ["kiln_numbers"], axis=1, name="kiln_numbers"),
+        helper.make_node("IsNaN", ["kiln_numbers"], ["kiln_numbers_missing"], name="kiln_numbers_missing"),
+        helper.make_node(
+            "Where",
+            ["kiln_numbers_missing", fill, "kiln_numbers"],
+            ["kiln_numbers_filled"],
+            name="kiln_impute",
+        ),
+        helper.make_node(
+            "Sub", ["kiln_numbers_filled", offset], ["kiln_numbers_centered"], name="kiln_center"
+        ),
+        helper.make_node("Div", ["kiln_numbers_centered", scale], ["kiln_numbers_scaled"], name="kiln_scale"),
+        helper.make_node(
+            "Cast",
+            ["kiln_numbers_scaled"],
+            ["kiln_numbers_float"],
+            to=TensorProto.FLOAT,
+            name="kiln_to_float",
+        ),
+    ]
+
+
+def _category_block(
+    index: int, column: str, empty: str, state: Mapping[str, Any], inits: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """One categorical column, missing ("") filled, one-hot over its known categories:
+    `kiln_cat<index>_float`."""
+    prefix = f"kiln_cat{index}"
+    fill = _const(inits, f"{prefix}_fill", np.array([str(state["categorical_fill"][index])], dtype=object))
+    categories = [str(c) for c in state["categories"][index]]
+    known = _const(inits, f"{prefix}_categories", np.array(categories, dtype=object).reshape(1, -1))
+    return [
+        helper.make_node("Equal", [column, empty], [f"{prefix}_missing"], name=f"{prefix}_missing"),
+        helper.make_node(
+            "Where", [f"{prefix}_missing", fill, column], [f"{prefix}_filled"], name=f"{prefix}_impute"
+        ),
+        helper.make_node("Equal", [f"{prefix}_filled", known], [f"{prefix}_hot"], name=f"{prefix}_one_hot"),
+        helper.make_node(
+            "Cast", [f"{prefix}_hot"], [f"{prefix}_float"], to=TensorProto.FLOAT, name=f"{prefix}_to_float"
+        ),
+    ]
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any
     """uint8 NHWC -> float NCHW resized and centre-cropped as torchvision's Resize and CenterCrop
     do it (bilinear, antialiased as torchvision's default; a shorter side resized to `shorter` and
     the longer to int(shorter * long / short)), ending in `kiln_image_cropped`."""
-    resize, crop = image["resize"], image.get("crop")
+    resize = image["resize"]
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.array([2], dtype=np.int64), "kiln_tv_two"),
@@ -270,8 +273,18 @@ def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any
             "Slice", ["kiln_tv_shape", _zero_index(graph), "kiln_tv_two"], ["kiln_tv_nc"], name="kiln_tv_nc"
         ),
     ]
+    nodes += _torchvision_new_size(graph, resize)
+    nodes += _torchvision_resize(image)
+    nodes += _torchvision_centre_crop(graph, image.get("crop"))
+    return nodes
+
+
+def _torchvision_new_size(graph: onnx.GraphProto, resize: Mapping[str, Any]) -> list[onnx.NodeProto]:
+    """`kiln_tv_new_hw`: the height and width torchvision's Resize gives (a fixed size, or the
+    shorter side set and the longer scaled with it)."""
+    nodes: list[onnx.NodeProto] = []
     if "shorter" in resize:  # (shorter * side) / short, floored: Python's int(size * long / short)
-        nodes += [
+        nodes = [
             helper.make_node(
                 "Cast", ["kiln_tv_hw"], ["kiln_tv_hw_float"], to=TensorProto.FLOAT, name="kiln_tv_hwf"
             ),
@@ -293,7 +306,12 @@ def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any
         graph.initializer.append(
             numpy_helper.from_array(np.array(resize["size"], dtype=np.int64), "kiln_tv_new_hw")
         )
-    nodes += [
+    return nodes
+
+
+def _torchvision_resize(image: Mapping[str, Any]) -> list[onnx.NodeProto]:
+    """`kiln_image_nchw` resized to `kiln_tv_sizes` and rounded to whole grey levels: `kiln_tv_resized`."""
+    return [
         helper.make_node(
             "Concat", ["kiln_tv_nc", "kiln_tv_new_hw"], ["kiln_tv_sizes"], axis=0, name="kiln_tv_sizes"
         ),
@@ -311,11 +329,14 @@ def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any
             "Round", ["kiln_tv_resized_float"], ["kiln_tv_resized"], name="kiln_tv_round_pixels"
         ),
     ]
+
+
+def _torchvision_centre_crop(graph: onnx.GraphProto, crop: Any) -> list[onnx.NodeProto]:
+    """`kiln_tv_resized` cropped at its centre to `crop` (none: as it is): `kiln_image_cropped`."""
     if crop is None:
-        nodes.append(
+        return [
             helper.make_node("Identity", ["kiln_tv_resized"], ["kiln_image_cropped"], name="kiln_tv_nocrop")
-        )
-        return nodes
+        ]
     # torchvision's centre: top = int(round((height - crop_height) / 2)), rounding half to even
     graph.initializer.extend(
         [
@@ -323,7 +344,7 @@ def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any
             numpy_helper.from_array(np.array([2.0, 2.0], dtype=np.float32), "kiln_tv_half"),
         ]
     )
-    nodes += [
+    nodes = [
         helper.make_node(
             "Sub", ["kiln_tv_new_hw", "kiln_tv_crop"], ["kiln_tv_margin"], name="kiln_tv_margin"
         ),

@@ -106,19 +106,42 @@ def export(
     """Export, check, score and measure every variant of `manifest`; ship the chosen one.
     `run` is the kiln.runs.RunDirectory of the trained run."""
     from kiln import contract
-    from kiln.compression.choose import choose
-    from kiln.compression.int8_search import cpu_instruction_set
     from kiln.export import measure
-    from kiln.export.report import log_tensorboard, write_report
-    from kiln.export.scoring import RowRecorder, evaluate, evaluation_trainer
-    from kiln.interrupts import held
-    from kiln.runs import copy_atomically, swap_in
 
     started = time.perf_counter()
     watch = measure.Stopwatch()
-    monitor = manifest["monitor"]
     target = contract.export_module(module)
     inputs = ModelInputs(datamodule, module)
+    model = describe_model(module, datamodule, manifest, inputs)
+    with measure.Threads(settings.threads):
+        reference = score_baseline(run, module, target, datamodule, inputs, model, manifest, settings, watch)
+        work = Work(run, module, target, datamodule, inputs, model, manifest, settings, watch)
+        variants, choice, embedding = export_every_variant(work, reference, say)
+    report = build_report(work, reference, variants, choice, embedding, time.perf_counter() - started)
+    ship(run.directory, report, choice)
+    compress_seconds = report["timings_s"]["compress_total"]
+    say(summary(report, run.directory, compress_seconds + report["timings_s"]["export_total"]))
+    return report
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every step of one export works on: the run, the module and its data, the settings."""
+
+    run: Any  # kiln.runs.RunDirectory
+    module: Any
+    target: Any  # the part exported (kiln.contract.export_module)
+    datamodule: Any
+    inputs: ModelInputs
+    model: Model
+    manifest: dict[str, Any]
+    settings: ExportSettings
+    watch: Any  # kiln.export.measure.Stopwatch
+
+
+def describe_model(module: Any, datamodule: Any, manifest: dict[str, Any], inputs: ModelInputs) -> Model:
+    from kiln import contract
+
     model = Model(
         task=contract.task(datamodule, module),
         class_names=contract.class_names(datamodule, module) or [],
@@ -126,90 +149,110 @@ def export(
     )
     if model.task == "classification" and not model.class_names:
         model.task = None  # no names to answer with: the graph gives its raw output
+    return model
 
-    with measure.Threads(settings.threads):
-        with watch.part("baseline: score torch fp32"):
-            trainer = evaluation_trainer()  # one for every scoring pass of this export
-            baseline_rows = RowRecorder(target)
-            val_metrics = evaluate(module, datamodule, "val", baseline_rows, trainer)
-            test_metrics = dict(run.record.get("test_metrics") or {}) or evaluate(
-                module, datamodule, "test", trainer=trainer
+
+def score_baseline(
+    run: Any,
+    module: Any,
+    target: Any,
+    datamodule: Any,
+    inputs: ModelInputs,
+    model: Model,
+    manifest: dict[str, Any],
+    settings: ExportSettings,
+    watch: Any,
+) -> Reference:
+    """The torch fp32 model scored by its own steps and timed: what every variant is held to."""
+    from kiln.export.scoring import RowRecorder, evaluate, evaluation_trainer
+
+    with watch.part("baseline: score torch fp32"):
+        trainer = evaluation_trainer()  # one for every scoring pass of this export
+        baseline_rows = RowRecorder(target)
+        val_metrics = evaluate(module, datamodule, "val", baseline_rows, trainer)
+        test_metrics = dict(run.record.get("test_metrics") or {}) or evaluate(
+            module, datamodule, "test", trainer=trainer
+        )
+    with watch.part("baseline: latency"):
+        latency = torch_latency(target, inputs.torch_features(), settings.latency_repeats)
+    baseline = {
+        "name": "torch_fp32",
+        "val_metrics": val_metrics,
+        "test_metrics": test_metrics,
+        "params": sum(p.numel() for p in target.parameters()),
+        "size_bytes": run.require_best_checkpoint().stat().st_size,
+        "latency_us": latency.median_us,
+        "latency_spread_us": latency.spread_us,
+        "latency_runs": latency.repeats,
+        "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
+    }
+    monitor = manifest["monitor"]
+    if monitor["metric"] not in val_metrics:
+        raise KilnError(
+            f"monitor.metric={monitor['metric']}: the module's validation_step did not log it when "
+            f"scoring the variants; it logged: {', '.join(val_metrics) or 'nothing'}"
+        )
+    return Reference(baseline, baseline_rows, Gate.of(manifest, model.task, val_metrics), trainer)
+
+
+def export_every_variant(
+    work: Work, reference: Reference, say: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], Any, dict[str, Any] | None]:
+    """Every variant written to a staging folder, measured, the choice made; the folder then
+    replaces <run>/export/ in whole (a failure leaves the previous export as it was)."""
+    from kiln.compression.choose import choose
+    from kiln.runs import swap_in
+
+    directory, manifest, gate = work.run.directory, work.manifest, reference.gate
+    remove_abandoned_staging(directory)
+    staging = directory / f".{EXPORT_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        variants = [export_variant(work, entry, reference, staging) for entry in manifest["variants"]]
+        with work.watch.part("latency: candidates paired with fp32"):
+            measure_speed(variants, staging, work.inputs, work.settings)
+        test_metric = "test/" + gate.metric.split("/", 1)[-1]
+        for variant in variants:
+            say(describe(variant, gate.metric, test_metric, gate.unit))
+        choice = choose(
+            variants,
+            auto=manifest["recipe"] == "auto",
+            wanted=manifest.get("wanted"),
+            max_drop=gate.max_drop,
+            unit=gate.unit,
+            decision=gate.decision,
+            objective=gate.objective,
+            metric=gate.metric,
+        )
+        with work.watch.part("embedding drift baseline"):
+            image = work.inputs.image
+            embedding = (
+                add_embedding_baseline(staging / f"{choice.name}.onnx", work.datamodule, image, work.settings)
+                if choice.name and image is not None
+                else None
             )
-        with watch.part("baseline: latency"):
-            latency = torch_latency(target, inputs.torch_features(), settings.latency_repeats)
-        baseline = {
-            "name": "torch_fp32",
-            "val_metrics": val_metrics,
-            "test_metrics": test_metrics,
-            "params": sum(p.numel() for p in target.parameters()),
-            "size_bytes": run.require_best_checkpoint().stat().st_size,
-            "latency_us": latency.median_us,
-            "latency_spread_us": latency.spread_us,
-            "latency_runs": latency.repeats,
-            "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
-        }
-        if monitor["metric"] not in baseline["val_metrics"]:
-            raise KilnError(
-                f"monitor.metric={monitor['metric']}: the module's validation_step did not log it when "
-                f"scoring the variants; it logged: {', '.join(baseline['val_metrics']) or 'nothing'}"
-            )
-        gate = Gate.of(manifest, model.task, baseline["val_metrics"])
-        metric = gate.metric
-        test_metric = "test/" + metric.split("/", 1)[-1]
-        remove_abandoned_staging(run.directory)
-        staging = run.directory / f".{EXPORT_DIR}.tmp-{os.getpid()}"
+        swap_in(staging, directory / EXPORT_DIR)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            variants = []
-            for entry in manifest["variants"]:
-                variant = export_variant(
-                    run,
-                    module,
-                    target,
-                    datamodule,
-                    inputs,
-                    model,
-                    entry,
-                    Reference(baseline, baseline_rows, gate, trainer),
-                    manifest,
-                    settings,
-                    staging,
-                    watch,
-                )
-                variants.append(variant)
-            with watch.part("latency: candidates paired with fp32"):
-                measure_speed(variants, staging, inputs, settings)
-            for variant in variants:
-                say(describe(variant, metric, test_metric, gate.unit))
-            choice = choose(
-                variants,
-                auto=manifest["recipe"] == "auto",
-                wanted=manifest.get("wanted"),
-                max_drop=gate.max_drop,
-                unit=gate.unit,
-                decision=gate.decision,
-                objective=gate.objective,
-                metric=metric,
-            )
-            with watch.part("embedding drift baseline"):
-                embedding = (
-                    add_embedding_baseline(
-                        staging / f"{choice.name}.onnx", datamodule, inputs.image, settings
-                    )
-                    if choice.name and inputs.image is not None
-                    else None
-                )
-            swap_in(staging, run.directory / EXPORT_DIR)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    return variants, choice, embedding
 
-    compress_seconds = float(manifest.get("seconds") or 0.0)
-    export_seconds = round(time.perf_counter() - started, 1)
-    report = {
+
+def build_report(
+    work: Work,
+    reference: Reference,
+    variants: list[dict[str, Any]],
+    choice: Any,
+    embedding: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    from kiln.compression.int8_search import cpu_instruction_set
+
+    run, manifest, gate, settings = work.run, work.manifest, reference.gate, work.settings
+    return {
         "run": str(run.directory),
         "recipe": manifest["recipe"],
-        "monitor": monitor,
+        "monitor": manifest["monitor"],
         "gate": {"metric": gate.metric, "mode": gate.mode},
         "max_metric_drop": gate.max_drop,
         "metric_unit": gate.unit,
@@ -228,34 +271,51 @@ def export(
         "cpu": cpu_instruction_set(),  # int8 accuracy and speed depend on it (compression/int8_search.py)
         "latency_repeats": settings.latency_repeats,
         "threads": settings.threads,
-        "baseline": baseline,
+        "baseline": reference.baseline,
         "variants": variants,
         "abandoned": manifest.get("abandoned", []),  # candidates given up on while compressing (no net)
         **({"drift_embedding": embedding} if embedding else {}),
-        "seconds": export_seconds,
-        "timings_s": {
-            "compress": manifest.get("timings_s", {}),
-            "export": watch.seconds,
-            "compress_total": compress_seconds,
-            "export_total": export_seconds,
-            "compress_export": round(compress_seconds + export_seconds, 1),
-            # the training's fit (run.json throughput): what compression's cost is measured against
-            "train": (run.record.get("throughput") or {}).get("fit_seconds"),
-            "per_variant": measure.seconds_per_variant(manifest.get("timings_s", {}), watch.seconds),
-        },
+        "seconds": round(seconds, 1),
+        "timings_s": timings(manifest, work.watch.seconds, round(seconds, 1), run.record),
     }
-    with held():  # model.onnx and the report that describes it are replaced together
+
+
+def timings(
+    manifest: dict[str, Any], export_parts: dict[str, float], export_seconds: float, record: Any
+) -> dict[str, Any]:
+    """Where compression's and export's seconds went, beside the training's fit."""
+    from kiln.export import measure
+
+    compress_seconds = float(manifest.get("seconds") or 0.0)
+    return {
+        "compress": manifest.get("timings_s", {}),
+        "export": export_parts,
+        "compress_total": compress_seconds,
+        "export_total": export_seconds,
+        "compress_export": round(compress_seconds + export_seconds, 1),
+        # the training's fit (run.json throughput): what compression's cost is measured against
+        "train": (record.get("throughput") or {}).get("fit_seconds"),
+        "per_variant": measure.seconds_per_variant(manifest.get("timings_s", {}), export_parts),
+    }
+
+
+def ship(directory: Path, report: dict[str, Any], choice: Any) -> None:
+    """model.onnx and the report that describes it, replaced together; a KilnError when no
+    variant passed (the report says why)."""
+    from kiln.export.report import log_tensorboard, write_report
+    from kiln.interrupts import held
+    from kiln.runs import copy_atomically
+
+    with held():
         if choice.name:
-            copy_atomically(run.directory / EXPORT_DIR / f"{choice.name}.onnx", run.directory / MODEL)
-        write_report(run.directory, report)
+            copy_atomically(directory / EXPORT_DIR / f"{choice.name}.onnx", directory / MODEL)
+        write_report(directory, report)
     try:
-        log_tensorboard(run.directory, report)
+        log_tensorboard(directory, report)
     except Exception as exc:  # the report files are the record; TensorBoard is a view of them
         print(f"kiln export: warning: TensorBoard not updated ({type(exc).__name__}: {exc})", file=sys.stderr)
     if not choice.name:
-        raise KilnError(f"no model shipped: {choice.reason}; see {run.directory / 'report.md'}")
-    say(summary(report, run.directory, compress_seconds + export_seconds))
-    return report
+        raise KilnError(f"no model shipped: {choice.reason}; see {directory / 'report.md'}")
 
 
 def summary(report: dict[str, Any], directory: Path, seconds: float) -> str:
@@ -339,70 +399,25 @@ def remove_abandoned_staging(directory: Path) -> None:
             continue
 
 
-def export_variant(
-    run: Any,
-    module: Any,
-    target: Any,
-    datamodule: Any,
-    inputs: ModelInputs,
-    model: Model,
-    entry: dict[str, Any],
-    reference: Reference,
-    manifest: dict[str, Any],
-    settings: ExportSettings,
-    staging: Path,
-    watch: Any,
-) -> dict[str, Any]:
+def export_variant(work: Work, entry: dict[str, Any], reference: Reference, staging: Path) -> dict[str, Any]:
     """One variant: the deployable file, checked, scored by the module's own steps, measured."""
-    import onnx
-
     from kiln.compression.bootstrap import variant_drop_interval
-    from kiln.compression.choose import describe_drop, metric_drop
-    from kiln.compression.fp16 import PARITY_ATOL as FP16_PARITY_ATOL
+    from kiln.compression.choose import metric_drop
     from kiln.compression.pipeline import COMPRESS_DIR
-    from kiln.export import checks
-    from kiln.export.graphs import assemble, set_metadata
-    from kiln.export.scoring import RowRecorder, evaluate_graph
 
-    name = entry["name"]
-    baseline, gate = reference.baseline, reference.gate
-    metric, mode = gate.metric, gate.mode
-    test_metric = "test/" + metric.split("/", 1)[-1]
-    net_path = run.directory / COMPRESS_DIR / entry["net_onnx"]
-
-    # scored through the module's own validation_step and test_step, the net served by onnxruntime
-    with watch.part(f"{name}: score"):
-        net_session = checks.open_session(net_path, settings.threads)
-        rows = RowRecorder(target)
-        trainer = reference.trainer
-        val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name, rows, trainer)
-        test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name, trainer=trainer)
-    with watch.part(f"{name}: bootstrap"):
+    name, gate, baseline = entry["name"], reference.gate, reference.baseline
+    test_metric = "test/" + gate.metric.split("/", 1)[-1]
+    net_path = work.run.directory / COMPRESS_DIR / entry["net_onnx"]
+    val_metrics, test_metrics, rows = score_variant(work, name, net_path, reference.trainer)
+    with work.watch.part(f"{name}: bootstrap"):
         interval = variant_drop_interval(
-            metric, model.task, mode, gate.unit, reference.rows, rows, baseline, val_metrics
+            gate.metric, work.model.task, gate.mode, gate.unit, reference.rows, rows, baseline, val_metrics
         )
-
-    with watch.part(f"{name}: assemble and check"):
-        path = staging / f"{name}.onnx"
-        graph = assemble(
-            onnx.load(str(net_path)),
-            task=model.task,
-            class_names=model.class_names,
-            table=inputs.table,
-            image=inputs.image,
-        )
-        set_metadata(
-            graph,
-            {
-                **base_metadata(run, datamodule, inputs, model, name, manifest["opset"]),
-                "kiln.monitor_value": f"{val_metrics[manifest['monitor']['metric']]:.6g}",
-                "kiln.test_metrics": {k: round(v, 6) for k, v in test_metrics.items()},
-            },
-        )
-        onnx.save(graph, str(path))
-        checks.check_file(path)
-        session = checks.open_session(path, settings.threads)
-    val_drop = metric_drop(baseline["val_metrics"][metric], val_metrics[metric], mode, gate.unit)
+    with work.watch.part(f"{name}: assemble and check"):
+        path, session = assemble_variant(work, name, net_path, val_metrics, test_metrics, staging)
+    val_drop = metric_drop(
+        baseline["val_metrics"][gate.metric], val_metrics[gate.metric], gate.mode, gate.unit
+    )
     variant: dict[str, Any] = {
         "name": name,
         "steps": entry["steps"],
@@ -420,27 +435,96 @@ def export_variant(
         "drop_unit": gate.unit,
         "val_rows": validation_rows(rows),
         "test_drop": _drop(
-            baseline["test_metrics"].get(test_metric), test_metrics.get(test_metric), mode, gate.unit
+            baseline["test_metrics"].get(test_metric), test_metrics.get(test_metric), gate.mode, gate.unit
         ),
         "notes": entry.get("notes", []),
     }
-    if entry["precision"] in ("fp32", "fp16"):  # fp16: against torch's fp32, within fp16's rounding
-        atol = settings.atol if entry["precision"] == "fp32" else max(settings.atol, FP16_PARITY_ATOL)
-        with watch.part(f"{name}: parity with torch"):
-            graph_out = checks.run_batched(session, inputs.feeds(session))[model.output]
-            torch_out = torch_outputs(
-                variant_module(run, target, entry), inputs.torch_features(), model.task or ""
-            )
-            result = checks.parity(graph_out, torch_out, model.task or "regression", atol)
-        variant.update(parity_max_abs=result.max_abs, passed=result.ok, check=f"parity: {result.describe()}")
-        variant["reason"] = "" if result.ok else f"parity failed: {result.describe()}"
-    else:
-        variant.update(
-            passed=True,
-            check=f"int8, judged by {metric} on the validation split (drop {describe_drop(val_drop, gate.unit)})",
-            reason="",
-        )
+    variant.update(check_variant(work, entry, session, gate, val_drop))
     return variant
+
+
+def score_variant(
+    work: Work, name: str, net_path: Path, trainer: Any
+) -> tuple[dict[str, float], dict[str, float], RowRecorder]:
+    """The module's own validation_step and test_step, its net served by onnxruntime."""
+    from kiln.export import checks
+    from kiln.export.scoring import RowRecorder, evaluate_graph
+
+    module, target, datamodule = work.module, work.target, work.datamodule
+    with work.watch.part(f"{name}: score"):
+        net_session = checks.open_session(net_path, work.settings.threads)
+        rows = RowRecorder(target)
+        val_metrics = evaluate_graph(module, target, net_session, datamodule, "val", name, rows, trainer)
+        test_metrics = evaluate_graph(module, target, net_session, datamodule, "test", name, trainer=trainer)
+    return val_metrics, test_metrics, rows
+
+
+def assemble_variant(
+    work: Work,
+    name: str,
+    net_path: Path,
+    val_metrics: dict[str, float],
+    test_metrics: dict[str, float],
+    staging: Path,
+) -> tuple[Path, Any]:
+    """The deployable file (net, preprocessing, head, metadata) in `staging`, checked and opened."""
+    import onnx
+
+    from kiln.export import checks
+    from kiln.export.graphs import assemble, set_metadata
+
+    inputs, model, manifest = work.inputs, work.model, work.manifest
+    path = staging / f"{name}.onnx"
+    graph = assemble(
+        onnx.load(str(net_path)),
+        task=model.task,
+        class_names=model.class_names,
+        table=inputs.table,
+        image=inputs.image,
+    )
+    set_metadata(
+        graph,
+        {
+            **base_metadata(work.run, work.datamodule, inputs, model, name, manifest["opset"]),
+            "kiln.monitor_value": f"{val_metrics[manifest['monitor']['metric']]:.6g}",
+            "kiln.test_metrics": {k: round(v, 6) for k, v in test_metrics.items()},
+        },
+    )
+    onnx.save(graph, str(path))
+    checks.check_file(path)
+    return path, checks.open_session(path, work.settings.threads)
+
+
+def check_variant(
+    work: Work, entry: dict[str, Any], session: Any, gate: Gate, val_drop: float
+) -> dict[str, Any]:
+    """fp32 and fp16: parity with torch on real inputs (fp16 within its rounding); int8 is judged
+    by the gate's metric on the validation split instead."""
+    from kiln.compression.choose import describe_drop
+    from kiln.compression.fp16 import PARITY_ATOL as FP16_PARITY_ATOL
+    from kiln.export import checks
+
+    if entry["precision"] not in ("fp32", "fp16"):
+        drop = describe_drop(val_drop, gate.unit)
+        return {
+            "passed": True,
+            "check": f"int8, judged by {gate.metric} on the validation split (drop {drop})",
+            "reason": "",
+        }
+    settings, inputs, task = work.settings, work.inputs, work.model.task
+    atol = settings.atol if entry["precision"] == "fp32" else max(settings.atol, FP16_PARITY_ATOL)
+    with work.watch.part(f"{entry['name']}: parity with torch"):
+        graph_out = checks.run_batched(session, inputs.feeds(session))[work.model.output]
+        torch_out = torch_outputs(
+            variant_module(work.run, work.target, entry), inputs.torch_features(), task or ""
+        )
+        result = checks.parity(graph_out, torch_out, task or "regression", atol)
+    return {
+        "parity_max_abs": result.max_abs,
+        "passed": result.ok,
+        "check": f"parity: {result.describe()}",
+        "reason": "" if result.ok else f"parity failed: {result.describe()}",
+    }
 
 
 def validation_rows(rows: Any) -> int | None:

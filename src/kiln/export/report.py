@@ -44,21 +44,37 @@ OBJECTIVES = {
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from kiln.compression import int8_search
-
     gate = report.get("gate") or report["monitor"]
     metric = gate["metric"]
+    base = report["baseline"]
+    primary = [name for name in PRIMARY if f"val/{name}" in base["val_metrics"] and f"val/{name}" != metric]
     test_metric = "test/" + metric.split("/", 1)[-1]
+    columns = [metric, *(f"val/{n}" for n in primary), test_metric, *(f"test/{n}" for n in primary)]
+    timings = report.get("timings_s") or {}
+    lines = [
+        *_introduction(report, gate),
+        *_variant_table(report, columns),
+        *_checks_and_notes(report),
+        "",
+        _how_measured(report),
+        "",
+        *([time_line(timings), ""] if timings else []),
+        "![trade-off](report.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _introduction(report: dict[str, Any], gate: dict[str, Any]) -> list[str]:
+    """The recipe, the budget and how it was judged, what shipped and why."""
+    metric = gate["metric"]
     unit = report.get("metric_unit", "points")
     decision = report.get("decision", "point")
     objective = report.get("objective", "latency")
     batch = report.get("deciding_batch", "256")
-    base = report["baseline"]
-    primary = [name for name in PRIMARY if f"val/{name}" in base["val_metrics"] and f"val/{name}" != metric]
-    columns = [metric, *(f"val/{n}" for n in primary), test_metric, *(f"test/{n}" for n in primary)]
     budget = f"{report['max_metric_drop']:g}" + (" points" if unit == "points" else "%")
     rows = next((v.get("val_rows") for v in report["variants"] if v.get("val_rows")), None)
-    lines = [
+    return [
         f"# Compression and export report: {Path(report['run']).name}",
         "",
         f"Recipe `{report['recipe']}`; a variant may lose at most {budget} of validation `{metric}` "
@@ -77,6 +93,15 @@ def markdown(report: dict[str, Any]) -> str:
         "Only the validation split decides; the test split is measured once, for this report, and "
         "never chooses a variant, so the shipped model's test figures are an unbiased estimate.",
         "",
+    ]
+
+
+def _variant_table(report: dict[str, Any], columns: list[str]) -> list[str]:
+    """One row for the torch baseline, one for each variant."""
+    unit = report.get("metric_unit", "points")
+    batch = report.get("deciding_batch", "256")
+    base = report["baseline"]
+    lines = [
         "| variant | precision | "
         + " | ".join(columns)
         + f" | val drop ({'points' if unit == 'points' else '%'}) | drop 95% CI | size (KB) | parameters | "
@@ -98,6 +123,14 @@ def markdown(report: dict[str, Any]) -> str:
             + f" | {v['size_bytes'] / 1024:.1f} | {v['params']} | {_latency(v, '1')} | "
             f"{_latency(v, batch)} | {_speedup(v, batch)} | {'passed' if v['passed'] else 'FAILED: ' + v['reason']} |"
         )
+    return lines
+
+
+def _checks_and_notes(report: dict[str, Any]) -> list[str]:
+    """Why each variant did or did not ship, then every check and note, then int8's attempts."""
+    from kiln.compression import int8_search
+
+    lines = []
     verdicts = report.get("verdicts") or {}
     if verdicts:
         lines += ["", "Why each variant did or did not ship:", ""]
@@ -112,11 +145,14 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {v['name']}: no bootstrap interval: {v['drop_ci95_reason']}")
         if v.get("exporter_fallback"):
             lines.append(f"- {v['name']}: exported by dynamo: {v['exporter_fallback']}")
-    lines += int8_search.report_lines(report)  # the CPU, and static int8's attempts, one row each
-    timings = report.get("timings_s") or {}
-    lines += [
-        "",
-        f"Baseline: {base['note']}. Drop: how much worse than the baseline on the validation split, in "
+    return lines + int8_search.report_lines(report)  # the CPU, and static int8's attempts, one row each
+
+
+def _how_measured(report: dict[str, Any]) -> str:
+    """The baseline, the drop, its interval, the latency rounds and the speed-up, in words."""
+    unit = report.get("metric_unit", "points")
+    return (
+        f"Baseline: {report['baseline']['note']}. Drop: how much worse than the baseline on the validation split, in "
         f"{'points (hundredths) of a bounded score' if unit == 'points' else 'percent of the metric (a relative change)'}; "
         "its 95% interval comes from a paired bootstrap over the validation rows. Latency: "
         "onnxruntime, warm, median of the runs counted in the table, with the quickest and slowest run. "
@@ -129,13 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
         "its rounds of every pairing. torch eager (the baseline) was timed alone "
         "(up to the same number of runs, fewer once their middle half is within 10% or 0.3 s has passed). "
         "Size: the .onnx file. Exporter of each net: "
-        f"{_exporters(report['variants'])}.",
-        "",
-    ]
-    if timings:
-        lines += [time_line(timings), ""]
-    lines += ["![trade-off](report.png)", ""]
-    return "\n".join(lines)
+        f"{_exporters(report['variants'])}."
+    )
 
 
 def time_line(timings: dict[str, Any]) -> str:
