@@ -36,8 +36,10 @@ Optional, used when present:
                                     when `x` is an image resized to `size`, scaled to [0, 1] and
                                     normalized: the exported model then takes uint8 images
                                     (batch, height, width, channels) of any size and does that
-                                    inside its graph. Optional, as torchvision's Resize and
-                                    CenterCrop: "resize": n (the shorter side to n) or [h, w],
+                                    inside its graph. Optional: "interpolation": "bilinear"
+                                    (the default) or "bicubic", as OpenCV resizes; as
+                                    torchvision's Resize and CenterCrop (bilinear only):
+                                    "resize": n (the shorter side to n) or [h, w],
                                     then "crop": [h, w] (the centre; equal to size). Without an
                                     image_input, kiln reads a torchvision eval transform
                                     (kiln.data.transforms)
@@ -104,7 +106,16 @@ def image_input(datamodule: Any) -> dict[str, Any] | None:
             f"datamodule.image_input={dict(value)}: size needs 2 values, mean and std one per channel"
         )
     image: dict[str, Any] = {"size": size, "channels": channels, "mean": mean, "std": std}
+    interpolation = value.get("interpolation", "bilinear")
+    if interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(
+            f'datamodule.image_input: "interpolation" must be "bilinear" or "bicubic", got {interpolation!r}'
+        )
+    if interpolation != "bilinear":  # bilinear is what a graph without the key does
+        image["interpolation"] = interpolation
     if "resize" in value or "crop" in value:
+        if interpolation != "bilinear":
+            raise ValueError('datamodule.image_input: "resize" and "crop" repeat a bilinear resize only')
         image.update(_resize_and_crop(value, size))
     return image
 

@@ -66,7 +66,13 @@ def test_folder_classes_splits_and_batches(tmp_path):
     again = datamodule(root)
     again.setup()
     assert np.array_equal(again.splits.test, splits.test)
-    assert dm.image_input == {"size": [16, 16], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert dm.image_input == {
+        "size": [16, 16],
+        "channels": 3,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "interpolation": "bilinear",
+    }
 
 
 def test_k_fold_validation_folds_are_disjoint_and_cover_the_rest(tmp_path):

@@ -149,16 +149,20 @@ class MixCollate:
         return [x, share * targets + (1 - share) * targets[partner]]
 
 
-def train_transform(size: tuple[int, int], augment: Mapping[str, Any]) -> Any:
-    """Augmentation, then exactly `size` (height, width)."""
+def train_transform(
+    size: tuple[int, int], augment: Mapping[str, Any], interpolation: str = "bilinear"
+) -> Any:
+    """Augmentation, then exactly `size` (height, width), resized with `interpolation`."""
     import albumentations as A
 
     settings = check_augment(augment)
+    flag = opencv_interpolation(interpolation)
     steps: list[Any] = []
     if settings["crop_scale"] is not None:
-        steps.append(A.RandomResizedCrop(size=size, scale=tuple(float(s) for s in settings["crop_scale"])))
+        scale = tuple(float(s) for s in settings["crop_scale"])
+        steps.append(A.RandomResizedCrop(size=size, scale=scale, interpolation=flag))
     else:
-        steps.append(A.Resize(*size))
+        steps.append(A.Resize(*size, interpolation=flag))
     if settings["horizontal_flip"]:
         steps.append(A.HorizontalFlip(p=float(settings["horizontal_flip"])))
     if settings["color_jitter"]:
@@ -171,14 +175,33 @@ def train_transform(size: tuple[int, int], augment: Mapping[str, Any]) -> Any:
     elif settings["policy"] == "rand":
         steps.append(A.SomeOf(_operations(settings["rand_magnitude"] / 10), n=settings["rand_ops"], p=1.0))
     steps.extend(_extra(settings["extra"]))
-    steps.append(A.Resize(*size))  # whatever `extra` did to the size, training sees `size`
+    # whatever `extra` did to the size, training sees `size`
+    steps.append(A.Resize(*size, interpolation=flag))
     return A.Compose(steps)
 
 
-def eval_transform(size: tuple[int, int]) -> Any:
+def eval_transform(size: tuple[int, int], interpolation: str = "bilinear") -> Any:
     import albumentations as A
 
-    return A.Compose([A.Resize(*size)])
+    return A.Compose([A.Resize(*size, interpolation=opencv_interpolation(interpolation))])
+
+
+# the resize filters the exported graph repeats: ONNX Resize's linear and cubic (half-pixel
+# centres, a = -0.75) give OpenCV's INTER_LINEAR and INTER_CUBIC to within a grey level
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def opencv_interpolation(interpolation: str) -> int:
+    """OpenCV's flag for a resize filter named as timm and torchvision name it."""
+    import cv2
+
+    flags = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+    require(
+        interpolation in flags,
+        "interpolation",
+        f"must be {' or '.join(INTERPOLATIONS)} (what the exported graph repeats), got {interpolation!r}",
+    )
+    return int(flags[interpolation])
 
 
 def _operations(magnitude: float | None) -> list[Any]:

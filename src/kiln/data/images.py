@@ -70,6 +70,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         channels: int = 3,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        interpolation: str | None = None,
         augment: dict[str, Any] | None = None,
         bad_images: str = "skip",
         batch_size: int = 64,
@@ -86,7 +87,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
-        from kiln.data.augment import check_augment
+        from kiln.data.augment import check_augment, opencv_interpolation
 
         require(
             path is not None or index is not None,
@@ -101,6 +102,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.mean = _per_channel(mean, IMAGENET_MEAN if channels == 3 else (0.5,), channels, "mean")
         self.std = _per_channel(std, IMAGENET_STD if channels == 3 else (0.5,), channels, "std")
         require(all(s > 0 for s in self.std), "std", f"must be > 0, got {list(self.std)}")
+        self.interpolation_given = interpolation is not None  # else a net's data config may set it
+        self.interpolation = interpolation or "bilinear"
+        opencv_interpolation(self.interpolation)  # a name it does not know fails here, naming the key
         self.augment = check_augment(augment)
         require(bad_images in BAD_IMAGES, "bad_images", f"must be skip or error, got {bad_images!r}")
         require(
@@ -162,22 +166,44 @@ class ImageFolderDataModule(L.LightningDataModule):
             "channels": self.channels,
             "mean": list(self.mean),
             "std": list(self.std),
+            "interpolation": self.interpolation,
         }
 
     def use_net_normalization(self, data_config: dict[str, Any], net_name: str) -> None:
-        """Normalize with the net's own mean and std (a timm data config) when the data config left
-        data.mean and data.std unset; the exported graph then repeats them too. Said in one line."""
+        """Take the net's own mean, std and interpolation (a timm data config) where the data config
+        left data.mean/data.std and data.interpolation unset; training and the exported graph then
+        both use them. The images keep data.image_size: timm's input size (224 pixels for most of
+        its models) would make small images slow to train for nothing, so the line only says it.
+        One line says what came from timm."""
+        from kiln.data.augment import INTERPOLATIONS
+
         mean, std = data_config.get("mean"), data_config.get("std")
-        if self.normalization_given or mean is None or std is None:
-            return
-        if len(mean) != self.channels:  # timm gives RGB values; grayscale takes their average
-            mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        print(
-            f"kiln: data: normalized with {net_name}'s timm data config: mean={list(self.mean)}, "
-            f"std={list(self.std)} (set data.mean and data.std to choose others)",
-            file=sys.stderr,
-        )
+        taken, keys = [], []
+        if not self.normalization_given and mean is not None and std is not None:
+            if len(mean) != self.channels:  # timm gives RGB values; grayscale takes their average
+                mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+            self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+            taken.append(f"mean={list(self.mean)}, std={list(self.std)}")
+            keys += ["data.mean", "data.std"]
+        interpolation = data_config.get("interpolation")
+        if not self.interpolation_given and interpolation in INTERPOLATIONS:
+            self.interpolation = str(interpolation)
+            taken.append(f"interpolation={self.interpolation}")
+            keys.append("data.interpolation")
+        parts = []
+        if taken:
+            parts.append(
+                f"from {net_name}'s timm data config: {', '.join(taken)} (set {', '.join(keys)} to choose others)"
+            )
+        timm_size = [int(s) for s in data_config.get("input_size", [])[-2:]]
+        if len(timm_size) == 2 and timm_size != list(self.image_size):
+            override = timm_size[0] if timm_size[0] == timm_size[1] else f"[{timm_size[0]},{timm_size[1]}]"
+            parts.append(
+                f"images stay {self.image_size[0]}x{self.image_size[1]} (data.image_size); {net_name}'s timm "
+                f"data config is for {timm_size[0]}x{timm_size[1]}: data.image_size={override} trains at that, slower"
+            )
+        if parts:
+            print(f"kiln: data: {'; '.join(parts)}", file=sys.stderr)
 
     @property
     def source(self) -> str:
@@ -356,7 +382,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         except Exception:  # damaged past its header: the loaders leave it out and say so
             return
         try:
-            train_transform(self.image_size, self.augment)(image=pixels)
+            train_transform(self.image_size, self.augment, self.interpolation)(image=pixels)
         except KilnError:
             raise
         except Exception as exc:
@@ -372,7 +398,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         from kiln.data.augment import train_transform
 
         return self._loader(
-            "train", train_transform(self.image_size, self.augment), self.batch_size, shuffle=True
+            "train",
+            train_transform(self.image_size, self.augment, self.interpolation),
+            self.batch_size,
+            shuffle=True,
         )
 
     def val_dataloader(self) -> DataLoader[Any]:
@@ -387,7 +416,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader[Any]:
         from kiln.data.augment import eval_transform
 
-        return self._loader(split, eval_transform(self.image_size), self.eval_batch_size, shuffle=False)
+        resize = eval_transform(self.image_size, self.interpolation)
+        return self._loader(split, resize, self.eval_batch_size, shuffle=False)
 
     def _collate(self, split: str) -> Any:
         """Training batches get mixup/CutMix when configured; evaluation batches never do."""
@@ -629,7 +659,7 @@ def training_images(datamodule: Any, image: dict[str, Any], limit: int) -> list[
         from kiln.data.augment import eval_transform
 
         assert datamodule.splits is not None
-        resize = eval_transform(datamodule.image_size)
+        resize = eval_transform(datamodule.image_size, datamodule.interpolation)
         images = []
         for row in datamodule.splits.train[:limit]:
             try:

@@ -188,8 +188,8 @@ IMAGE = "image"
 def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str, Any]) -> None:
     """uint8 (batch, height, width, channels) of any height and width -> the net's input `x`:
 
-        Cast float -> Transpose to NCHW -> Resize to `size` (bilinear, half-pixel centres, as
-        OpenCV's INTER_LINEAR resizes the training images) -> x * 1/(255 std) - mean/std
+        Cast float -> Transpose to NCHW -> Resize to `size` (bilinear or `interpolation` bicubic,
+        as OpenCV resizes the training images: _resize_as_opencv) -> x * 1/(255 std) - mean/std
 
     One multiply and one subtract instead of /255, -mean, /std: the same values within float
     rounding (parity is checked on real images at export)."""
@@ -220,14 +220,7 @@ def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str,
         helper.make_node(
             "Concat", ["kiln_image_shape", "kiln_image_size"], ["kiln_image_sizes"], axis=0, name="kiln_sizes"
         ),
-        helper.make_node(
-            "Resize",
-            ["kiln_image_nchw", "", "", "kiln_image_sizes"],
-            ["kiln_image_resized"],
-            mode="linear",
-            coordinate_transformation_mode="half_pixel",
-            name="kiln_resize",
-        ),
+        *_resize_as_opencv(graph, image.get("interpolation", "bilinear")),
         helper.make_node(
             "Mul", ["kiln_image_resized", "kiln_image_scale"], ["kiln_image_scaled"], name="kiln_scale"
         ),
@@ -236,11 +229,46 @@ def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str,
     if "resize" in image:  # a user's torchvision eval transform (kiln.data.transforms)
         unused = [t for t in graph.initializer if t.name == "kiln_image_size"]
         graph.initializer.remove(unused[0])
-        scale = nodes[5]  # the Mul after Cast, Transpose, Shape, Concat, Resize
-        scale.input[0] = "kiln_image_cropped"
-        nodes = [*_torchvision_resize_and_crop(graph, image), *nodes[5:]]
+        # the graph goes on from the Mul after the resize
+        start = next(i for i, node in enumerate(nodes) if node.name == "kiln_scale")
+        nodes[start].input[0] = "kiln_image_cropped"
+        nodes = [*_torchvision_resize_and_crop(graph, image), *nodes[start:]]
     for position, node in enumerate(nodes):
         graph.node.insert(position, node)
+
+
+def _resize_as_opencv(graph: onnx.GraphProto, interpolation: str) -> list[onnx.NodeProto]:
+    """`kiln_image_nchw` -> `kiln_image_resized` as OpenCV resized the training images (INTER_LINEAR
+    or INTER_CUBIC: half-pixel centres; cubic with ONNX's default a = -0.75, as OpenCV's). Cubic
+    overshoots past 0..255 at edges, which OpenCV saturates to uint8: rounded and clipped here too,
+    it matches to a grey level."""
+    cubic = interpolation == "bicubic"
+    resize = helper.make_node(
+        "Resize",
+        ["kiln_image_nchw", "", "", "kiln_image_sizes"],
+        ["kiln_image_cubic" if cubic else "kiln_image_resized"],
+        mode="cubic" if cubic else "linear",
+        coordinate_transformation_mode="half_pixel",
+        name="kiln_resize",
+    )
+    if not cubic:
+        return [resize]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "kiln_image_black"),
+            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "kiln_image_white"),
+        ]
+    )
+    return [
+        resize,
+        helper.make_node("Round", ["kiln_image_cubic"], ["kiln_image_rounded"], name="kiln_round_pixels"),
+        helper.make_node(
+            "Clip",
+            ["kiln_image_rounded", "kiln_image_black", "kiln_image_white"],
+            ["kiln_image_resized"],
+            name="kiln_clip_pixels",
+        ),
+    ]
 
 
 def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any]) -> list[onnx.NodeProto]:
