@@ -98,3 +98,21 @@ def test_a_negative_recovery_epochs_is_one_line_and_exit_2_with_nothing_written(
     assert len(err) == 1 and "compress.recovery_epochs=-1: must be a whole number >= 0" in err[0]
     assert "compress.recovery_epochs=2" in err[0]  # the fix
     assert sorted(p.name for p in run.iterdir()) == before  # no compress/, no report
+
+
+def test_distillation_asked_for_with_recovery_off_is_one_line_and_exit_2_with_nothing_written(
+    digits_cnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from kilntest import kiln_in_process
+
+    run = copy_run(digits_cnn_run, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    asked = ["compress=auto", "compress.distillation.required=true", "compress.recovery_epochs=0"]
+    code = kiln_in_process(monkeypatch, "compress", f"run={run}", *asked)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].endswith(
+        "compress.distillation.required=true: compress.recovery_epochs=0 turns recovery off; "
+        "set compress.recovery_epochs=2"
+    )
+    assert sorted(p.name for p in run.iterdir()) == before  # no compress/, no report

@@ -134,3 +134,85 @@ def test_recovery_epochs_must_be_a_whole_number_at_least_zero():
         read_recipe({**auto, "distillation": {"alpha": 1.5}})
     with pytest.raises(KilnError, match=r"compress.distillation=.*\(no key temp\)"):
         read_recipe({**auto, "distillation": {"temp": 2}})
+
+
+class Scores(nn.Module):
+    """A regressor's net: one output per row, nothing distillation could soften."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 1)
+        self.example_input_array = torch.randn(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+DISTILLED_AUTO = {"recipe": "auto", "candidates": {"pruned": ["prune_structured"]}}
+
+
+def test_distillation_asked_for_explicitly_must_be_able_to_run_one_line_each():
+    from kiln.compression.recipes import read_recipe
+
+    asked = {**DISTILLED_AUTO, "distillation": {"required": True}}
+    assert read_settings(asked).required is True
+    cases = {
+        "compress.distillation.required=true: compress.recovery_epochs=0 turns recovery off; "
+        "set compress.recovery_epochs=2": {**asked, "recovery_epochs": 0},
+        "compress.distillation.required=true: distillation is a recovery of compress=auto; use "
+        "compress=auto": {
+            "recipe": "prune_structured",
+            "steps": ["prune_structured"],
+            "distillation": {"required": True},
+        },
+        "compress.distillation.required=yes: use true": {
+            **DISTILLED_AUTO,
+            "distillation": {"required": "yes"},
+        },
+    }
+    for line, config in cases.items():
+        with pytest.raises(KilnError) as raised:
+            read_recipe(config)
+        assert str(raised.value).startswith(line) and "\n" not in str(raised.value)
+
+
+def test_a_module_distillation_cannot_run_on_is_refused_before_any_work_when_it_was_asked_for(tmp_path):
+    from kiln.compression.pipeline import compress
+    from kiln.compression.recipes import read_recipe
+
+    regression = DataWith(task="regression")
+    recipe = read_recipe({**DISTILLED_AUTO, "distillation": {"required": True}})
+    with pytest.raises(KilnError) as raised:
+        compress(tmp_path, Scores(), regression, recipe, monitor={}, opset=18, seed=0, finetune_trainer={})
+    said = str(raised.value)
+    assert said.startswith("compress.distillation.required=true: distillation needs a classification output")
+    assert "set compress.distillation.required=false to go on without it" in said and "\n" not in said
+    assert list(tmp_path.iterdir()) == []  # nothing staged, nothing written
+
+
+def test_under_auto_a_distillation_the_module_cannot_take_is_skipped_saying_why_in_one_line(tmp_path):
+    from kiln.compression.recipes import read_recipe
+    from kiln.compression.recovery import Work, distilled
+
+    said: list[str] = []
+    work = Work(
+        Scores(),
+        DataWith(task="regression"),
+        tmp_path,
+        {},
+        torch.randn(2, 3),
+        18,
+        "auto",
+        {},
+        list,
+        None,
+        said.append,
+    )
+    candidate = read_recipe(DISTILLED_AUTO).candidates[0]
+    abandoned: list[dict] = []
+    assert distilled(candidate, None, read_settings(DISTILLED_AUTO), work, abandoned) is None
+    assert len(said) == 1 and said[0].startswith(
+        "pruned_distilled: skipped (compress.recovery_epochs=2: distillation needs a classification output"
+    )
+    assert [a["name"] for a in abandoned] == ["pruned_distilled"]  # the report keeps the reason
+    assert abandoned[0]["abandoned"] in said[0]

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,141 +50,221 @@ def compress(
     """Build every variant's net as ONNX (fp32 always, then the recipe's candidates) in
     <directory>/compress/, with manifest.json describing them. Returns the manifest. `say`
     tells progress, `warn` what the user should know (e.g. int8 that will be slow)."""
-    from kiln.compression import fp16, int8_search, recovery
-    from kiln.compression.pruning import count_nonzero, count_parameters
-    from kiln.contract import export_module
+    from kiln.compression import recovery
     from kiln.export.measure import Stopwatch
-    from kiln.export.onnx_export import (
-        NamedInputs,
-        example_input,
-        export_graph,
-        exported_by,
-        input_shape,
-        skip_reason,
-    )
+    from kiln.export.onnx_export import example_input
 
     started = time.perf_counter()
-    watch = Stopwatch()
-    target = export_module(module)
     example = example_input(module, datamodule)
+    recovery.check_distillation_asked(recipe, module, datamodule, example)  # a user error before any work
     staging = directory / f".{COMPRESS_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        say(f"exporting the uncompressed model ({count_parameters(target)} parameters)")
-        with watch.part(f"{FP32}: export"):
-            exported = export_graph(target, example, opset, exporter)
-            save_onnx(exported.model, staging / f"{FP32}.net.onnx")
-        variants: list[dict[str, Any]] = [
-            {
-                "name": FP32,
-                "steps": [],
-                "precision": "fp32",
-                "net_onnx": f"{FP32}.net.onnx",
-                "weights": None,
-                "params": count_parameters(target),
-                "nonzero_params": count_nonzero(target),
-                **exported_by(exported),
-                "notes": [],
-            }
-        ]
-        pruned: dict[tuple[Any, ...], dict[str, Any]] = {}  # candidates sharing pruning steps share the work
+        job = Job(module, datamodule, recipe, monitor, opset, seed, finetune_trainer, exporter, say, warn)
+        job.start(staging, example, Stopwatch())
         abandoned: list[dict[str, Any]] = []
-        budget = BudgetOnce(recipe, monitor, module, datamodule, finetune_trainer, watch)
-        calibration = Calibration(datamodule, seed)
-        judge = int8_search.Judge(recipe, monitor, module, datamodule, staging / f"{FP32}.net.onnx", watch)
-        for candidate in fp16.candidates(recipe, abandoned):  # auto gains fp16 where a GPU can time it
-            skipped = skip_reason(candidate, example)  # steps that need one input tensor
-            if skipped:
-                say(f"{candidate.name}: skipped ({skipped})")
-                abandoned.append(
-                    {"name": candidate.name, "steps": candidate.step_names, "abandoned": skipped}
-                )
-                continue
-            source = variants[0]
-            if candidate.prune_steps:
-                key = tuple(candidate.prune_steps)  # frozen dataclasses: equal settings, equal key
-                if key not in pruned:
-                    pruned[key] = prune(
-                        watch,
-                        module,
-                        datamodule,
-                        candidate.prune_steps,
-                        staging,
-                        f"pruned{len(pruned)}",
-                        monitor=monitor,
-                        example=example,
-                        opset=opset,
-                        exporter=exporter,
-                        finetune_trainer=finetune_trainer,
-                        say=say,
-                        budget=budget.get() if recipe.auto else None,
-                    )
-                source = pruned[key]
-                if source.get("abandoned"):
-                    say(f"{candidate.name}: abandoned ({source['abandoned']})")
-                    abandoned.append(abandoned_record(candidate, source))
-                    continue
-            variant = {
-                **source,
-                "name": candidate.name,
-                "steps": candidate.step_names,
-                "notes": list(source["notes"]),
-            }
-            quantizer = candidate.quantize_step
-            if quantizer is not None:
-                target_file = staging / f"{candidate.name}.net.onnx"
-                say(f"{candidate.step_names[-1]}: {type(quantizer).__name__} with onnxruntime")
-                with watch.part(f"{candidate.name}: quantize"):
-                    warnings, searched = int8_search.quantize(
-                        quantizer, staging / source["net_onnx"], target_file, calibration, judge
-                    )
-                for warning in warnings:
-                    warn(warning)
-                variant.update(precision=getattr(quantizer, "precision", "int8"), net_onnx=target_file.name)
-                variant["notes"] = [*variant["notes"], *warnings]
-                variant.update(searched)  # static int8's attempts (compression/int8_search.py)
-            if slower_than_fp32(recipe, staging, variant, example, watch, say, abandoned):
-                continue
-            variants.append(variant)
-        if not isinstance(example, NamedInputs):  # recovery retrains through one input tensor
-            work = recovery.Work(
-                module,
-                datamodule,
-                staging,
-                monitor,
-                example,
-                opset,
-                exporter,
-                finetune_trainer,
-                calibration,
-                watch,
-                say,
-            )
-            variants += recovery.recover(recipe, variants, abandoned, budget.get, work)  # only after a miss
-        manifest = {
-            "recipe": recipe.name,
-            "max_metric_drop": recipe.max_metric_drop,
-            "metric_unit": recipe.metric_unit,
-            "decision": recipe.decision,
-            "objective": recipe.objective,
-            "metric": recipe.metric,
-            "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
-            "monitor": monitor,
-            "opset": opset,
-            "input_shape": input_shape(example),
-            "variants": variants,
-            "abandoned": abandoned,  # candidates that could not make the budget: numbers, no net
-            "keep_variants": recipe.keep_variants,
-            "recipe_config": recipe.config,  # what `kiln export` compresses again with once the nets are removed
-            "seconds": round(time.perf_counter() - started, 1),
-            "timings_s": watch.seconds,
-        }
+        variants = [export_fp32(job)]
+        variants += build_candidates(job, variants[0], abandoned)
+        variants += recover(job, variants, abandoned)
+        manifest = describe(job, variants, abandoned, time.perf_counter() - started)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         swap_in(staging, directory / COMPRESS_DIR)  # kiln.runs: whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+@dataclass
+class Job:
+    """One compression in progress: what it was given, and what its steps share (the staging
+    directory, the example input, the stopwatch, the budget and calibration measured once)."""
+
+    module: Any
+    datamodule: Any
+    recipe: Recipe
+    monitor: dict[str, str]
+    opset: int
+    seed: int
+    finetune_trainer: dict[str, Any]
+    exporter: str
+    say: Callable[[str], None]
+    warn: Callable[[str], None]
+    staging: Path = field(init=False)
+    example: Any = field(init=False)
+    watch: Any = field(init=False)
+    budget: BudgetOnce = field(init=False)
+    calibration: Calibration = field(init=False)
+    judge: Any = field(init=False)
+
+    def start(self, staging: Path, example: Any, watch: Any) -> None:
+        from kiln.compression import int8_search
+
+        self.staging, self.example, self.watch = staging, example, watch
+        self.budget = BudgetOnce(
+            self.recipe, self.monitor, self.module, self.datamodule, self.finetune_trainer, watch
+        )
+        self.calibration = Calibration(self.datamodule, self.seed)
+        fp32_net = staging / f"{FP32}.net.onnx"
+        self.judge = int8_search.Judge(
+            self.recipe, self.monitor, self.module, self.datamodule, fp32_net, watch
+        )
+
+    def prune_budget(self) -> Any:
+        """auto holds a pruned candidate's fine-tune to the budget; a fixed recipe asked for it."""
+        return self.budget.get() if self.recipe.auto else None
+
+
+def export_fp32(job: Job) -> dict[str, Any]:
+    """The uncompressed model's variant: the reference every candidate is judged against."""
+    from kiln.compression.pruning import count_nonzero, count_parameters
+    from kiln.contract import export_module
+    from kiln.export.onnx_export import export_graph, exported_by
+
+    target = export_module(job.module)
+    job.say(f"exporting the uncompressed model ({count_parameters(target)} parameters)")
+    with job.watch.part(f"{FP32}: export"):
+        exported = export_graph(target, job.example, job.opset, job.exporter)
+        save_onnx(exported.model, job.staging / f"{FP32}.net.onnx")
+    return {
+        "name": FP32,
+        "steps": [],
+        "precision": "fp32",
+        "net_onnx": f"{FP32}.net.onnx",
+        "weights": None,
+        "params": count_parameters(target),
+        "nonzero_params": count_nonzero(target),
+        **exported_by(exported),
+        "notes": [],
+    }
+
+
+def build_candidates(job: Job, fp32: dict[str, Any], abandoned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recipe's candidates that were built and could still ship; the others go to `abandoned`."""
+    from kiln.compression import fp16
+    from kiln.export.onnx_export import skip_reason
+
+    built = []
+    pruned: dict[tuple[Any, ...], dict[str, Any]] = {}  # candidates sharing pruning steps share the work
+    for candidate in fp16.candidates(job.recipe, abandoned):  # auto gains fp16 where a GPU can time it
+        skipped = skip_reason(candidate, job.example)  # steps that need one input tensor
+        if skipped:
+            job.say(f"{candidate.name}: skipped ({skipped})")
+            abandoned.append({"name": candidate.name, "steps": candidate.step_names, "abandoned": skipped})
+            continue
+        source = fp32
+        if candidate.prune_steps:
+            key = tuple(candidate.prune_steps)  # frozen dataclasses: equal settings, equal key
+            if key not in pruned:
+                pruned[key] = prune_for(job, candidate, f"pruned{len(pruned)}")
+            source = pruned[key]
+            if source.get("abandoned"):
+                job.say(f"{candidate.name}: abandoned ({source['abandoned']})")
+                abandoned.append(abandoned_record(candidate, source))
+                continue
+        variant = quantized(job, candidate, source)
+        args = job.recipe, job.staging, variant, job.example, job.watch, job.say, abandoned
+        if not slower_than_fp32(*args):
+            built.append(variant)
+    return built
+
+
+def prune_for(job: Job, candidate: Any, name: str) -> dict[str, Any]:
+    return prune(
+        job.watch,
+        job.module,
+        job.datamodule,
+        candidate.prune_steps,
+        job.staging,
+        name,
+        monitor=job.monitor,
+        example=job.example,
+        opset=job.opset,
+        exporter=job.exporter,
+        finetune_trainer=job.finetune_trainer,
+        say=job.say,
+        budget=job.prune_budget(),
+    )
+
+
+def quantized(job: Job, candidate: Any, source: dict[str, Any]) -> dict[str, Any]:
+    """`candidate`'s variant from its source net (fp32 or pruned): quantized when it has a
+    quantization step, else the source's net under the candidate's name."""
+    from kiln.compression import int8_search
+
+    variant = {
+        **source,
+        "name": candidate.name,
+        "steps": candidate.step_names,
+        "notes": list(source["notes"]),
+    }
+    quantizer = candidate.quantize_step
+    if quantizer is None:
+        return variant
+    target_file = job.staging / f"{candidate.name}.net.onnx"
+    job.say(f"{candidate.step_names[-1]}: {type(quantizer).__name__} with onnxruntime")
+    with job.watch.part(f"{candidate.name}: quantize"):
+        warnings, searched = int8_search.quantize(
+            quantizer, job.staging / source["net_onnx"], target_file, job.calibration, job.judge
+        )
+    for warning in warnings:
+        job.warn(warning)
+    variant.update(precision=getattr(quantizer, "precision", "int8"), net_onnx=target_file.name)
+    variant["notes"] = [*variant["notes"], *warnings]
+    variant.update(searched)  # static int8's attempts (compression/int8_search.py)
+    return variant
+
+
+def recover(
+    job: Job, variants: list[dict[str, Any]], abandoned: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Recovery by training of the candidates that missed (kiln.compression.recovery)."""
+    from kiln.compression import recovery
+    from kiln.export.onnx_export import NamedInputs
+
+    if isinstance(job.example, NamedInputs):  # recovery retrains through one input tensor
+        return []
+    work = recovery.Work(
+        job.module,
+        job.datamodule,
+        job.staging,
+        job.monitor,
+        job.example,
+        job.opset,
+        job.exporter,
+        job.finetune_trainer,
+        job.calibration,
+        job.watch,
+        job.say,
+    )
+    return recovery.recover(job.recipe, variants, abandoned, job.budget.get, work)  # only after a miss
+
+
+def describe(
+    job: Job, variants: list[dict[str, Any]], abandoned: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """manifest.json: the recipe, every variant built and every candidate abandoned, the timings."""
+    from kiln.export.onnx_export import input_shape
+
+    recipe = job.recipe
+    return {
+        "recipe": recipe.name,
+        "max_metric_drop": recipe.max_metric_drop,
+        "metric_unit": recipe.metric_unit,
+        "decision": recipe.decision,
+        "objective": recipe.objective,
+        "metric": recipe.metric,
+        "wanted": (recipe.candidates[0].name if recipe.candidates else FP32) if not recipe.auto else None,
+        "monitor": job.monitor,
+        "opset": job.opset,
+        "input_shape": input_shape(job.example),
+        "variants": variants,
+        "abandoned": abandoned,  # candidates that could not make the budget: numbers, no net
+        "keep_variants": recipe.keep_variants,
+        "recipe_config": recipe.config,  # what `kiln export` compresses again with once the nets are removed
+        "seconds": round(seconds, 1),
+        "timings_s": job.watch.seconds,
+    }
 
 
 def prune(
@@ -206,11 +287,8 @@ def prune(
     training_step after each step), export it, save its weights. With a `budget`
     (kiln.compression.pruning.Budget), a fine-tune that cannot make it gives up: the record then
     says why (`abandoned`), and nothing is exported."""
-    import torch
-
     from kiln.compression import pruning
     from kiln.contract import export_module
-    from kiln.export.onnx_export import export_graph, exported_by
 
     work = copy.deepcopy(module)
     notes = []
@@ -233,24 +311,42 @@ def prune(
             )
         notes.append(step.note(before, export_module(work), tuned, monitor["metric"]))
         if tuned.get("abandoned"):
-            return {
-                "params": pruning.count_parameters(export_module(work)),
-                "notes": notes,
-                "abandoned": tuned["abandoned"],
-                "budget_drops": tuned["budget_drops"],
-            }
-    target = export_module(work).eval()
+            return gave_up(export_module(work), notes, tuned)
     with watch.part(f"{name}: export"):
-        exported = export_graph(target, example, opset, exporter)
-        save_onnx(exported.model, staging / f"{name}.net.onnx")
-    torch.save(target.state_dict(), staging / f"{name}.pt")
+        return export_pruned(export_module(work).eval(), staging, name, example, opset, exporter, notes)
+
+
+def gave_up(net: Any, notes: list[str], tuned: dict[str, Any]) -> dict[str, Any]:
+    """A pruning whose fine-tune could not make the budget: why, and the drops that showed it."""
+    from kiln.compression import pruning
+
+    return {
+        "params": pruning.count_parameters(net),
+        "notes": notes,
+        "abandoned": tuned["abandoned"],
+        "budget_drops": tuned["budget_drops"],
+    }
+
+
+def export_pruned(
+    net: Any, staging: Path, name: str, example: Any, opset: int, exporter: str, notes: list[str]
+) -> dict[str, Any]:
+    """The pruned net as ONNX, and its weights (recovery starts a distillation from them)."""
+    import torch
+
+    from kiln.compression import pruning
+    from kiln.export.onnx_export import export_graph, exported_by
+
+    exported = export_graph(net, example, opset, exporter)
+    save_onnx(exported.model, staging / f"{name}.net.onnx")
+    torch.save(net.state_dict(), staging / f"{name}.pt")
     return {
         "precision": "fp32",
         "net_onnx": f"{name}.net.onnx",
         "weights": f"{name}.pt",
-        "params": pruning.count_parameters(target),
-        "nonzero_params": pruning.count_nonzero(target),
-        "sparsity": round(pruning.weight_sparsity(target), 4),
+        "params": pruning.count_parameters(net),
+        "nonzero_params": pruning.count_nonzero(net),
+        "sparsity": round(pruning.weight_sparsity(net), 4),
         **exported_by(exported),
         "notes": notes,
     }

@@ -34,7 +34,7 @@ RECIPE_KEYS = {"recipe", "steps", "candidates", "max_metric_drop", "metric_unit"
 RECIPE_KEYS |= {"objective", "metric"}  # how auto chooses, and the metric the budget holds
 RECIPE_KEYS |= {"recovery_epochs", "distillation"}  # recovery by training (kiln.compression.recovery)
 RECOVERY_EPOCHS = 2  # when the recipe does not say: short, since it runs only after a miss
-DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
+DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5, "required": False}
 FP32 = "fp32"  # the uncompressed model's variant, always built: the reference and auto's fallback
 
 Step = Pruning | Quantization
@@ -192,6 +192,7 @@ class RecoverySettings:
     epochs: int
     temperature: float  # softens both models' logits: higher shares more of the teacher's ranking
     alpha: float  # weight of the distillation term; 1 - alpha stays on the module's own loss
+    required: bool = False  # asked for explicitly: a module it cannot run on is refused before any work
 
 
 def read_settings(config: Mapping[str, Any]) -> RecoverySettings:
@@ -210,10 +211,10 @@ def read_settings(config: Mapping[str, Any]) -> RecoverySettings:
     if not isinstance(distillation, Mapping) or unknown:
         raise KilnError(
             f"compress.distillation={distillation!r}: expected "
-            f"{{temperature: 4.0, alpha: 0.5}}{f' (no key {unknown[0]})' if unknown else ''}"
+            f"{{temperature: 4.0, alpha: 0.5, required: false}}{f' (no key {unknown[0]})' if unknown else ''}"
         )
     values = {**DISTILLATION_DEFAULTS, **distillation}
-    temperature, alpha = values["temperature"], values["alpha"]
+    temperature, alpha, required = values["temperature"], values["alpha"], values["required"]
     if not _number(temperature) or temperature <= 0:
         raise KilnError(f"compress.distillation.temperature={temperature}: must be > 0, e.g. 4.0")
     if not _number(alpha) or not 0 <= alpha <= 1:
@@ -221,7 +222,25 @@ def read_settings(config: Mapping[str, Any]) -> RecoverySettings:
             f"compress.distillation.alpha={alpha}: must be between 0 and 1 (the weight of the "
             "teacher's soft targets), e.g. 0.5"
         )
-    return RecoverySettings(epochs, float(temperature), float(alpha))
+    check_required(required, epochs, str(config.get("recipe", "none")))
+    return RecoverySettings(epochs, float(temperature), float(alpha), required)
+
+
+def check_required(required: Any, epochs: int, recipe: str) -> None:
+    """`compress.distillation.required=true` asks for distillation: it must be able to run."""
+    key = (
+        f"compress.distillation.required={str(required).lower() if isinstance(required, bool) else required}"
+    )
+    if not isinstance(required, bool):
+        raise KilnError(f"{key}: use true (refuse a module distillation cannot run on) or false (skip it)")
+    if required and recipe != "auto":
+        raise KilnError(
+            f"{key}: distillation is a recovery of compress=auto; use compress=auto or drop the key"
+        )
+    if required and epochs == 0:
+        raise KilnError(
+            f"{key}: compress.recovery_epochs=0 turns recovery off; set compress.recovery_epochs=2"
+        )
 
 
 def _number(value: Any) -> bool:

@@ -270,23 +270,14 @@ def distilled(
 ) -> dict[str, Any] | None:
     """`candidate`'s pruned net (its fine-tuned weights when it was exported, else pruned again)
     fine-tuned with the fp32 model's logits as soft targets."""
-    from kiln.compression import pruning
-    from kiln.contract import export_module
-
     name = f"{candidate.name}_distilled"
     steps = [*candidate.step_names, "distill"]
     refusal = distillation_refusal(work.module, work.datamodule, work.example, settings.epochs)
     if refusal:
+        work.say(f"{name}: skipped ({refusal})")
         return refuse(abandoned, name, steps, refusal)
-    student = eager_copy(work.module)
-    part = export_module(student)
-    if source is not None and source.get("weights"):
-        state = torch.load(work.staging / source["weights"], map_location="cpu", weights_only=True)
-        pruning.fit_to_state_dict(part, state)
-    else:
-        for _, step in candidate.prune_steps:
-            step.prune(part, work.example)
-    teacher = copy.deepcopy(export_module(work.module)).eval().requires_grad_(False)
+    student, part = pruned_student(candidate, source, work)
+    teacher = copy.deepcopy(contract_part(work.module)).eval().requires_grad_(False)
     work.say(
         f"{name}: fine-tuning the pruned net on the fp32 model's logits (temperature "
         f"{settings.temperature:g}, alpha {settings.alpha:g}), up to {settings.epochs} epochs"
@@ -301,36 +292,75 @@ def distilled(
             f"distillation needs a training_step that calls {type(part).__name__}.forward (self(x)); this one "
             "never did (define kiln_export_module() returning the part it calls)",
         )
-    part = part.eval()
-    with work.watch.part(f"{name}: export"):
-        exported = export_net(part, work)
-        save(exported.model, work.staging / f"{name}.net.onnx")
-    torch.save(part.state_dict(), work.staging / f"{name}.pt")
     note = (
         f"distilled from the fp32 model (temperature {settings.temperature:g}, alpha {settings.alpha:g}): "
         f"{tuned['epochs']} epochs (best {work.monitor['metric']}={_score(tuned['best_score'])})"
     )
+    with work.watch.part(f"{name}: export"):
+        variant = export_student(part.eval(), name, work)
+    return {
+        **variant,
+        "steps": steps,
+        "recovers": candidate.name,
+        "notes": [*(source or {}).get("notes", []), note],
+    }
+
+
+def contract_part(module: Any) -> nn.Module:
+    from kiln.contract import export_module
+
+    part: nn.Module = export_module(module)
+    return part
+
+
+def pruned_student(candidate: Any, source: dict[str, Any] | None, work: Work) -> tuple[Any, nn.Module]:
+    """A trainable copy of the module whose exported part is `candidate`'s pruned net: the pruned
+    variant's fine-tuned weights when it was exported, else pruned again from the fp32 weights."""
+    from kiln.compression import pruning
+
+    student = eager_copy(work.module)
+    part = contract_part(student)
+    if source is not None and source.get("weights"):
+        state = torch.load(work.staging / source["weights"], map_location="cpu", weights_only=True)
+        pruning.fit_to_state_dict(part, state)
+    else:
+        for _, step in candidate.prune_steps:
+            step.prune(part, work.example)
+    return student, part
+
+
+def export_student(part: nn.Module, name: str, work: Work) -> dict[str, Any]:
+    """The distilled net as ONNX and its weights (the export checks parity against them)."""
+    from kiln.compression import pruning
+
+    exported = export_net(part, work)
+    save(exported.model, work.staging / f"{name}.net.onnx")
+    torch.save(part.state_dict(), work.staging / f"{name}.pt")
     return {
         "name": name,
-        "steps": steps,
         "precision": "fp32",
         "net_onnx": f"{name}.net.onnx",
         "weights": f"{name}.pt",
         "params": pruning.count_parameters(part),
         "nonzero_params": pruning.count_nonzero(part),
         "sparsity": round(pruning.weight_sparsity(part), 4),
-        "recovers": candidate.name,
         **exported_by(exported),
-        "notes": [*(source or {}).get("notes", []), note],
     }
 
 
-def distillation_refusal(module: Any, datamodule: Any, example: Tensor, epochs: int) -> str | None:
-    """Why this module cannot be distilled (one line naming what is missing), or None."""
+def distillation_refusal(
+    module: Any, datamodule: Any, example: Tensor, epochs: int, required: bool = False
+) -> str | None:
+    """Why this module cannot be distilled (one line naming what is missing, and the key that
+    asked for it: `compress.distillation.required` when the user did, else recovery_epochs), or None."""
     from kiln import contract
 
-    key = f"compress.recovery_epochs={epochs}"
-    fix = "or set compress.recovery_epochs=0 to turn recovery off"
+    if required:
+        key = "compress.distillation.required=true"
+        fix = "or set compress.distillation.required=false to go on without it"
+    else:
+        key = f"compress.recovery_epochs={epochs}"
+        fix = "or set compress.recovery_epochs=0 to turn recovery off"
     task = contract.task(datamodule, module)
     if task != "classification":
         return (
@@ -349,6 +379,25 @@ def distillation_refusal(module: Any, datamodule: Any, example: Tensor, epochs: 
             f"return the scores before softmax, {fix}"
         )
     return None
+
+
+def check_distillation_asked(recipe: Any, module: Any, datamodule: Any, example: Any) -> None:
+    """With `compress.distillation.required=true`, a module distillation cannot run on is a user
+    error (KilnError, one line) before any work; otherwise a refusal waits for a pruned miss and is
+    then skipped, saying why."""
+    from kiln.errors import KilnError
+
+    settings = read_settings(recipe.config or {})
+    if not (recipe.auto and settings.required):
+        return
+    if not isinstance(example, Tensor):
+        raise KilnError(
+            "compress.distillation.required=true: distillation retrains through one input tensor, and this "
+            "model's forward takes several; set compress.distillation.required=false"
+        )
+    refusal = distillation_refusal(module, datamodule, example, settings.epochs, required=True)
+    if refusal:
+        raise KilnError(refusal)
 
 
 class SoftTargets(torch.autograd.Function):
