@@ -104,10 +104,13 @@ def log_file(path: str) -> str:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    from kiln import runs
+
     if not OmegaConf.has_resolver("kiln_run_dir"):
         OmegaConf.register_new_resolver("kiln_run_dir", run_dir)
     if not OmegaConf.has_resolver("kiln_log_file"):
         OmegaConf.register_new_resolver("kiln_log_file", log_file)
+    runs.register_layout_resolvers()
     if not OmegaConf.has_resolver("kiln_slurm_tasks"):
         from kiln import slurm
 
@@ -168,9 +171,11 @@ def compose(config_name: str, overrides: Sequence[str] = (), extra_config_dir: s
     if subdir is not None:
         import yaml
 
-        saved = output_dir / str(subdir)
-        OmegaConf.save(cfg, saved / "config.yaml")
-        (saved / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+        from kiln.runs import RunLayout
+
+        saved = output_dir / str(subdir)  # Hydra's .hydra/ by default: the layout's file names inside
+        OmegaConf.save(cfg, saved / RunLayout.SAVED_CONFIG)
+        (saved / RunLayout.OVERRIDES).write_text(yaml.safe_dump(list(overrides)))
     return cfg
 
 

@@ -273,7 +273,10 @@ def check_drift(
 
 def paths(model: Any, source: Any, output: Any) -> tuple[Path, Path, Path]:
     if not model:
-        raise KilnError("model: give the .onnx file to serve, e.g. model=runs/train/<run>/model.onnx")
+        from kiln.runs import RunLayout  # no torch: the stage stays light
+
+        example = RunLayout(Path("runs/train/<run>")).model
+        raise KilnError(f"model: give the .onnx file to serve, e.g. model={example}")
     if not source:
         raise KilnError("input: give the rows to predict, e.g. input=rows.csv (CSV, Parquet, or .npy)")
     if not output:

@@ -37,8 +37,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kiln.errors import KilnError
 from kiln.stages.runner import stage
 
-SEARCH_RECORD = "search.json"
-STUDY_FILE = "study.db"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 
@@ -266,7 +264,9 @@ def storage_url(cfg: DictConfig, run_dir: Path) -> str:
     hydra = HydraConfig.get()
     home = Path(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else run_dir
     home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home.resolve() / STUDY_FILE}"
+    from kiln.runs import RunLayout
+
+    return f"sqlite:///{RunLayout(home.resolve()).study}"
 
 
 def shown_url(url: str) -> str:
@@ -401,14 +401,14 @@ def run_trial(
     import optuna
 
     from kiln.interrupts import Interrupted
-    from kiln.runs import Run, write_atomically
+    from kiln.runs import Run, RunLayout
     from kiln.tracking import finish_run
     from kiln.training.cross_validation import hydra_output_dir
     from kiln.training.run import train_once
     from kiln.training.trial_pruning import TrialPruning
 
     values = {key: _value(suggest(trial, key, dist)) for key, dist in space.items()}
-    trial_dir = run_dir / f"trial_{trial.number:03d}"
+    trial_dir = RunLayout(run_dir).trial(trial.number).root
     trial_cfg = trial_config(cfg, values)
     overrides = trial_overrides(values)
     trial.set_user_attr("run_dir", str(trial_dir))
@@ -419,9 +419,7 @@ def run_trial(
         with hydra_output_dir(trial_dir):
             train_once(trial_cfg, trial_dir, extra_callbacks=[TrialPruning(trial, monitor["metric"])])
     except optuna.TrialPruned:
-        record = Run.read_record(trial_dir)
-        record.update(status="pruned", error=None)
-        write_atomically(trial_dir / "run.json", json.dumps(record, indent=2, default=str) + "\n")
+        Run.reopen(trial_dir).update(status="pruned", error=None)
         print(f"kiln search: trial {trial.number} pruned", flush=True)
         raise
     except KilnError as exc:
@@ -471,10 +469,9 @@ def trial_overrides(values: dict[str, Any]) -> list[str]:
 
 def save_trial_hydra_files(trial_cfg: DictConfig, overrides: list[str], trial_dir: Path) -> None:
     """.hydra/ as for any run: the config it trained and the overrides that train it alone."""
-    import yaml
     from hydra.core.hydra_config import HydraConfig
 
-    from kiln.runs import write_atomically
+    from kiln.runs import save_run_config
 
     searched = {o.split("=", 1)[0] for o in overrides}
     base = [
@@ -483,11 +480,7 @@ def save_trial_hydra_files(trial_cfg: DictConfig, overrides: list[str], trial_di
         if not o.lstrip("+~").startswith(("search.", "hparams_search=", "run_dir="))
         and o.split("=", 1)[0] not in searched
     ]
-    hydra_dir = trial_dir / ".hydra"
-    write_atomically(hydra_dir / "config.yaml", OmegaConf.to_yaml(trial_cfg))
-    write_atomically(
-        hydra_dir / "overrides.yaml", yaml.safe_dump([*base, *overrides], default_flow_style=False)
-    )
+    save_run_config(trial_dir, trial_cfg, [*base, *overrides])
 
 
 # -- the result ----------------------------------------------------------------------------------
@@ -496,7 +489,7 @@ def save_trial_hydra_files(trial_cfg: DictConfig, overrides: list[str], trial_di
 def summarize(study: Any, cfg: DictConfig, run_dir: Path, seconds: float) -> dict[str, Any]:
     from optuna.trial import TrialState
 
-    from kiln.runs import write_atomically
+    from kiln.runs import RunLayout, write_atomically
 
     counts: dict[str, int] = {}
     for trial in study.trials:
@@ -516,7 +509,7 @@ def summarize(study: Any, cfg: DictConfig, run_dir: Path, seconds: float) -> dic
     if baseline is not None:
         result["baseline"] = {"trial": baseline.number, "score": baseline.value}
     if best is not None:
-        overrides_file = Path(best.user_attrs.get("run_dir", "")) / ".hydra" / "overrides.yaml"
+        overrides_file = RunLayout(Path(best.user_attrs.get("run_dir", ""))).overrides
         import yaml
 
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
@@ -527,7 +520,7 @@ def summarize(study: Any, cfg: DictConfig, run_dir: Path, seconds: float) -> dic
             "run_dir": best.user_attrs.get("run_dir"),
             "command": "kiln train " + " ".join(overrides),
         }
-    write_atomically(run_dir / SEARCH_RECORD, json.dumps(result, indent=2, default=str) + "\n")
+    write_atomically(RunLayout(run_dir).search_record, json.dumps(result, indent=2, default=str) + "\n")
     states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"\nkiln search: {len(study.trials)} trials ({states}) in {seconds:.0f} s", flush=True)
     if best is not None:
@@ -537,5 +530,5 @@ def summarize(study: Any, cfg: DictConfig, run_dir: Path, seconds: float) -> dic
             line += f" (baseline, the composed config: {metric}={baseline.value:.4f})"
         print(line, flush=True)
         print(f"kiln search: train it: {result['best']['command']}", flush=True)
-    print(f"kiln search: wrote {run_dir / SEARCH_RECORD}", flush=True)
+    print(f"kiln search: wrote {RunLayout(run_dir).search_record}", flush=True)
     return result

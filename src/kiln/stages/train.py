@@ -133,13 +133,14 @@ def stop_if_signalled_as_training_ended(run_dir: Path) -> None:
     there could not be resumed: no epoch left to train); the run is complete now, so stop before
     compression and export."""
     from kiln.interrupts import Interrupted, take_deferred
+    from kiln.runs import RunLayout
 
     signum = take_deferred()
     if signum is not None:
         stopped = Interrupted(signum)
         raise stopped.said(
             f"interrupted by {stopped.signal_name} as training ended: the run is complete (tested and "
-            f"recorded in {run_dir}/run.json), not exported; export it with: kiln export run={run_dir}"
+            f"recorded in {RunLayout(run_dir).record}), not exported; export it with: kiln export run={run_dir}"
         )
 
 
