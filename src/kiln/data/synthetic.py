@@ -7,8 +7,6 @@ the size of the data itself, not several copies of it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -25,9 +23,27 @@ class SyntheticDataModule(InMemoryDataModule):
         num_classes: int = 4,
         noise: float = 0.1,
         data_seed: int = 0,
-        **settings: Any,  # the shared ones (kiln.data.settings) and batches_per_chunk
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        num_folds: int | None = None,
+        fold: int = 0,
+        seed: int = 0,
+        batches_per_chunk: int = 16,
+        eval_batch_size: int = 1024,
+        refit: bool = False,
     ) -> None:
-        super().__init__(**settings)
+        super().__init__(
+            batch_size,
+            val_fraction,
+            test_fraction,
+            num_folds,
+            fold,
+            seed,
+            batches_per_chunk,
+            eval_batch_size,
+            refit,
+        )
         require(num_samples >= 10, "num_samples", f"must be >= 10, got {num_samples}")
         require(num_features >= 1, "num_features", f"must be >= 1, got {num_features}")
         require(
