@@ -512,8 +512,8 @@ def run_hand(setup: dict[str, Any], args: argparse.Namespace, work: Path) -> dic
             worker_init_fn=_worker_init if workers > 0 else None,
         )
 
-    train = loader("train", train_transform(data.image_size, data.augment), data.batch_size, True)
-    val = loader("val", eval_transform(data.image_size), data.eval_batch_size, False)
+    train = loader("train", train_transform(data.image_size, data.augment), data.settings.batch_size, True)
+    val = loader("val", eval_transform(data.image_size), data.settings.eval_batch_size, False)
     torch.manual_seed(cfg.seed)
     net = backbone(data.input_shape, data.num_outputs, name=args.model)
     optimizer = torch.optim.AdamW(net.parameters(), **setup["optimizer"])

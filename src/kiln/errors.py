@@ -80,7 +80,8 @@ def _user_error_line(exc: BaseException) -> str | None:
             group_key = group.replace("/", ".")
             return (
                 f"{group_key}={choice}: no such option in config group '{group}'; "
-                f"available: {', '.join(sorted(exc.options))}"
+                # `_shared`: a part other options include (conf/data/_shared.yaml), not a choice
+                f"available: {', '.join(sorted(o for o in exc.options if not o.startswith('_')))}"
             )
         return one_line(str(exc))
     if isinstance(exc, ConfigCompositionException):

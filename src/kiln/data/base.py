@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from kiln.data.batches import Batch, Chunk, chunk_loader
-from kiln.data.splits import Splits, check_split_settings, split_indices
+from kiln.data.settings import SharesDataSettings
+from kiln.data.splits import Splits, split_indices
 from kiln.errors import KilnError, require
 
 Task = Literal["classification", "regression"]
@@ -37,40 +38,21 @@ class LoadedData:
     source: str = ""  # where the rows came from, for messages: "data.path=cars.csv"
 
 
-class InMemoryDataModule(L.LightningDataModule):
+class InMemoryDataModule(SharesDataSettings, L.LightningDataModule):
+    """Takes the shared settings (kiln.data.settings: splits, batch sizes, seed) and its own loader knob."""
+
     # Each DDP rank takes its own slice of the rows (data/batches.py), without padding.
     shards_by_rank = True
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        num_folds: int | None = None,
-        fold: int = 0,
-        seed: int = 0,
-        batches_per_chunk: int = 16,
-        eval_batch_size: int = 1024,
-        refit: bool = False,
-    ) -> None:
+    def __init__(self, batches_per_chunk: int = 16, **settings: Any) -> None:
         super().__init__()
+        self.take_settings(settings)
         require(
-            isinstance(batch_size, int) and batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}"
+            isinstance(batches_per_chunk, int) and batches_per_chunk >= 1,
+            "batches_per_chunk",
+            f"must be >= 1, got {batches_per_chunk}",
         )
-        require(eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {eval_batch_size}")
-        require(batches_per_chunk >= 1, "batches_per_chunk", f"must be >= 1, got {batches_per_chunk}")
-        check_split_settings(val_fraction, test_fraction, num_folds, fold)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.num_folds = num_folds
-        self.fold = fold
-        self.seed = seed
         self.batches_per_chunk = batches_per_chunk
-        # Train on the training and validation rows together: the final model of a cross-validation
-        # (cv.refit). The validation rows are still scored, but no longer held out.
-        self.refit = refit
         # filled by setup()
         self.features: Tensor | None = None
         self.targets: Tensor | None = None
@@ -103,16 +85,16 @@ class InMemoryDataModule(L.LightningDataModule):
             self.splits = split_indices(
                 data.targets,
                 stratify=data.task == "classification",
-                val_fraction=self.val_fraction,
-                test_fraction=self.test_fraction,
-                seed=self.seed,
-                num_folds=self.num_folds,
-                fold=self.fold,
+                val_fraction=self.settings.val_fraction,
+                test_fraction=self.settings.test_fraction,
+                seed=self.settings.seed,
+                num_folds=self.settings.num_folds,
+                fold=self.settings.fold,
                 class_names=data.class_names,
             )
         except KilnError as exc:
             raise KilnError(f"{data.source}: {exc}" if data.source else str(exc)) from exc
-        if self.refit:
+        if self.settings.refit:  # cv.refit's final model: the validation rows are trained on too
             train = np.sort(np.concatenate([self.splits.train, self.splits.val]))
             self.splits = Splits(train=train, val=self.splits.val, test=self.splits.test)
         self.fingerprint = _fingerprint(data.features, data.targets)
@@ -133,20 +115,20 @@ class InMemoryDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Chunk | Batch]:
         module = self.trainer.lightning_module if self.trainer is not None else None
         chunks = bool(getattr(module, "trains_on_chunks", False))  # KilnModule's speed-up, no one else's
-        loader = self._loader("train", shuffle=True, batch_size=self.batch_size, chunks=chunks)
+        loader = self._loader("train", shuffle=True, batch_size=self.settings.batch_size, chunks=chunks)
         # Resuming inside an epoch (a preemption checkpoint): skip what that epoch already trained on.
         loader.sampler.skip_next_chunks(self.resume_train_chunks)  # type: ignore[attr-defined]
         self.resume_train_chunks = 0
         return loader
 
     def val_dataloader(self) -> DataLoader[Batch]:
-        return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader("val", shuffle=False, batch_size=self.settings.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader[Batch]:
-        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader("test", shuffle=False, batch_size=self.settings.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader[Batch]:
-        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+        return self._loader("test", shuffle=False, batch_size=self.settings.eval_batch_size)
 
     def _loader(self, split: str, *, shuffle: bool, batch_size: int, chunks: bool = False) -> DataLoader[Any]:
         assert self.features is not None and self.targets is not None and self.splits is not None
@@ -160,7 +142,7 @@ class InMemoryDataModule(L.LightningDataModule):
             batch_size=batch_size,
             batches_per_chunk=self.batches_per_chunk,
             shuffle=shuffle,
-            seed=self.seed,
+            seed=self.settings.seed,
             rank=rank,
             world_size=world_size,
             pin_memory=on_gpu,

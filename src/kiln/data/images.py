@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from kiln.data.splits import Splits, check_split_settings, split_indices
+from kiln.data.settings import DataSettings, SharesDataSettings
+from kiln.data.splits import Splits, split_indices
 from kiln.errors import InvalidArgument, KilnError, require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -58,9 +59,12 @@ class ImageList:
     smallest: Path | None  # the image with the fewest pixels: the one a crop would fail on
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SharesDataSettings, L.LightningDataModule):
+    """Takes the shared settings (kiln.data.settings: splits, batch sizes, seed) beside its own."""
+
     task = "classification"
     shards_by_rank = False  # Lightning's DistributedSampler splits these loaders under DDP
+    default_settings = DataSettings(eval_batch_size=256)  # decoded images: smaller evaluation batches
 
     def __init__(
         self,
@@ -73,28 +77,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         interpolation: str | None = None,
         augment: dict[str, Any] | None = None,
         bad_images: str = "skip",
-        batch_size: int = 64,
-        eval_batch_size: int = 256,
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
         persistent_workers: bool = True,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        num_folds: int | None = None,
-        fold: int = 0,
-        refit: bool = False,
-        seed: int = 0,
         max_image_pixels: int | None = None,
+        **settings: Any,  # the shared ones: kiln.data.settings
     ) -> None:
         super().__init__()
         from kiln.data.augment import check_augment, opencv_interpolation
 
-        require(
-            path is not None or index is not None,
-            "path",
-            "give an image folder (data.path=DIR) or data.index=FILE.csv",
-        )
-        require(path is None or index is None, "index", "give data.path or data.index, not both")
+        self.take_settings(settings)
+        self.path, self.index = _source(path, index)
         self.image_size = _size(image_size)
         require(channels in (1, 3), "channels", f"must be 3 (RGB) or 1 (grayscale), got {channels}")
         self.channels = channels
@@ -107,40 +100,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         opencv_interpolation(self.interpolation)  # a name it does not know fails here, naming the key
         self.augment = check_augment(augment)
         require(bad_images in BAD_IMAGES, "bad_images", f"must be skip or error, got {bad_images!r}")
-        require(
-            isinstance(batch_size, int) and batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}"
-        )
-        require(
-            isinstance(eval_batch_size, int) and eval_batch_size >= 1,
-            "eval_batch_size",
-            f"must be >= 1, got {eval_batch_size}",
-        )
+        self.bad_images = bad_images
         self.num_workers = _workers(num_workers)
         require(
             pin_memory in ("auto", True, False),
             "pin_memory",
             f"must be auto, true or false, got {pin_memory}",
         )
-        check_split_settings(val_fraction, test_fraction, num_folds, fold)
-        self.path = Path(path).expanduser() if path is not None else None
-        self.index = Path(index).expanduser() if index is not None else None
-        self.bad_images = bad_images
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.num_folds = num_folds
-        self.fold = fold
-        self.refit = refit
-        self.seed = seed
-        require(
-            max_image_pixels is None or (isinstance(max_image_pixels, int) and max_image_pixels >= 1),
-            "max_image_pixels",
-            f"must be a number of pixels >= 1, or null for Pillow's default; got {max_image_pixels!r}",
-        )
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels = _pixel_limit(max_image_pixels)
         # filled by setup()
         self.images: ImageList | None = None
         self.splits: Splits | None = None
@@ -226,18 +195,18 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.splits = split_indices(
                 images.labels,
                 stratify=True,
-                val_fraction=self.val_fraction,
-                test_fraction=self.test_fraction,
-                seed=self.seed,
-                num_folds=self.num_folds,
-                fold=self.fold,
+                val_fraction=self.settings.val_fraction,
+                test_fraction=self.settings.test_fraction,
+                seed=self.settings.seed,
+                num_folds=self.settings.num_folds,
+                fold=self.settings.fold,
                 class_names=images.class_names,
             )
         except KilnError as exc:
             raise KilnError(
                 f"{self.source}: {str(exc).replace(' rows', ' images').replace(' row', ' image')}"
             ) from exc
-        if self.refit:
+        if self.settings.refit:  # cv.refit's final model: the validation rows are trained on too
             train = np.sort(np.concatenate([self.splits.train, self.splits.val]))
             self.splits = Splits(train=train, val=self.splits.val, test=self.splits.test)
         self._check_transform(images)
@@ -400,7 +369,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader(
             "train",
             train_transform(self.image_size, self.augment, self.interpolation),
-            self.batch_size,
+            self.settings.batch_size,
             shuffle=True,
         )
 
@@ -417,7 +386,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         from kiln.data.augment import eval_transform
 
         resize = eval_transform(self.image_size, self.interpolation)
-        return self._loader(split, resize, self.eval_batch_size, shuffle=False)
+        return self._loader(split, resize, self.settings.eval_batch_size, shuffle=False)
 
     def _collate(self, split: str) -> Any:
         """Training batches get mixup/CutMix when configured; evaluation batches never do."""
@@ -447,8 +416,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         workers = self.num_workers
         # albumentations draws from its own generator: seeded here (in-process loading) and in each
         # worker from the worker's torch seed (_worker_init), so a run's augmentations repeat
-        transform.set_random_seed(self.seed)
-        generator = torch.Generator().manual_seed(self.seed)
+        transform.set_random_seed(self.settings.seed)
+        generator = torch.Generator().manual_seed(self.settings.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -598,6 +567,29 @@ def _worker_init(worker_id: int) -> None:
         cv2.setNumThreads(0)
     except ImportError:
         pass
+
+
+def _source(path: str | None, index: str | None) -> tuple[Path | None, Path | None]:
+    """The image folder or the index file: exactly one of them."""
+    require(
+        path is not None or index is not None,
+        "path",
+        "give an image folder (data.path=DIR) or data.index=FILE.csv",
+    )
+    require(path is None or index is None, "index", "give data.path or data.index, not both")
+    return (
+        Path(path).expanduser() if path is not None else None,
+        Path(index).expanduser() if index is not None else None,
+    )
+
+
+def _pixel_limit(max_image_pixels: int | None) -> int | None:
+    require(
+        max_image_pixels is None or (isinstance(max_image_pixels, int) and max_image_pixels >= 1),
+        "max_image_pixels",
+        f"must be a number of pixels >= 1, or null for Pillow's default; got {max_image_pixels!r}",
+    )
+    return max_image_pixels
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:

@@ -24,16 +24,30 @@ class Splits:
 
 
 def check_split_settings(val_fraction: float, test_fraction: float, num_folds: int | None, fold: int) -> None:
-    require(0 < val_fraction < 1, "val_fraction", f"must be between 0 and 1, got {val_fraction}")
-    require(0 < test_fraction < 1, "test_fraction", f"must be between 0 and 1, got {test_fraction}")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        require(_is_number(fraction) and 0 < fraction < 1, name, f"must be between 0 and 1, got {fraction!r}")
     require(
         val_fraction + test_fraction < 1,
         "val_fraction",
         f"val_fraction + test_fraction must leave rows to train on, got {val_fraction} + {test_fraction}",
     )
     if num_folds is not None:
-        require(num_folds >= 2, "num_folds", f"k-fold needs at least 2 folds, got {num_folds}")
-        require(0 <= fold < num_folds, "fold", f"must be in 0..{num_folds - 1}, got {fold}")
+        require(
+            _is_int(num_folds) and num_folds >= 2,
+            "num_folds",
+            f"k-fold needs at least 2 folds, got {num_folds!r}",
+        )
+        require(
+            _is_int(fold) and 0 <= fold < num_folds, "fold", f"must be in 0..{num_folds - 1}, got {fold!r}"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def split_indices(
@@ -113,61 +127,78 @@ def _check_enough_rows(
     num_folds: int | None,
     class_names: Sequence[str] | None,
 ) -> None:
-    n_rows = len(targets)
-    shape = _shape(n_rows, val_fraction, test_fraction, num_folds)
-    needed, per_split = 1, "at least one row"
-    if stratify:
-        classes, counts = np.unique(targets, return_counts=True)
-
-        def label(index: int) -> str:
-            value = classes[index]
-            return (
-                repr(class_names[value])
-                if class_names is not None and 0 <= value < len(class_names)
-                else repr(value)
-            )
-
-        if len(classes) < 2:
-            raise KilnError(
-                f"the target has a single class ({label(0) if len(classes) else 'no rows'}): nothing to "
-                "classify; check data.target, or declare data.task=regression"
-            )
-        rarest = int(np.argmin(counts))
-        if counts[rarest] < 3:
-            raise KilnError(
-                f"{shape} need at least 3 rows of every class (one each for train, validation and test), "
-                f"but class {label(rarest)} has {counts[rarest]}; add rows of that class, or drop its rows"
-            )
-        needed, per_split = len(classes), f"a row of each of the {len(classes)} classes"
-    if n_rows < 3:
+    """Each split (each fold) must get a row, and with `stratify` a row of every class."""
+    shape = _shape(len(targets), val_fraction, test_fraction, num_folds)
+    classes = _check_classes(targets, shape, class_names) if stratify else None
+    if len(targets) < 3:
         raise KilnError(f"{shape} need at least 3 rows (one per split); add rows")
-    n_train, n_val, n_test = split_sizes(n_rows, val_fraction, test_fraction)
+    needed = len(classes.names) if classes else 1
+    per_split = f"a row of each of the {needed} classes" if classes else "at least one row"
+    n_train, n_val, n_test = split_sizes(len(targets), val_fraction, test_fraction)
     if n_test < needed:
         raise KilnError(
             f"{shape} leave {_rows(n_test, 'test')}, too few for {per_split}; add rows or raise data.test_fraction"
         )
-    if num_folds is None and n_val < needed:
+    if num_folds is None:
+        _check_train_and_validation(n_train, n_val, shape, needed, per_split)
+    else:
+        _check_folds(n_train + n_val, test_fraction, num_folds, classes, needed, per_split)
+
+
+@dataclass(frozen=True)
+class _Classes:
+    names: list[str]  # each class as messages show it: 'Adelie', or its index without class_names
+    counts: np.ndarray  # rows per class
+
+    @property
+    def rarest(self) -> int:
+        return int(np.argmin(self.counts))
+
+
+def _check_classes(targets: np.ndarray, shape: str, class_names: Sequence[str] | None) -> _Classes:
+    """At least two classes, and at least 3 rows (one per split) of each."""
+    values, counts = np.unique(targets, return_counts=True)
+    names = [
+        repr(class_names[value]) if class_names is not None and 0 <= value < len(class_names) else repr(value)
+        for value in values
+    ]
+    if len(values) < 2:
+        raise KilnError(
+            f"the target has a single class ({names[0] if names else 'no rows'}): nothing to "
+            "classify; check data.target, or declare data.task=regression"
+        )
+    classes = _Classes(names, counts)
+    if counts[classes.rarest] < 3:
+        raise KilnError(
+            f"{shape} need at least 3 rows of every class (one each for train, validation and test), "
+            f"but class {names[classes.rarest]} has {counts[classes.rarest]}; add rows of that class, "
+            "or drop its rows"
+        )
+    return classes
+
+
+def _check_train_and_validation(n_train: int, n_val: int, shape: str, needed: int, per_split: str) -> None:
+    if n_val < needed:
         raise KilnError(
             f"{shape} leave {_rows(n_val, 'validation')}, too few for {per_split}; add rows or raise "
             "data.val_fraction"
         )
-    if num_folds is None and n_train < needed:
+    if n_train < needed:
         raise KilnError(
             f"{shape} leave {_rows(n_train, 'training')}, too few for {per_split}; add rows or lower "
             "data.val_fraction and data.test_fraction"
         )
-    if num_folds is not None:
-        n_rest = n_train + n_val
-        # each fold validates on about 1/num_folds of the rows outside the test split
-        smallest_left = (
-            int(np.floor(np.unique(targets, return_counts=True)[1].min() * (1 - test_fraction)))
-            if stratify
-            else n_rest
+
+
+def _check_folds(
+    n_rest: int, test_fraction: float, num_folds: int, classes: _Classes | None, needed: int, per_split: str
+) -> None:
+    """`n_rest` rows outside the test split; each fold validates on about 1/num_folds of them."""
+    smallest_left = int(np.floor(classes.counts.min() * (1 - test_fraction))) if classes else n_rest
+    if num_folds > smallest_left or n_rest // num_folds < needed:
+        what = f"the smallest class ({classes.names[classes.rarest]}) has" if classes else "the data has"
+        raise KilnError(
+            f"data.num_folds={num_folds}: {what} only {smallest_left} rows outside the test split, "
+            f"too few for {num_folds} folds with {per_split} each; add rows or use data.num_folds="
+            f"{max(2, min(smallest_left, n_rest // needed))}"
         )
-        if num_folds > smallest_left or n_rest // num_folds < needed:
-            what = f"the smallest class ({label(rarest)}) has" if stratify else "the data has"
-            raise KilnError(
-                f"data.num_folds={num_folds}: {what} only {smallest_left} rows outside the test split, "
-                f"too few for {num_folds} folds with {per_split} each; add rows or use data.num_folds="
-                f"{max(2, min(smallest_left, n_rest // needed))}"
-            )

@@ -7,6 +7,8 @@ the size of the data itself, not several copies of it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -23,27 +25,9 @@ class SyntheticDataModule(InMemoryDataModule):
         num_classes: int = 4,
         noise: float = 0.1,
         data_seed: int = 0,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        num_folds: int | None = None,
-        fold: int = 0,
-        seed: int = 0,
-        batches_per_chunk: int = 16,
-        eval_batch_size: int = 1024,
-        refit: bool = False,
+        **settings: Any,  # the shared ones (kiln.data.settings) and batches_per_chunk
     ) -> None:
-        super().__init__(
-            batch_size,
-            val_fraction,
-            test_fraction,
-            num_folds,
-            fold,
-            seed,
-            batches_per_chunk,
-            eval_batch_size,
-            refit,
-        )
+        super().__init__(**settings)
         require(num_samples >= 10, "num_samples", f"must be >= 10, got {num_samples}")
         require(num_features >= 1, "num_features", f"must be >= 1, got {num_features}")
         require(

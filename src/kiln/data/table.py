@@ -50,43 +50,10 @@ class TableDataModule(InMemoryDataModule):
         feature_selection: Selection = "none",
         k_best: int = 10,
         variance_threshold: float = 0.0,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        num_folds: int | None = None,
-        fold: int = 0,
-        seed: int = 0,
-        batches_per_chunk: int = 16,
-        eval_batch_size: int = 1024,
-        refit: bool = False,
+        **settings: Any,  # the shared ones (kiln.data.settings) and batches_per_chunk
     ) -> None:
-        super().__init__(
-            batch_size,
-            val_fraction,
-            test_fraction,
-            num_folds,
-            fold,
-            seed,
-            batches_per_chunk,
-            eval_batch_size,
-            refit,
-        )
-        require(
-            task in ("auto", "classification", "regression"),
-            "task",
-            f"must be auto, classification or regression, got {task!r}",
-        )
-        require(
-            missing_target in ("drop", "error"),
-            "missing_target",
-            f"must be drop (leave out rows without a target value) or error, got {missing_target!r}",
-        )
-        require(
-            _known_encoding(encoding),
-            "encoding",
-            f"unknown encoding {encoding!r}; use utf-8, latin-1, cp1252 or another Python codec name",
-        )
-        require(bool(sep), "sep", "must be auto or the character between columns (',', ';', tab)")
+        super().__init__(**settings)
+        _check_reading(task, missing_target, encoding, sep)
         self.name, self.path, self.target = name, path, target
         self.missing_target, self.encoding, self.sep = missing_target, encoding, sep
         self.declared_task = task
@@ -193,6 +160,26 @@ class TableDataModule(InMemoryDataModule):
             "target_column": self.target_column,
             "preprocessor": self.preprocessor.state_dict(),
         }
+
+
+def _check_reading(task: str, missing_target: str, encoding: str, sep: str) -> None:
+    """How the table is read and what it predicts: checked before anything is loaded."""
+    require(
+        task in ("auto", "classification", "regression"),
+        "task",
+        f"must be auto, classification or regression, got {task!r}",
+    )
+    require(
+        missing_target in ("drop", "error"),
+        "missing_target",
+        f"must be drop (leave out rows without a target value) or error, got {missing_target!r}",
+    )
+    require(
+        _known_encoding(encoding),
+        "encoding",
+        f"unknown encoding {encoding!r}; use utf-8, latin-1, cp1252 or another Python codec name",
+    )
+    require(bool(sep), "sep", "must be auto or the character between columns (',', ';', tab)")
 
 
 def _known_encoding(name: str) -> bool:

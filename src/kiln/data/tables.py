@@ -287,42 +287,10 @@ def column_types(
     `source` says where the table came from (`data.path=cars.csv`), for messages. A row index
     saved with the file is left out, with a warning, unless a setting names it.
     """
-    for declared, key in (
-        (numeric, "numeric_columns"),
-        (categorical, "categorical_columns"),
-        (drop, "drop_columns"),
-    ):
-        absent = [c for c in declared or [] if c not in frame.columns]
-        if absent:
-            raise KilnError(
-                f"data.{key}: column{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in "
-                f"{source}; fix the name{'s' if len(absent) > 1 else ''} or remove "
-                f"{'them' if len(absent) > 1 else 'it'} from data.{key}; columns: {_list(frame)}"
-            )
-        if key != "drop_columns" and target in (declared or []):
-            raise KilnError(
-                f"data.{key}: names the target column '{target}', which is what the model predicts, "
-                f"not a feature; remove it from data.{key}"
-            )
-    both = set(numeric or []) & set(categorical or [])
-    if both:
-        raise KilnError(
-            f"data.numeric_columns and data.categorical_columns both name {sorted(both)}; pick one"
-        )
     declared_numeric, declared_categorical = list(numeric or []), list(categorical or [])
-    for column in declared_numeric:
-        _check_numeric(frame, column, declared=True, source=source)
+    _check_declared_columns(frame, target, declared_numeric, declared_categorical, drop, source)
     features = [c for c in frame.columns if c != target and c not in drop]
-    index = _saved_index(frame)
-    if index is not None and index in features and index not in declared_numeric + declared_categorical:
-        features.remove(index)
-        numbers = frame[index].to_numpy()
-        warn(
-            f"{source}: its first column has no name and a different whole number in every row "
-            f"({numbers.min()}..{numbers.max()}): a row index saved with the table (pandas' to_csv "
-            f"without index=False), not a feature, so it is left out (data.numeric_columns=[{index!r}] "
-            "keeps it)"
-        )
+    _leave_out_saved_index(frame, features, declared_numeric + declared_categorical, source, warn)
     detected_numeric, detected_categorical = [], []
     for column in features:
         if column in declared_numeric or column in declared_categorical:
@@ -342,6 +310,53 @@ def column_types(
             + f"; give a table with feature columns, or check data.target and data.drop_columns; columns: {_list(frame)}"
         )
     return numeric_columns, categorical_columns
+
+
+def _check_declared_columns(
+    frame: pd.DataFrame, target: str, numeric: list[str], categorical: list[str], drop: list[str], source: str
+) -> None:
+    """Declared columns exist, are not the target, are declared once, and numeric ones hold numbers."""
+    for declared, key in (
+        (numeric, "numeric_columns"),
+        (categorical, "categorical_columns"),
+        (drop, "drop_columns"),
+    ):
+        absent = [c for c in declared if c not in frame.columns]
+        if absent:
+            raise KilnError(
+                f"data.{key}: column{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} not in "
+                f"{source}; fix the name{'s' if len(absent) > 1 else ''} or remove "
+                f"{'them' if len(absent) > 1 else 'it'} from data.{key}; columns: {_list(frame)}"
+            )
+        if key != "drop_columns" and target in declared:
+            raise KilnError(
+                f"data.{key}: names the target column '{target}', which is what the model predicts, "
+                f"not a feature; remove it from data.{key}"
+            )
+    both = set(numeric) & set(categorical)
+    if both:
+        raise KilnError(
+            f"data.numeric_columns and data.categorical_columns both name {sorted(both)}; pick one"
+        )
+    for column in numeric:
+        _check_numeric(frame, column, declared=True, source=source)
+
+
+def _leave_out_saved_index(
+    frame: pd.DataFrame, features: list[str], declared: list[str], source: str, warn: Warn
+) -> None:
+    """Remove a row index saved with the table from `features` (with a warning), unless declared."""
+    index = _saved_index(frame)
+    if index is None or index not in features or index in declared:
+        return
+    features.remove(index)
+    numbers = frame[index].to_numpy()
+    warn(
+        f"{source}: its first column has no name and a different whole number in every row "
+        f"({numbers.min()}..{numbers.max()}): a row index saved with the table (pandas' to_csv "
+        f"without index=False), not a feature, so it is left out (data.numeric_columns=[{index!r}] "
+        "keeps it)"
+    )
 
 
 def _check_numeric(frame: pd.DataFrame, column: str, *, declared: bool, source: str = "the table") -> None:

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln.runs import RunLayout
 from kiln.tracking.base import RunInfo
 
 
@@ -24,7 +23,7 @@ class TensorBoardTracker:
         self,
         run_dir: str,
         save_dir: str | None = None,
-        name: str = RunLayout.TENSORBOARD,
+        name: str = "tensorboard",
         version: str = "",
         default_hp_metric: bool = False,
         log_graph: bool = False,
