@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kiln.errors import KilnError
-from kiln.runs import RUN_RECORD, RunDirectory, read_json
+from kiln.runs import RunDirectory, RunLayout, read_record
 
 # Lines of a child's stderr kept for the error (a long run's progress lines are not all needed).
 STDERR_LINES_KEPT = 400
@@ -103,12 +103,13 @@ def train(
     except StageError:
         # A compression gate that failed after a completed training: the result says both
         # (`status` completed, `delivery` failed with the reason); any other failure raises.
-        record_path = directory / RUN_RECORD
-        if not record_path.is_file() or read_json(record_path).get("status") != "completed":
+        if not RunLayout(directory).record.is_file() or read_record(directory).get("status") != "completed":
             raise
     result = load(directory)
     if result.status != "completed":  # the stage said it finished: the record must agree
-        raise KilnError(f"{directory}: kiln train exited cleanly but run.json's status is {result.status!r}")
+        raise KilnError(
+            f"{RunLayout(directory).record}: kiln train exited cleanly but the run's status is {result.status!r}"
+        )
     return result
 
 

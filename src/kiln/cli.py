@@ -25,7 +25,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "Optuna search (TPE, pruning, shared storage); every trial a run (hparams_search=<name>)",
     ),
     "compress": ("kiln.stages.compress", "prune / quantize a run's best checkpoint, then export (run=<dir>)"),
-    "export": ("kiln.stages.export", "verified, measured ONNX of each variant; ships model.onnx (run=<dir>)"),
+    "export": (
+        "kiln.stages.export",
+        "verified, measured ONNX of each variant; ships the chosen one in the run (run=<dir>)",
+    ),
     "predict": (
         "kiln.stages.predict",
         "onnxruntime only: model=<file.onnx> input=<csv|parquet|npy> output=<csv>",

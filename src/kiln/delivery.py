@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kiln.errors import KilnError
 from kiln.interrupts import Interrupted
+from kiln.runs import RunLayout
 
 # Trainer settings of the run that a pruning fine-tune keeps (one device, no logger or checkpoints).
 FINETUNE_TRAINER_KEYS = (
@@ -116,7 +117,7 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: st
         what = "export" if recipe is None else "compression" if not export_after else "compression and export"
         raise exc.said(
             f"interrupted by {exc.signal_name} during {what}; nothing half-written was left and the "
-            f"trained, tested run is kept as it was (best checkpoint, and any model.onnx shipped before); "
+            f"trained, tested run is kept as it was (best checkpoint, and any {RunLayout.MODEL} shipped before); "
             f"redo it with: {again}"
         ) from None
     record(
@@ -133,10 +134,8 @@ def _deliver(run: Any, recipe: Any, settings: Any, export_after: bool, again: st
 
 def missing_variant_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
     """The variants' nets and weights the manifest lists that are gone (removed after a delivery)."""
-    from kiln.compression.pipeline import COMPRESS_DIR
-
     listed = [v.get(key) for v in manifest.get("variants", []) for key in ("net_onnx", "weights")]
-    return [name for name in listed if name and not (directory / COMPRESS_DIR / name).is_file()]
+    return [name for name in listed if name and not (RunLayout(directory).compress / name).is_file()]
 
 
 def recorded_recipe(run: Any, manifest: dict[str, Any]) -> Any:
@@ -159,10 +158,9 @@ def remove_variant_files(directory: Path, manifest: dict[str, Any], report: dict
     """After a delivery that shipped: each variant's net and weights (compress/) and deployable file
     (export/) go; model.onnx, the reports, compress/manifest.json and the checkpoints stay. The
     report keeps every variant's numbers; `kiln export` builds the variants again when it needs them."""
-    from kiln.compression.pipeline import COMPRESS_DIR
-
+    layout = RunLayout(directory)
     files = [
-        directory / COMPRESS_DIR / name
+        layout.compress / name
         for variant in manifest.get("variants", [])
         for name in (variant.get("net_onnx"), variant.get("weights"))
         if name
@@ -173,7 +171,7 @@ def remove_variant_files(directory: Path, manifest: dict[str, Any], report: dict
         if path.is_file():
             freed += path.stat().st_size
             path.unlink()
-    export_dir = directory / "export"
+    export_dir = layout.export
     if export_dir.is_dir() and not any(export_dir.iterdir()):
         export_dir.rmdir()
     print(
@@ -255,16 +253,15 @@ def export_run(
         )
 
 
-# What export ships: replaced one by one, so a write that fails part-way (a full disk) would leave
-# a new model.onnx beside an old report, or the reverse.
-SHIPPED = ("model.onnx", "report.json", "report.md", "report.png")
-
-
 @contextmanager
 def kept_until_shipped(directory: Path) -> Iterator[None]:
     """The shipped model and its report as they were, put back if the block runs out of disk,
-    file size or memory; kept as hard links meanwhile (no space needed, on a full disk too)."""
-    kept = {directory / name: directory / f".{name}.kept-{os.getpid()}.tmp" for name in SHIPPED}
+    file size or memory; kept as hard links meanwhile (no space needed, on a full disk too).
+    What export ships is replaced one file at a time: a write that fails part-way (a full disk)
+    would otherwise leave a new model beside an old report, or the reverse."""
+    kept = {
+        path: path.with_name(f".{path.name}.kept-{os.getpid()}.tmp") for path in RunLayout(directory).shipped
+    }
     for shipped, copy in kept.items():
         copy.unlink(missing_ok=True)
         if shipped.exists():

@@ -264,6 +264,37 @@ class RunRecord(TypedDict, total=False):
     group_metrics: Any
 
 
+def run_path(what: str, root: str = "") -> str:
+    """The config's way to the layout (resolver `kiln_run_path`): the path `what` names (a
+    property of `RunLayout`, e.g. checkpoints) below `root`, or relative to the run directory
+    without one: `dirpath: ${kiln_run_path:checkpoints,${hydra:runtime.output_dir}}`."""
+    path = getattr(RunLayout(Path(root or ".")), what, None)
+    if not isinstance(path, Path):
+        layout = RunLayout(Path("."))
+        names = sorted(name for name in vars(RunLayout) if isinstance(getattr(layout, name, None), Path))
+        raise KilnError(
+            f"${{kiln_run_path:{what}}}: not a path of a run directory; one of {', '.join(names)}"
+        )
+    return str(path) if root else RunLayout(Path(".")).relative(path)
+
+
+def run_path_stem(what: str) -> str:
+    """`run_path` without its directory and suffix (resolver `kiln_run_stem`): what Lightning's
+    ModelCheckpoint takes as `filename` (it adds .ckpt)."""
+    return Path(run_path(what)).stem
+
+
+def register_layout_resolvers() -> None:
+    """`${kiln_run_path:...}` and `${kiln_run_stem:...}`: conf/ names run-directory paths through
+    the layout, never by hand (registered by kiln.config, and here for a saved config read back)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("kiln_run_path"):
+        OmegaConf.register_new_resolver("kiln_run_path", run_path)
+    if not OmegaConf.has_resolver("kiln_run_stem"):
+        OmegaConf.register_new_resolver("kiln_run_stem", run_path_stem)
+
+
 def read_record(directory: Path) -> RunRecord:
     """A run's run.json, or one KilnError naming it when it is missing or damaged."""
     path = RunLayout(directory).record
@@ -1173,6 +1204,7 @@ _HYDRA_INTERPOLATION = re.compile(r"\$\{hydra:([A-Za-z0-9_.]+)\}")
 def _resolved(directory: Path, saved: Any) -> Any:
     from omegaconf import OmegaConf
 
+    register_layout_resolvers()
     hydra_file = RunLayout(directory).hydra_config
     hydra_cfg = OmegaConf.load(hydra_file) if hydra_file.is_file() else None
 

@@ -60,14 +60,14 @@ def report_sweep(directory: Path) -> bool:
     were pruned), or, for a search worker, when it wrote its search.json: a SLURM job that failed
     before writing one, or was cancelled, leaves none.
     """
-    from kiln.runs import find_runs
+    from kiln.runs import RunLayout, find_runs
     from kiln.stages import report
 
     jobs = [path for path in directory.iterdir() if path.is_dir() and path.name.isdigit()]
     if find_runs(directory):
         report.main([f"dir={directory}"])
     for job in jobs:
-        if (job / "search.json").is_file() and not find_runs(job):
+        if RunLayout(job).search_record.is_file() and not find_runs(job):
             continue  # a search worker that found the study already complete: nothing to train
         runs = find_runs(job)
         # a pruned trial of kiln search ended as designed

@@ -10,17 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kiln.runs import replacing, write_atomically
-
-REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+from kiln.runs import RunLayout, read_record, replacing, write_atomically
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> None:
-    write_atomically(directory / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
-    write_atomically(directory / REPORT_MD, markdown(report) + run_sections(directory))
+    layout = RunLayout(directory)
+    write_atomically(layout.report, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomically(layout.report_markdown, markdown(report) + run_sections(directory))
     figure = plot(report)
     try:
-        with replacing(directory / REPORT_PNG) as temp:
+        with replacing(layout.report_plot) as temp:
             figure.savefig(temp, dpi=110, format="png")
     finally:
         import matplotlib.pyplot as plt
@@ -210,8 +209,7 @@ def _speedup(entry: dict[str, Any], batch: str) -> str:
 def run_sections(directory: Path) -> str:
     """What training recorded beside the test metrics (run.json): feature importance and metrics
     per group, as markdown sections after the compression table."""
-    path = directory / "run.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = read_record(directory) if RunLayout(directory).record.is_file() else {}
     lines: list[str] = []
     importance = record.get("feature_importance") or []
     if importance:
@@ -297,7 +295,7 @@ def log_tensorboard(directory: Path, report: dict[str, Any]) -> None:
     """The report's numbers as scalars, its table as text and its plot as an image, in <run>/tensorboard."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
+    writer = SummaryWriter(log_dir=str(RunLayout(directory).tensorboard))
     try:
         entries = [("baseline_torch_fp32", report["baseline"])] + [(v["name"], v) for v in report["variants"]]
         for name, entry in entries:
@@ -307,7 +305,9 @@ def log_tensorboard(directory: Path, report: dict[str, Any]) -> None:
             writer.add_scalar(f"export/{name}/parameters", entry["params"], 0)
             for batch, micros in entry["latency_us"].items():
                 writer.add_scalar(f"export/{name}/latency_us_batch_{batch}", micros, 0)
-        writer.add_text("export/report", markdown(report).replace("![trade-off](report.png)", ""), 0)
+        writer.add_text(
+            "export/report", markdown(report).replace(f"![trade-off]({RunLayout.REPORT_PLOT})", ""), 0
+        )
         writer.add_figure("export/trade_off", plot(report), 0)
     finally:
         writer.close()

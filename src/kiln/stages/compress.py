@@ -27,7 +27,9 @@ def _stage_dir(run: Any) -> str:
     (a mistyped run= must not leave an empty directory behind)."""
     import tempfile
 
-    if run and (Path(str(run)) / ".hydra" / "config.yaml").is_file():
+    from kiln.runs import RunLayout
+
+    if run and RunLayout(Path(str(run))).saved_config.is_file():
         return str(run)
     return str(Path(tempfile.gettempdir()) / "kiln-stage-logs")
 
@@ -39,10 +41,10 @@ if not OmegaConf.has_resolver("kiln_stage_dir"):
 @stage("compress")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     from kiln.builder import plain
-    from kiln.compression.pipeline import COMPRESS_DIR
     from kiln.compression.recipes import read_recipe
     from kiln.delivery import deliver
     from kiln.export.pipeline import read_settings
+    from kiln.runs import RunLayout
 
     recipe = read_recipe(plain(cfg.compress))
     settings = read_settings(plain(cfg.export))
@@ -51,7 +53,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     result = deliver(cfg.run, recipe, settings, export_after=bool(cfg.export_after), again=again)
     if not cfg.export_after:
         print(
-            f"kiln compress: variants in {Path(str(cfg.run)) / COMPRESS_DIR}; next: kiln export run={cfg.run}"
+            f"kiln compress: variants in {RunLayout(Path(str(cfg.run))).compress}; next: kiln export run={cfg.run}"
         )
     return result
 

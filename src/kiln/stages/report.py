@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import EXIT_USER_ERROR, KilnError, one_line
-from kiln.runs import RUN_RECORD, RunDirectory, find_runs, read_json  # no torch: the stage stays light
+from kiln.runs import RunDirectory, RunLayout, find_runs, read_record  # no torch: the stage stays light
 
 TABLE_MD = "runs.md"
 TABLE_CSV = "runs.csv"
@@ -83,7 +83,7 @@ def read_runs(root: Path) -> tuple[list[RunDirectory], tuple[str, str]]:
     directories = find_runs(root)
     if not directories:
         raise KilnError(
-            f"dir={root}: no kiln runs under it (no {RUN_RECORD} found); give the directory of a sweep "
+            f"dir={root}: no kiln runs under it (no {RunLayout.RECORD} found); give the directory of a sweep "
             "(runs/train_multirun/<sweep>) or of a cross-validation run (runs/train/<run> with fold_*)"
         )
     rows = [read_run(root, directory) for directory in directories]
@@ -103,7 +103,7 @@ def read_runs(root: Path) -> tuple[list[RunDirectory], tuple[str, str]]:
 def read_run(root: Path, directory: Path) -> RunDirectory:
     name = directory.relative_to(root).as_posix() if directory != root else "."
     try:
-        record = read_json(directory / RUN_RECORD)
+        record = dict(read_record(directory))
     except KilnError as exc:  # one damaged run must not hide the others
         record = {"status": "unreadable", "error": str(exc)}
     return RunDirectory(directory, record, name)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kiln.errors import EXIT_USER_ERROR, KilnError, one_line
+from kiln.runs import RunLayout
 
-LOG_DIR = "tensorboard"  # where conf/logger/tensorboard.yaml puts a run's event files
 EVENTS = "events.out.tfevents.*"
 DEFAULTS: dict[str, Any] = {"dir": None, "port": 0}  # port 0: the system picks a free one
 USAGE = """usage: kiln tensorboard dir=<run or sweep directory> [port=<port>]
@@ -67,7 +67,8 @@ def find_runs(directory: str | Path) -> dict[str, Path]:
     root = Path(directory).expanduser().resolve()
     if not root.is_dir():
         raise KilnError(f"dir={directory}: no such directory; give a run or sweep directory, e.g. runs/train")
-    candidates = [root] if root.name == LOG_DIR else sorted(root.rglob(LOG_DIR))
+    logs_name = RunLayout.TENSORBOARD  # where conf/logger/tensorboard.yaml puts a run's event files
+    candidates = [root] if root.name == logs_name else sorted(root.rglob(logs_name))
     logs = [d for d in candidates if d.is_dir() and next(d.rglob(EVENTS), None) is not None]
     if not logs:
         raise KilnError(

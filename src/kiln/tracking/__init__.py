@@ -48,7 +48,6 @@ from kiln.tracking.mlflow import (
 from kiln.tracking.tensorboard import TensorBoardTracker
 
 __all__ = [
-    "ARTIFACTS",
     "ParentRun",
     "RunInfo",
     "Tracker",
@@ -64,8 +63,6 @@ __all__ = [
     "tensorboard_and_mlflow",
 ]
 
-# What a finished run hands its trackers, when its directory holds them (after export).
-ARTIFACTS = ("run.json", "cv.json", "report.json", "report.md", "report.png", "model.onnx")
 COMPLETE = ("completed", "pruned")  # a run status whose tracking must not fail silently
 # The trackers started in this process, by run directory, until the stage finishes them.
 _started: dict[Path, list[tuple[str, Tracker]]] = {}
@@ -167,14 +164,14 @@ def finish_run(cfg: Any, run_dir: Path) -> None:
     the trackers already hold their settings. A tracker's failure after a completed run is one
     KilnError (once every tracker had its turn); after a failed one, a warning (the run's own
     error is the one to see)."""
-    from kiln.runs import RUN_RECORD, read_json
+    from kiln.runs import RunLayout, read_record
 
     trackers = _started.pop(Path(run_dir).resolve(), [])
     if not trackers:
         return
-    path = Path(run_dir) / RUN_RECORD
-    status = str((read_json(path) if path.is_file() else {}).get("status") or "failed")
-    files = [Path(run_dir) / name for name in ARTIFACTS if (Path(run_dir) / name).is_file()]
+    layout = RunLayout(Path(run_dir))
+    status = str((read_record(layout.root) if layout.record.is_file() else {}).get("status") or "failed")
+    files = [path for path in layout.artifacts if path.is_file()]  # what the run holds of them
     failures = [line for name, tracker in trackers if (line := _finish_one(name, tracker, files, status))]
     if failures and status in COMPLETE:
         raise KilnError(f"{failures[0]}; the run itself is complete in {run_dir}")

@@ -37,13 +37,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from kiln.errors import KilnError
+from kiln.runs import RunLayout
 from kiln.tracking.base import RunInfo, default_experiment
 
 TRACKER = "kiln.tracking.mlflow.MLflowTracker"  # conf/logger/mlflow.yaml's trackers.mlflow
 BUILDER = "kiln.tracking.tensorboard_and_mlflow"  # its _target_ before trackers (saved runs)
 PARENT_RUN_VARIABLE = "KILN_MLFLOW_PARENT_RUN_ID"
 RECORD_KEY = "mlflow"  # run.json: {"run_id", "experiment_id", "experiment", "tracking_uri"}
-PARENT_ARTIFACTS = ("cv.json", "search.json")  # a parent's records
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_GIT_TAGS = (MLFLOW_GIT_COMMIT, "mlflow.source.git.branch", "mlflow.source.git.repoURL")
 _STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
@@ -210,7 +210,7 @@ def tensorboard_and_mlflow(
     experiment_name: str | None = None,
     run_name: str | None = None,
     register_model: str | None = None,
-    name: str = "tensorboard",
+    name: str = RunLayout.TENSORBOARD,
     version: str = "",
     default_hp_metric: bool = False,
     log_graph: bool = False,
@@ -439,9 +439,10 @@ def register(mlflow_client: Any, name: str, run_id: str) -> Any:
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
-    source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/model.onnx"
+    shipped = RunLayout.MODEL  # log_artifacts sent it under its own name
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{shipped}"
     version = mlflow_client.create_model_version(name, source, run_id=run_id)
-    print(f"kiln: registered model.onnx as {name} version {version.version}", flush=True)
+    print(f"kiln: registered {shipped} as {name} version {version.version}", flush=True)
     return version
 
 
@@ -516,9 +517,10 @@ def log_summary(cfg: Any, run_id: str | None, directory: Path, metrics: dict[str
     batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
     if batch:
         mlflow_client.log_batch(run_id, metrics=batch)
-    for name in PARENT_ARTIFACTS:
-        if (directory / name).is_file():
-            mlflow_client.log_artifact(run_id, str(directory / name))
+    parent = RunLayout(directory)
+    for path in (parent.cv_record, parent.search_record):  # a parent's records
+        if path.is_file():
+            mlflow_client.log_artifact(run_id, str(path))
 
 
 class ParentRun(Callback):

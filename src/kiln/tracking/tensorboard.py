@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kiln.runs import RunLayout
 from kiln.tracking.base import RunInfo
 
 
@@ -23,7 +24,7 @@ class TensorBoardTracker:
         self,
         run_dir: str,
         save_dir: str | None = None,
-        name: str = "tensorboard",
+        name: str = RunLayout.TENSORBOARD,
         version: str = "",
         default_hp_metric: bool = False,
         log_graph: bool = False,

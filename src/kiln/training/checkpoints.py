@@ -15,9 +15,16 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kiln.errors import KilnError
+from kiln.runs import RunLayout
 
 if TYPE_CHECKING:
     from kiln.runs import Run
+
+
+def _usable_checkpoints() -> str:
+    """Where a run's checkpoints are, as the user is told to look."""
+    example = RunLayout(Path("<run_dir>"))
+    return f"{example.best_checkpoint} or {example.LAST_CHECKPOINT}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -84,17 +91,16 @@ def load_checkpoint(path: Path, key: str | None = None) -> dict[str, Any]:
             raise KilnError(
                 f"{where} holds objects kiln will not unpickle ({refused}): unpickling them could run "
                 "arbitrary code, so kiln loads only tensors and plain values; use a checkpoint saved by "
-                "Lightning or kiln (e.g. <run_dir>/checkpoints/best.ckpt or last.ckpt), and treat this file "
-                "as untrusted"
+                f"Lightning or kiln (e.g. {_usable_checkpoints()}), and treat this file as untrusted"
             ) from None
         raise KilnError(
             f"{where} cannot be read ({_unreadable_reason(Path(path), exc)}); "
-            "use another checkpoint (e.g. <run_dir>/checkpoints/best.ckpt or last.ckpt) or start fresh"
+            f"use another checkpoint (e.g. {_usable_checkpoints()}) or start fresh"
         ) from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise KilnError(
             f"{where} has no model weights (no 'state_dict'): it is not a Lightning checkpoint; "
-            "give a .ckpt file that kiln train wrote (<run_dir>/checkpoints/)"
+            f"give a .ckpt file that kiln train wrote ({RunLayout(Path('<run_dir>')).checkpoints}/)"
         )
     return checkpoint
 
@@ -220,7 +226,7 @@ def stopped_early(checkpoint: dict[str, Any]) -> int | None:
 
 def _its_config(path: Path) -> str:
     """Where the config of the run that wrote a checkpoint lies (<run_dir>/checkpoints/x.ckpt)."""
-    config = path.resolve().parent.parent / ".hydra" / "config.yaml"
+    config = RunLayout(path.resolve().parent.parent).saved_config
     return f" (saved in {config})" if config.is_file() else ""
 
 
@@ -243,8 +249,8 @@ def resume_checkpoint(
         if not run_dir_given:
             raise KilnError("resume=auto continues an existing run: add run_dir=<that run's directory>")
         # The newest of the epoch-end checkpoint and a preemption checkpoint saved inside an epoch.
-        saved = [p for p in (run.checkpoints / "last.ckpt", run.checkpoints / "preempted.ckpt") if p.exists()]
-        path = max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else run.checkpoints / "last.ckpt"
+        saved = [p for p in (run.layout.last_checkpoint, run.layout.preempted_checkpoint) if p.exists()]
+        path = max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else run.layout.last_checkpoint
         if not saved:
             print(f"kiln: resume=auto: no checkpoint in {run.checkpoints}, starting fresh", file=sys.stderr)
             return None

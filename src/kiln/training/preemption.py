@@ -34,12 +34,12 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.interrupts import Interrupted, defer
-from kiln.runs import mask_secrets
+from kiln.runs import RunLayout, mask_secrets
 from kiln.slurm import job_id
 
 log = logging.getLogger(__name__)  # to stderr and the run's log file
 
-PREEMPTED_CHECKPOINT = "preempted.ckpt"
+PREEMPTED_CHECKPOINT = RunLayout.PREEMPTED_CHECKPOINT  # today's name, for code that imported it here
 # The warning signal (submitit's `--signal=USR2@delay`) and SLURM's stop signal.
 _WARNING, _STOP = signal.SIGUSR2, signal.SIGTERM
 _RNG_KEY = "kiln_rng_states"
@@ -110,7 +110,7 @@ class ExactResume(L.Callback):
 def drop_superseded(preempted: Path) -> None:
     """A preempted.ckpt older than the last.ckpt beside it is a resume that has since trained past
     it (`resume=auto` takes the newer file): keeping it only costs a checkpoint's size on disk."""
-    last = preempted.with_name("last.ckpt")
+    last = preempted.with_name(RunLayout.LAST_CHECKPOINT)
     if preempted.is_file() and last.is_file() and last.stat().st_mtime_ns > preempted.stat().st_mtime_ns:
         preempted.unlink()
 
@@ -123,7 +123,7 @@ class SavesOnSignal(ExactResume):
 
     def __init__(self, checkpoint_dir: Path) -> None:
         super().__init__()
-        self.checkpoint_path = Path(checkpoint_dir) / PREEMPTED_CHECKPOINT
+        self.checkpoint_path = Path(checkpoint_dir) / RunLayout.PREEMPTED_CHECKPOINT
         self.received: int | None = None
         self._pid = os.getpid()
         self._previous_handlers: dict[int, Any] = {}
