@@ -33,6 +33,24 @@ def test_a_pruned_net_near_chance_is_not_fine_tuned():
     assert HOPELESS_FLOOR["points"] == 60.0
 
 
+def test_the_pruning_budget_reuses_the_int8_searchs_score_of_the_same_torch_model():
+    from kiln.compression.pipeline import BudgetOnce
+    from kiln.compression.recipes import read_recipe
+    from kiln.export.measure import Stopwatch
+
+    class Classes:
+        class_names = ("a", "b")
+
+    recipe = read_recipe({"recipe": "auto", "candidates": {"pruned": ["prune_structured"]}})
+    monitor = {"metric": "val/loss", "mode": "min"}
+    watch = Stopwatch()
+    scored = {"val/acc": 0.9, "val/loss": 0.3}  # the int8 search scored the torch fp32 model already
+    # no module to validate: a second validation pass would fail here
+    budget = BudgetOnce(recipe, monitor, None, Classes(), {}, watch, scored=lambda: scored).get()
+    assert budget == POINTS  # val/acc (a classifier's gate), points, 1.0, baseline 0.9
+    assert "baseline: validate for the pruning budget" not in watch.seconds
+
+
 def test_the_fine_tune_stops_once_the_budget_is_out_of_reach_at_its_recent_pace():
     # best drop 30 before the fine-tune, then 10, 8, 7.5 after epochs 1-3 (of 10)
     assert POINTS.out_of_reach([30.0, 10.0], epochs_left=9, window=3) is None  # 20/epoch: reachable

@@ -101,14 +101,25 @@ class Job:
         from kiln.compression import int8_search
 
         self.staging, self.example, self.watch = staging, example, watch
-        self.budget = BudgetOnce(
-            self.recipe, self.monitor, self.module, self.datamodule, self.finetune_trainer, watch
-        )
-        self.calibration = Calibration(self.datamodule, self.seed)
         fp32_net = staging / f"{FP32}.net.onnx"
         self.judge = int8_search.Judge(
             self.recipe, self.monitor, self.module, self.datamodule, fp32_net, watch
         )
+        self.budget = BudgetOnce(
+            self.recipe,
+            self.monitor,
+            self.module,
+            self.datamodule,
+            self.finetune_trainer,
+            watch,
+            scored=self.fp32_scored,
+        )
+        self.calibration = Calibration(self.datamodule, self.seed)
+
+    def fp32_scored(self) -> dict[str, float] | None:
+        """The torch fp32 model's validation metrics when the int8 search has measured them."""
+        judge = self.judge
+        return dict(judge.metrics) if getattr(judge, "ready", False) and hasattr(judge, "metrics") else None
 
     def prune_budget(self) -> Any:
         """auto holds a pruned candidate's fine-tune to the budget; a fixed recipe asked for it."""
@@ -406,8 +417,9 @@ def abandoned_record(candidate: Any, source: dict[str, Any]) -> dict[str, Any]:
 class BudgetOnce:
     """The budget a pruned auto candidate's fine-tune is held to, as the export's gate will hold
     it (kiln.compression.choose: gate_metric, metric_unit): the uncompressed model's own
-    validation metric is measured once, when the first pruning needs it. None when the module
-    does not log the metric."""
+    validation metric is measured once, when the first pruning needs it, unless `scored()` already
+    has it (the int8 search's score of the same torch model: no second validation pass). None when
+    the module does not log the metric."""
 
     def __init__(
         self,
@@ -417,28 +429,35 @@ class BudgetOnce:
         datamodule: Any,
         trainer_settings: dict[str, Any],
         watch: Any,
+        scored: Callable[[], dict[str, float] | None] = lambda: None,
     ) -> None:
         self.recipe, self.monitor, self.watch = recipe, monitor, watch
         self.module, self.datamodule, self.trainer_settings = module, datamodule, trainer_settings
+        self.scored = scored
         self.budget: Any = None
         self.measured = False
 
     def get(self) -> Any:
         from kiln import contract
-        from kiln.compression import pruning
         from kiln.compression.choose import gate_metric, metric_unit
+        from kiln.compression.pruning import Budget
 
         if not self.measured:
             self.measured = True
-            with self.watch.part("baseline: validate for the pruning budget"):
-                settings = pruning.one_device_settings(self.trainer_settings, self.module)
-                logged = pruning.validate(self.module, self.datamodule, settings)
+            logged = self.scored() or self.validate()
             task = contract.task(self.datamodule, self.module)
             metric, mode = gate_metric(getattr(self.recipe, "metric", None), self.monitor, task, logged)
             if metric in logged:
                 unit = metric_unit(metric, self.recipe.metric_unit)
-                self.budget = pruning.Budget(metric, mode, unit, self.recipe.max_metric_drop, logged[metric])
+                self.budget = Budget(metric, mode, unit, self.recipe.max_metric_drop, logged[metric])
         return self.budget
+
+    def validate(self) -> dict[str, float]:
+        from kiln.compression import pruning
+
+        with self.watch.part("baseline: validate for the pruning budget"):
+            settings = pruning.one_device_settings(self.trainer_settings, self.module)
+            return pruning.validate(self.module, self.datamodule, settings)
 
 
 class Calibration:
