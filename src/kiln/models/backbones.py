@@ -208,9 +208,42 @@ def load_weights(target: nn.Module, state: dict[str, Tensor], key: str, name: st
     if prefix is None:
         first = next(iter(state), "")
         raise KilnError(
-            f"{key}: none of its {len(state)} tensors fits {name} (first in the file: {first}); "
-            "these weights are for another architecture: set model.net.name to theirs"
+            f"{key}: none of its {len(state)} tensors fits {name} (first in the file: {first}); {OTHER_ARCHITECTURE}"
         )
+    found, unexpected = _backbone_tensors(state, prefix, expected)
+    stem = next((k for k, v in expected.items() if v.dim() == 4), None)  # the first conv sees the channels
+    for tensor_key, tensor in expected.items():
+        if tensor_key not in found:
+            if tensor_key.endswith("num_batches_tracked"):
+                continue  # a counter, not a weight
+            raise KilnError(
+                f"{key}: tensor {tensor_key} {_shape(tensor)} of {name} is not in the file "
+                f"(it has {len(found)} of {name}'s tensors under '{prefix}'); {OTHER_ARCHITECTURE}"
+            )
+        theirs = found[tensor_key]
+        if theirs.shape != tensor.shape:
+            why = _why_shapes_differ(tensor_key, theirs, tensor, tensor_key == stem, channels)
+            raise KilnError(
+                f"{key}: tensor {tensor_key} has shape {_shape(theirs)} in the file but {_shape(tensor)} in {name}; {why}"
+            )
+    if unexpected:
+        raise KilnError(
+            f"{key}: tensor {unexpected[0]} {_shape(state[prefix + unexpected[0]])} in the file has no place "
+            f"in {name}; {OTHER_ARCHITECTURE}"
+        )
+    target.load_state_dict({**expected, **found})
+    return len(found)
+
+
+OTHER_ARCHITECTURE = "these weights are for another architecture: set model.net.name to theirs"
+
+
+def _backbone_tensors(
+    state: dict[str, Tensor], prefix: str, expected: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """(the file's tensors under `prefix` that the backbone has, by the backbone's names; those
+    under `prefix` it has no place for). A classification head's tensors are neither: a new head
+    is made for the data."""
     found: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for file_key, tensor in state.items():
@@ -221,44 +254,26 @@ def load_weights(target: nn.Module, state: dict[str, Tensor], key: str, name: st
             found[rest] = tensor
         elif rest.split(".")[0] not in HEAD_NAMES:
             unexpected.append(rest)
-    other = "these weights are for another architecture: set model.net.name to theirs"
-    stem = next((k for k, v in expected.items() if v.dim() == 4), None)  # the first conv sees the channels
-    for tensor_key, tensor in expected.items():
-        if tensor_key not in found:
-            if tensor_key.endswith("num_batches_tracked"):
-                continue  # a counter, not a weight
-            raise KilnError(
-                f"{key}: tensor {tensor_key} {_shape(tensor)} of {name} is not in the file "
-                f"(it has {len(found)} of {name}'s tensors under '{prefix}'); {other}"
-            )
-        theirs = found[tensor_key]
-        if theirs.shape != tensor.shape:
-            drop_channels = (0, *range(2, theirs.dim()))  # every dimension but the input channels
-            only_channels = theirs.dim() == 4 and all(
-                theirs.shape[d] == tensor.shape[d] for d in drop_channels
-            )
-            if tensor_key == stem and only_channels:
-                why = (
-                    f"these weights are for {theirs.shape[1]}-channel images and the data has {channels}: "
-                    "convert the images, or train without model.net.weights"
-                )
-            elif "position" in tensor_key or "pos_embed" in tensor_key:  # a ViT's position embedding
-                why = (
-                    "these weights are for another image size or patch size: resize the images or set "
-                    "model.net.patch_size to theirs"
-                )
-            else:
-                why = other
-            raise KilnError(
-                f"{key}: tensor {tensor_key} has shape {_shape(theirs)} in the file but {_shape(tensor)} in {name}; {why}"
-            )
-    if unexpected:
-        raise KilnError(
-            f"{key}: tensor {unexpected[0]} {_shape(state[prefix + unexpected[0]])} in the file has no place "
-            f"in {name}; {other}"
+    return found, unexpected
+
+
+def _why_shapes_differ(tensor_key: str, theirs: Tensor, ours: Tensor, is_stem: bool, channels: int) -> str:
+    """Why a tensor of the file has another shape than the backbone's, and the fix: other image
+    channels (the stem differs only in its input channels), another image or patch size (a ViT's
+    position embedding), or else another architecture."""
+    drop_channels = (0, *range(2, theirs.dim()))  # every dimension but the input channels
+    only_channels = theirs.dim() == 4 and all(theirs.shape[d] == ours.shape[d] for d in drop_channels)
+    if is_stem and only_channels:
+        return (
+            f"these weights are for {theirs.shape[1]}-channel images and the data has {channels}: "
+            "convert the images, or train without model.net.weights"
         )
-    target.load_state_dict({**expected, **found})
-    return len(found)
+    if "position" in tensor_key or "pos_embed" in tensor_key:
+        return (
+            "these weights are for another image size or patch size: resize the images or set "
+            "model.net.patch_size to theirs"
+        )
+    return OTHER_ARCHITECTURE
 
 
 def _shape(tensor: Tensor) -> str:

@@ -408,9 +408,9 @@ def onnxruntime_reason(exc: Exception) -> str:
 
 
 def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, Any]:
-    import numpy as np
-
-    from kiln.export.feeds import array_feeds, check_columns, is_table, numeric_column, specs_of, table_feeds
+    """The model's inputs, by name, from the file the user gave: named arrays for a model of
+    several inputs, a .npy array, or the columns of a CSV or Parquet file."""
+    from kiln.export.feeds import is_table, specs_of
     from kiln.export.images import IMAGE_SUFFIXES, takes_image_tensors, tensor_input_needed
 
     specs = specs_of(session.get_inputs())
@@ -425,40 +425,69 @@ def read_feeds(source: Path, session: Any, meta: dict[str, str]) -> dict[str, An
     if suffix == ".npy":
         if is_table(specs):
             raise KilnError(f"{key}: this model takes table columns; give a CSV or Parquet file with them")
-        try:
-            values = np.load(source, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise KilnError(f"{key}: cannot read it as a .npy array ({exc})") from exc
-        if values.size == 0:
-            raise KilnError(f"{key}: the array is empty; give at least one row")
-        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: said below, in one line
-            feeds = array_feeds(values, specs[0], key)
-        bad = first_non_finite(next(iter(feeds.values())))
-        if bad is not None:
-            row, position, rows = bad
-            index = (row, *(int(i) for i in np.unravel_index(position, values.shape[1:])))
-            value = values[index]
-            raise KilnError(
-                f"{key}: values[{', '.join(map(str, index))}] is {value}{beyond_float32(value)}; {rows} "
-                f"row(s) hold NaN or inf; {NO_MISSING_IN_ARRAYS}"
-            )
-        return feeds
+        return npy_feeds(source, specs[0], key)
     if suffix not in TABLE_SUFFIXES:
         raise KilnError(f"{key}: unknown file type '{suffix}'; use .csv, .parquet or .npy")
+    return column_feeds(source, specs, meta, key)
+
+
+def npy_feeds(source: Path, spec: Any, key: str) -> dict[str, Any]:
+    """A .npy array as the model's one input; a NaN or inf is named by its index."""
+    import numpy as np
+
+    from kiln.export.feeds import array_feeds
+
+    try:
+        values = np.load(source, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise KilnError(f"{key}: cannot read it as a .npy array ({exc})") from exc
+    if values.size == 0:
+        raise KilnError(f"{key}: the array is empty; give at least one row")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: said below, in one line
+        feeds = array_feeds(values, spec, key)
+    bad = first_non_finite(next(iter(feeds.values())))
+    if bad is not None:
+        row, position, rows = bad
+        index = (row, *(int(i) for i in np.unravel_index(position, values.shape[1:])))
+        value = values[index]
+        raise KilnError(
+            f"{key}: values[{', '.join(map(str, index))}] is {value}{beyond_float32(value)}; {rows} "
+            f"row(s) hold NaN or inf; {NO_MISSING_IN_ARRAYS}"
+        )
+    return feeds
+
+
+def column_feeds(source: Path, specs: list[Any], meta: dict[str, str], key: str) -> dict[str, Any]:
+    """A CSV or Parquet file's columns: a table model's raw columns, or an array model's features
+    (the columns its kiln.feature_names lists, in that order)."""
+    from kiln.export.feeds import check_columns, is_table, table_feeds
+
     header, columns, from_text = read_columns(source, key)
-    if is_table(specs):
-        ignored = [meta["kiln.target"]] if meta.get("kiln.target") else []
-        check_columns(header, [s.name for s in specs], key, ignored)
-        feeds = table_feeds(columns, specs, key, from_text=from_text)
-        refuse_infinite_cells(feeds, columns, key)
-        return feeds
+    if not is_table(specs):
+        return feature_column_feeds(header, columns, specs[0], meta, key)
+    ignored = [meta["kiln.target"]] if meta.get("kiln.target") else []
+    check_columns(header, [s.name for s in specs], key, ignored)
+    feeds = table_feeds(columns, specs, key, from_text=from_text)
+    refuse_infinite_cells(feeds, columns, key)
+    return feeds
+
+
+def feature_column_feeds(
+    header: list[str], columns: dict[str, Any], spec: Any, meta: dict[str, str], key: str
+) -> dict[str, Any]:
+    """An array model's one input from the columns named as its features; a missing value or inf
+    is named by its column and row."""
+    import numpy as np
+
+    from kiln.export.feeds import array_feeds, check_columns, numeric_column
+
     names = listed_names(meta, "kiln.feature_names")
     if not names:
         raise KilnError(f"{key}: the model does not record its feature names; give a .npy array instead")
     check_columns(header, names, key)
     values = np.stack([numeric_column(np.asarray(columns[n], dtype=object), n, key) for n in names], axis=1)
     with np.errstate(over="ignore"):
-        feeds = array_feeds(values, specs[0], key)
+        feeds = array_feeds(values, spec, key)
     bad = first_non_finite(next(iter(feeds.values())))
     if bad is not None:
         row, position, rows = bad
