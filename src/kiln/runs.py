@@ -256,6 +256,8 @@ class RunRecord(TypedDict, total=False):
     throughput: dict[str, Any] | None
     test_metrics: dict[str, Any]
     error: str | None
+    epochs: int  # trained, when training ended
+    drift_baseline: Any  # the training data's statistics kiln predict compares with
     attempts: list[dict[str, Any]]  # earlier attempts of a continued run
     delivery: dict[str, Any]  # {status, shipped, reason}, after compression and export
     mlflow: dict[str, Any]
