@@ -99,8 +99,9 @@ def predict_images(session: Any, images: list[np.ndarray], batch_size: int) -> d
 
 def at_training_size(images: list[np.ndarray], meta: dict[str, str]) -> list[np.ndarray]:
     """The images resized to the size the model was trained at (its `kiln.image_input`), as the
-    drift baseline's were: sharpness and contrast depend on the size. A torchvision eval
-    transform's images (`resize`, `crop`) are resized and centre-cropped as it did."""
+    drift baseline's were (bilinear, or bicubic where the model says so): sharpness and contrast
+    depend on the size and the filter. A torchvision eval transform's images (`resize`, `crop`) are
+    resized and centre-cropped as it did."""
     try:
         image = json.loads(meta.get("kiln.image_input", "{}"))
         height, width = (int(s) for s in image["size"])

@@ -3,8 +3,9 @@
 timm builds the architecture from its name (nothing downloads; `pretrained=False`), returning pooled
 features (`num_classes=0`); the net is a `Backbone` whose `head` is a new linear layer sized to the
 data. timm's own data config for the model (input size, mean, std, interpolation) rides along as
-`Backbone.data_config`: kiln's image datamodule normalizes with its mean and std when the data
-config leaves them unset, and the exported graph repeats what the datamodule did.
+`Backbone.data_config`: kiln's image datamodule takes its mean, std and interpolation where the
+data config leaves them unset (kiln.data.images, use_net_normalization), keeps its own image size
+(and says timm's), and the exported graph repeats what the datamodule did.
 
 `weights=PATH` loads a state dict into the backbone only, strictly: a file from another
 architecture, another channel count or another image size is one error naming the first tensor
