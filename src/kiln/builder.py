@@ -131,10 +131,11 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
 
 
 def _share_data_config(net: Any, datamodule: Any) -> None:
-    """A timm backbone knows its own normalization (kiln.models.backbones.Backbone.data_config);
-    kiln's image datamodules take it where the data config leaves theirs unset."""
+    """A timm backbone knows its own preprocessing (kiln.models.backbones.Backbone.data_config:
+    mean, std, interpolation, input size); kiln's image datamodules take what their data config
+    leaves unset, and say what they took in one line."""
     data_config = getattr(net, "data_config", None)
-    use = getattr(datamodule, "use_net_normalization", None)
+    use = getattr(datamodule, "use_net_data_config", None)
     if isinstance(data_config, dict) and callable(use):
         use(data_config, str(getattr(net, "name", "the net")))
 

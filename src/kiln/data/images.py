@@ -138,7 +138,7 @@ class ImageFolderDataModule(SharesDataSettings, L.LightningDataModule):
             "interpolation": self.interpolation,
         }
 
-    def use_net_normalization(self, data_config: dict[str, Any], net_name: str) -> None:
+    def use_net_data_config(self, data_config: dict[str, Any], net_name: str) -> None:
         """Take the net's own mean, std and interpolation (a timm data config) where the data config
         left data.mean/data.std and data.interpolation unset; training and the exported graph then
         both use them. The images keep data.image_size: timm's input size (224 pixels for most of

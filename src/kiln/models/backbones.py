@@ -4,7 +4,7 @@ timm builds the architecture from its name (nothing downloads; `pretrained=False
 features (`num_classes=0`); the net is a `Backbone` whose `head` is a new linear layer sized to the
 data. timm's own data config for the model (input size, mean, std, interpolation) rides along as
 `Backbone.data_config`: kiln's image datamodule takes its mean, std and interpolation where the
-data config leaves them unset (kiln.data.images, use_net_normalization), keeps its own image size
+data config leaves them unset (kiln.data.images, use_net_data_config), keeps its own image size
 (and says timm's), and the exported graph repeats what the datamodule did.
 
 `weights=PATH` loads a state dict into the backbone only, strictly: a file from another
