@@ -66,51 +66,16 @@ class KilnModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        require(
-            task in ("classification", "regression"),
-            "task",
-            f"must be classification or regression, got {task!r}",
+        _check_arguments(
+            net,
+            task,
+            class_names,
+            scheduler_interval=scheduler_interval,
+            gradient_clip_val=gradient_clip_val,
+            label_smoothing=label_smoothing,
+            freeze_backbone_epochs=freeze_backbone_epochs,
+            backbone_lr_scale=backbone_lr_scale,
         )
-        require(
-            task == "regression" or len(class_names) >= 2,
-            "class_names",
-            "classification needs 2 or more classes",
-        )
-        require(
-            scheduler_interval in ("epoch", "step"),
-            "scheduler_interval",
-            f"must be epoch or step, got {scheduler_interval!r}",
-        )
-        require(
-            gradient_clip_val is None or gradient_clip_val > 0,
-            "gradient_clip_val",
-            f"must be > 0, got {gradient_clip_val}",
-        )
-        require(
-            0.0 <= label_smoothing < 1.0, "label_smoothing", f"must be >= 0 and < 1, got {label_smoothing}"
-        )
-        require(
-            task == "classification" or label_smoothing == 0.0,
-            "label_smoothing",
-            "smooths class targets: only for classification (set it to 0 for a regression)",
-        )
-        require(
-            _is_int(freeze_backbone_epochs) and freeze_backbone_epochs >= 0,
-            "freeze_backbone_epochs",
-            f"must be an integer >= 0, got {freeze_backbone_epochs!r}",
-        )
-        require(backbone_lr_scale > 0, "backbone_lr_scale", f"must be > 0, got {backbone_lr_scale}")
-        has_backbone = isinstance(getattr(net, "backbone", None), nn.Module)
-        for argument, used in (
-            ("freeze_backbone_epochs", freeze_backbone_epochs > 0),
-            ("backbone_lr_scale", backbone_lr_scale != 1.0),
-        ):
-            require(
-                has_backbone or not used,
-                argument,
-                f"the net has no `backbone` submodule ({type(net).__name__}); it applies to nets with a "
-                "`backbone` and a `head`, e.g. kiln.models.backbones.Backbone",
-            )
         # plain values only: checkpoints load with weights_only=True, nothing is unpickled
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
@@ -127,14 +92,23 @@ class KilnModule(L.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.channels_last = channels_last
         self.compile_net = compile  # not `self.compile`: that is nn.Module's own compile()
-        self.automatic_optimization = False
-        self._direct_steps = False  # decided at on_train_start (see _direct_steps_allowed)
-        # What evaluation reports (val/ and test/loss, and kiln's per-group and importance measures):
-        # the plain loss, comparable across label_smoothing values. Training may smooth it.
+        self._set_up_losses(task, label_smoothing)
+        self._set_up_training_state()
+        self._set_up_metrics(task, input_shape)
+        self._check_optimizer()
+
+    def _set_up_losses(self, task: str, label_smoothing: float) -> None:
+        """What evaluation reports (val/ and test/loss, and kiln's per-group and importance
+        measures): the plain loss, comparable across label_smoothing values. Training may smooth it."""
         self.loss_fn: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
         self.smoothed_loss_fn: nn.Module | None = (
             nn.CrossEntropyLoss(label_smoothing=label_smoothing) if label_smoothing > 0 else None
         )
+
+    def _set_up_training_state(self) -> None:
+        """Manual optimization's state between steps: all empty until fit() starts."""
+        self.automatic_optimization = False
+        self._direct_steps = False  # decided at on_train_start (see _direct_steps_allowed)
         # backbone freezing (see _freeze_backbone)
         self._backbone_frozen = False
         self._frozen_params: list[nn.Parameter] = []
@@ -148,13 +122,14 @@ class KilnModule(L.LightningModule):
         self._restored_epoch: set[str] = set()
         # torch.compile's callable; deliberately not a registered submodule (see _compiled)
         object.__setattr__(self, "_compiled_net", None)
+
+    def _set_up_metrics(self, task: str, input_shape: Sequence[int]) -> None:
         num_classes = len(self.class_names)
         self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
         self.train_metrics = metric_collection(task, num_classes, "train/", training=True)
         self.val_metrics = metric_collection(task, num_classes, "val/")
         self.test_metrics = metric_collection(task, num_classes, "test/")
         self.example_input_array = torch.zeros(2, *input_shape)  # for the TensorBoard graph
-        self._check_optimizer()
 
     @property
     def accumulate_grad_batches(self) -> int:
@@ -613,6 +588,65 @@ _BATCH_NORMS = (
     nn.LazyBatchNorm2d,
     nn.LazyBatchNorm3d,
 )
+
+
+def _check_arguments(
+    net: nn.Module,
+    task: str,
+    class_names: Sequence[str],
+    *,
+    scheduler_interval: str,
+    gradient_clip_val: float | None,
+    label_smoothing: float,
+    freeze_backbone_epochs: int,
+    backbone_lr_scale: float,
+) -> None:
+    """KilnModule's arguments, each checked before anything is built: one line naming a bad one."""
+    require(
+        task in ("classification", "regression"),
+        "task",
+        f"must be classification or regression, got {task!r}",
+    )
+    require(
+        task == "regression" or len(class_names) >= 2, "class_names", "classification needs 2 or more classes"
+    )
+    require(
+        scheduler_interval in ("epoch", "step"),
+        "scheduler_interval",
+        f"must be epoch or step, got {scheduler_interval!r}",
+    )
+    require(
+        gradient_clip_val is None or gradient_clip_val > 0,
+        "gradient_clip_val",
+        f"must be > 0, got {gradient_clip_val}",
+    )
+    require(0.0 <= label_smoothing < 1.0, "label_smoothing", f"must be >= 0 and < 1, got {label_smoothing}")
+    require(
+        task == "classification" or label_smoothing == 0.0,
+        "label_smoothing",
+        "smooths class targets: only for classification (set it to 0 for a regression)",
+    )
+    require(
+        _is_int(freeze_backbone_epochs) and freeze_backbone_epochs >= 0,
+        "freeze_backbone_epochs",
+        f"must be an integer >= 0, got {freeze_backbone_epochs!r}",
+    )
+    require(backbone_lr_scale > 0, "backbone_lr_scale", f"must be > 0, got {backbone_lr_scale}")
+    _check_backbone_options(net, freeze_backbone_epochs, backbone_lr_scale)
+
+
+def _check_backbone_options(net: nn.Module, freeze_backbone_epochs: int, backbone_lr_scale: float) -> None:
+    has_backbone = isinstance(getattr(net, "backbone", None), nn.Module)
+    for argument, used in (
+        ("freeze_backbone_epochs", freeze_backbone_epochs > 0),
+        ("backbone_lr_scale", backbone_lr_scale != 1.0),
+    ):
+        require(
+            has_backbone or not used,
+            argument,
+            f"the net has no `backbone` submodule ({type(net).__name__}); it applies to nets with a "
+            "`backbone` and a `head`, e.g. kiln.models.backbones.Backbone",
+        )
 
 
 def _has_trainer(module: L.LightningModule) -> bool:
