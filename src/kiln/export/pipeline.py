@@ -34,12 +34,11 @@ import numpy as np
 import kiln
 from kiln.compression.choose import DECIDING_BATCH
 from kiln.errors import KilnError
+from kiln.runs import RunLayout
 
 if TYPE_CHECKING:
     from kiln.export.scoring import RowRecorder
 
-EXPORT_DIR = "export"
-MODEL = "model.onnx"
 BATCHES = (1, 256)
 PARITY_ROWS = 512  # inputs from the test loader compared with PyTorch and used for latency
 EMBEDDING_IMAGES = 1000  # training images the shipped model embeds for its drift baseline
@@ -53,6 +52,13 @@ class ExportSettings:
     latency_repeats: int = 30
     threads: int | None = None
     after_training: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ExportSettings:
+        """The `export:` node of a composed config, checked (read_settings): what a stage hands down."""
+        from kiln.builder import plain
+
+        return read_settings(plain(cfg.get("export")))
 
 
 def read_settings(config: dict[str, Any] | None) -> ExportSettings:
@@ -118,7 +124,7 @@ def export(
         work = Work(run, module, target, datamodule, inputs, model, manifest, settings, watch)
         variants, choice, embedding = export_every_variant(work, reference, say)
     report = build_report(work, reference, variants, choice, embedding, time.perf_counter() - started)
-    ship(run.directory, report, choice)
+    ship(run.layout, report, choice)
     compress_seconds = report["timings_s"]["compress_total"]
     say(summary(report, run.directory, compress_seconds + report["timings_s"]["export_total"]))
     return report
@@ -203,9 +209,9 @@ def export_every_variant(
     from kiln.compression.choose import choose
     from kiln.runs import swap_in
 
-    directory, manifest, gate = work.run.directory, work.manifest, reference.gate
-    remove_abandoned_staging(directory)
-    staging = directory / f".{EXPORT_DIR}.tmp-{os.getpid()}"
+    layout, manifest, gate = work.run.layout, work.manifest, reference.gate
+    remove_abandoned_staging(layout.root)
+    staging = staging_folder(layout, os.getpid())
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -232,7 +238,7 @@ def export_every_variant(
                 if choice.name and image is not None
                 else None
             )
-        swap_in(staging, directory / EXPORT_DIR)
+        swap_in(staging, layout.export)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return variants, choice, embedding
@@ -260,7 +266,7 @@ def build_report(
         "objective": gate.objective,
         "deciding_batch": DECIDING_BATCH,
         "shipped": choice.name,
-        "model": MODEL if choice.name else None,
+        "model": run.layout.relative(run.layout.model) if choice.name else None,
         "status": "passed" if choice.name else "failed",
         "reason": choice.reason,
         "verdicts": choice.verdicts,
@@ -299,7 +305,7 @@ def timings(
     }
 
 
-def ship(directory: Path, report: dict[str, Any], choice: Any) -> None:
+def ship(layout: RunLayout, report: dict[str, Any], choice: Any) -> None:
     """model.onnx and the report that describes it, replaced together; a KilnError when no
     variant passed (the report says why)."""
     from kiln.export.report import log_tensorboard, write_report
@@ -308,26 +314,27 @@ def ship(directory: Path, report: dict[str, Any], choice: Any) -> None:
 
     with held():
         if choice.name:
-            copy_atomically(directory / EXPORT_DIR / f"{choice.name}.onnx", directory / MODEL)
-        write_report(directory, report)
+            copy_atomically(layout.exported(choice.name), layout.model)
+        write_report(layout.root, report)
     try:
-        log_tensorboard(directory, report)
+        log_tensorboard(layout.root, report)
     except Exception as exc:  # the report files are the record; TensorBoard is a view of them
         print(f"kiln export: warning: TensorBoard not updated ({type(exc).__name__}: {exc})", file=sys.stderr)
     if not choice.name:
-        raise KilnError(f"no model shipped: {choice.reason}; see {directory / 'report.md'}")
+        raise KilnError(f"no model shipped: {choice.reason}; see {layout.report_markdown}")
 
 
 def summary(report: dict[str, Any], directory: Path, seconds: float) -> str:
     """What shipped and why, every number labelled (split, unit, interval, batch size, runs)."""
     metric = report["gate"]["metric"]
     test_metric = "test/" + metric.split("/", 1)[-1]
+    layout = RunLayout(directory)
     shipped = next(v for v in report["variants"] if v["name"] == report["shipped"])
     fp32 = next(v for v in report["variants"] if v["name"] == "fp32")
     baseline = report["baseline"]
     batch = DECIDING_BATCH
     return (
-        f"shipped {shipped['name']} as {directory / MODEL}: {report['reason']}\n"
+        f"shipped {shipped['name']} as {layout.model}: {report['reason']}\n"
         f"  validation {metric}={_fmt(shipped['val_metrics'].get(metric))} "
         f"(torch fp32 {_fmt(baseline['val_metrics'].get(metric))}, {shipped.get('val_rows', '?')} rows)  "
         f"test {test_metric}={_fmt(shipped['test_metrics'].get(test_metric))}  "
@@ -335,7 +342,7 @@ def summary(report: dict[str, Any], directory: Path, seconds: float) -> str:
         f"  onnxruntime latency at batch {batch}: median {shipped['latency_us'][batch]:.0f} us of "
         f"{shipped['latency_runs'][batch]} {runs(shipped, batch)} (fp32 graph {fp32['latency_us'][batch]:.0f} us; "
         f"torch eager {baseline['latency_us'][batch]:.0f} us of {baseline['latency_runs'][batch]} runs)\n"
-        f"  compress + export {seconds:.1f} s{against_training(report, seconds)}; report: {directory / 'report.md'}"
+        f"  compress + export {seconds:.1f} s{against_training(report, seconds)}; report: {layout.report_markdown}"
     )
 
 
@@ -382,12 +389,17 @@ class Reference:
     trainer: Any
 
 
+def staging_folder(layout: RunLayout, pid: int | str) -> Path:
+    """Where an export in process `pid` writes before it replaces export/ in whole."""
+    return layout.root / f".{layout.export.name}.tmp-{pid}"
+
+
 def remove_abandoned_staging(directory: Path) -> None:
     """Delete the `.export.tmp-<pid>` folders of exports that were killed (their process is gone,
     so their own clean-up never ran); a live process's folder is an export in progress."""
     if os.name != "posix":  # os.kill(pid, 0) tests for a process only on POSIX (Windows ends it)
         return
-    for staging in directory.glob(f".{EXPORT_DIR}.tmp-*"):
+    for staging in directory.glob(staging_folder(RunLayout(directory), "*").name):
         pid = staging.name.rsplit("-", 1)[1]
         if not (pid.isascii() and pid.isdigit()) or int(pid) == 0:
             continue
@@ -403,11 +415,10 @@ def export_variant(work: Work, entry: dict[str, Any], reference: Reference, stag
     """One variant: the deployable file, checked, scored by the module's own steps, measured."""
     from kiln.compression.bootstrap import variant_drop_interval
     from kiln.compression.choose import metric_drop
-    from kiln.compression.pipeline import COMPRESS_DIR
 
     name, gate, baseline = entry["name"], reference.gate, reference.baseline
     test_metric = "test/" + gate.metric.split("/", 1)[-1]
-    net_path = work.run.directory / COMPRESS_DIR / entry["net_onnx"]
+    net_path = work.run.layout.compress / entry["net_onnx"]
     val_metrics, test_metrics, rows = score_variant(work, name, net_path, reference.trainer)
     with work.watch.part(f"{name}: bootstrap"):
         interval = variant_drop_interval(
@@ -422,7 +433,7 @@ def export_variant(work: Work, entry: dict[str, Any], reference: Reference, stag
         "name": name,
         "steps": entry["steps"],
         "precision": entry["precision"],
-        "file": f"{EXPORT_DIR}/{name}.onnx",
+        "file": work.run.layout.relative(work.run.layout.exported(name)),
         "size_bytes": path.stat().st_size,
         "params": entry["params"],
         "nonzero_params": entry.get("nonzero_params"),
@@ -593,12 +604,11 @@ def variant_module(run: Any, target: Any, entry: dict[str, Any]) -> Any:
     """The torch module a fp32 variant was exported from: the best checkpoint's, or pruned weights."""
     import torch
 
-    from kiln.compression.pipeline import COMPRESS_DIR
     from kiln.compression.pruning import fit_to_state_dict
 
     if not entry.get("weights"):
         return target.eval()
-    state = torch.load(run.directory / COMPRESS_DIR / entry["weights"], map_location="cpu", weights_only=True)
+    state = torch.load(run.layout.compress / entry["weights"], map_location="cpu", weights_only=True)
     return fit_to_state_dict(copy.deepcopy(target).cpu(), state).eval()
 
 

@@ -24,13 +24,12 @@ from kiln.stages.runner import stage
 
 @stage("export")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    from kiln.builder import plain
     from kiln.delivery import deliver
-    from kiln.export.pipeline import read_settings
+    from kiln.export.pipeline import ExportSettings
 
     # the command as given, said if a signal stops it (kiln.cli leaves the stage's own argv)
     again = f"kiln export {shlex.join(sys.argv[1:])}"
-    return deliver(cfg.run, None, read_settings(plain(cfg.export)), again=again)
+    return deliver(cfg.run, None, ExportSettings.from_config(cfg), again=again)
 
 
 if __name__ == "__main__":

@@ -405,6 +405,7 @@ def run_trial(
     from kiln.tracking import finish_run
     from kiln.training.cross_validation import hydra_output_dir
     from kiln.training.run import train_once
+    from kiln.training.settings import TrainSettings
     from kiln.training.trial_pruning import TrialPruning
 
     values = {key: _value(suggest(trial, key, dist)) for key, dist in space.items()}
@@ -417,7 +418,8 @@ def run_trial(
     print(f"\nkiln search: trial {trial.number} in {trial_dir}: {shown}", flush=True)
     try:
         with hydra_output_dir(trial_dir):
-            train_once(trial_cfg, trial_dir, extra_callbacks=[TrialPruning(trial, monitor["metric"])])
+            settings = TrainSettings.from_config(trial_cfg)
+            train_once(settings, trial_dir, extra_callbacks=[TrialPruning(trial, monitor["metric"])])
     except optuna.TrialPruned:
         Run.reopen(trial_dir).update(status="pruned", error=None)
         print(f"kiln search: trial {trial.number} pruned", flush=True)

@@ -92,10 +92,12 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
 
     if OmegaConf.select(cfg, "cv.folds") is not None:  # k-fold: one sub-run per fold, no export
         from kiln.training.cross_validation import REFIT_DIR, cross_validate
+        from kiln.training.settings import CrossValidationSettings
 
+        settings = CrossValidationSettings.from_config(cfg)
         if is_rank_zero():
             save_config()
-        means = cross_validate(cfg, run_dir)
+        means = cross_validate(settings, run_dir)
         if cfg.cv.get("refit") and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
             from kiln.delivery import after_training
 
@@ -105,10 +107,11 @@ def train(cfg: DictConfig, run_dir: Path, save_config: Callable[[], None]) -> di
                 finish_run(cfg, run_dir / REFIT_DIR)  # logger=mlflow: its files, the model version
         return means
     from kiln.training.run import train_once
+    from kiln.training.settings import TrainSettings
 
     try:
         try:
-            test_metrics = train_once(cfg, run_dir, save_config=save_config)
+            test_metrics = train_once(TrainSettings.from_config(cfg), run_dir, save_config=save_config)
         except Interrupted as exc:
             raise exc.said(
                 f"{exc.message or f'interrupted by {exc.signal_name}'}; continue it with: "

@@ -17,7 +17,6 @@ model to ship is trained afterwards with the chosen settings, without cv.folds.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import time
@@ -28,102 +27,116 @@ from typing import Any
 
 import numpy as np
 import yaml
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf, read_write
 
 from kiln.errors import KilnError
+from kiln.runs import RunLayout
+from kiln.training.settings import CrossValidationSettings, TrainSettings
 
-CV_RECORD = "cv.json"
-REFIT_DIR = "refit"
+REFIT_DIR = "refit"  # the refit's run directory, beside the folds (cv.refit=true)
 
 
-def cross_validate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def cross_validate(settings: CrossValidationSettings, run_dir: Path) -> dict[str, Any]:
     """Train and test every fold, write cv.json in `run_dir`; returns the mean of every metric."""
     from lightning.pytorch.utilities import rank_zero_only
 
     from kiln import tracking
-    from kiln.training.run import check_monitor_setting
 
-    folds = check_folds_setting(cfg)
-    monitor = check_monitor_setting(cfg)
-    check_data_supports_folds(cfg, folds)
+    check_data_supports_folds(settings)
     writer = rank_zero_only.rank == 0  # type: ignore[attr-defined]
+    config = settings.run.config  # the trackers read their own settings from it
     # logger=mlflow: one parent run, the folds' and the refit's runs nested under it
-    with tracking.parent_run(cfg, f"cv {run_dir.name}", "cross-validation") as parent:
-        record = _cross_validate(cfg, run_dir, folds, monitor, writer)
-        summary = {f"mean/{k}": v for k, v in record["mean"].items()}
-        summary.update({f"std/{k}": v for k, v in record["std"].items()})
-        tracking.log_summary(cfg, parent, run_dir, summary)
-    return dict(record["mean"])
+    with tracking.parent_run(config, f"cv {run_dir.name}", "cross-validation") as parent:
+        record = CrossValidationRecord(run_dir, settings.folds, settings.run.monitor, writer)
+        _cross_validate(settings, record)
+        summary = {f"mean/{k}": v for k, v in record.fields["mean"].items()}
+        summary.update({f"std/{k}": v for k, v in record.fields["std"].items()})
+        tracking.log_summary(config, parent, run_dir, summary)
+    return dict(record.fields["mean"])
 
 
-def _cross_validate(
-    cfg: DictConfig, run_dir: Path, folds: int, monitor: dict[str, str], writer: bool
-) -> dict[str, Any]:
+class CrossValidationRecord:
+    """cv.json: each fold's result as it completes, then the mean and std, and the refit."""
+
+    def __init__(self, run_dir: Path, folds: int, monitor: dict[str, str], writer: bool) -> None:
+        self.run_dir, self.monitor, self.writer = run_dir, monitor, writer
+        self.fields: dict[str, Any] = {
+            "status": "running",
+            "folds": folds,
+            "monitor": monitor,
+            "runs": [],
+            "mean": {},
+            "std": {},
+            "std_ddof": 0,  # numpy's default: the spread of these K folds, not an estimate beyond them
+            "error": None,
+        }
+
+    def save(self) -> None:
+        from kiln.runs import write_atomically
+
+        if self.writer:
+            write_atomically(RunLayout(self.run_dir).cv_record, json.dumps(self.fields, indent=2) + "\n")
+
+    def add_fold(self, fold: int, fold_dir: Path, test_metrics: dict[str, float]) -> None:
+        self.fields["runs"].append(fold_result(fold, fold_dir, self.monitor, test_metrics))
+        self.save()
+
+    def failed(self, error: str) -> None:
+        self.fields.update(status="failed", error=error)
+        self.save()
+
+
+def _cross_validate(settings: CrossValidationSettings, record: CrossValidationRecord) -> None:
+    """Every fold, then the mean and std over them, then the refit (cv.refit=true); cv.json says
+    how far it got, and why it stopped if it did."""
+    record.save()
+    started = time.perf_counter()
+    try:
+        for fold in range(settings.folds):
+            train_fold(settings, fold, record)
+    except BaseException as exc:
+        record.failed(f"{type(exc).__name__}: {exc}")
+        raise
+    record.fields.update(**summarize(record.fields["runs"], settings.run.monitor))
+    if settings.refit:
+        record.fields["refit"] = {"status": "running", "run_dir": REFIT_DIR}
+        record.save()
+        try:
+            record.fields["refit"] = refit(settings.run, record.run_dir, record.fields["runs"], record.writer)
+        except BaseException as exc:
+            record.fields["refit"]["status"] = "failed"
+            record.failed(f"refit: {type(exc).__name__}: {exc}")
+            raise
+    record.fields["status"] = "completed"
+    record.save()
+    print_cv_summary(record.run_dir, record.fields, time.perf_counter() - started)
+
+
+def train_fold(settings: CrossValidationSettings, fold: int, record: CrossValidationRecord) -> None:
+    """One fold as a complete run in `<run>/fold_<i>/`; a completed one is kept as it is when the
+    cross-validation is continued (resumed or requeued)."""
     from kiln import tracking
-    from kiln.runs import write_atomically
     from kiln.training.run import train_once
 
-    record: dict[str, Any] = {
-        "status": "running",
-        "folds": folds,
-        "monitor": monitor,
-        "runs": [],
-        "mean": {},
-        "std": {},
-        "std_ddof": 0,  # numpy's default: the spread of these K folds, not an estimate beyond them
-        "error": None,
-    }
-
-    def save() -> None:
-        if writer:
-            write_atomically(run_dir / CV_RECORD, json.dumps(record, indent=2) + "\n")
-
-    save()
-    started = time.perf_counter()
-    resuming = is_continued(cfg)
+    folds, fold_dir = settings.folds, RunLayout(record.run_dir).fold(fold).root
+    resuming = is_continued(settings.run)
+    if resuming and run_status(fold_dir) == "completed":
+        print(f"\nkiln train: cross-validation fold {fold + 1}/{folds} completed already in {fold_dir}")
+        record.add_fold(fold, fold_dir, {})
+        return
+    fold_settings = settings.run.for_fold(folds, fold).continuing(fold_dir, resuming)
+    if record.writer:
+        save_fold_hydra_files(fold_settings, folds, fold, fold_dir)
+    print(f"\nkiln train: cross-validation fold {fold + 1}/{folds} in {fold_dir}", flush=True)
     try:
-        for fold in range(folds):
-            fold_dir = run_dir / f"fold_{fold}"
-            if resuming and run_status(fold_dir) == "completed":  # resumed or requeued: kept as it is
-                print(
-                    f"\nkiln train: cross-validation fold {fold + 1}/{folds} completed already in {fold_dir}"
-                )
-                record["runs"].append(fold_result(fold, fold_dir, monitor, {}))
-                save()
-                continue
-            fold_cfg = continuing(fold_config(cfg, folds, fold), fold_dir, resuming)
-            if writer:
-                save_fold_hydra_files(fold_cfg, folds, fold, fold_dir)
-            print(f"\nkiln train: cross-validation fold {fold + 1}/{folds} in {fold_dir}", flush=True)
-            try:
-                with hydra_output_dir(fold_dir):  # ${hydra:runtime.output_dir} (checkpoints, TensorBoard)
-                    test_metrics = train_once(fold_cfg, fold_dir)
-            finally:
-                tracking.finish_run(fold_cfg, fold_dir)  # logger=mlflow: its record, its status
-            record["runs"].append(fold_result(fold, fold_dir, monitor, test_metrics))
-            save()
-    except BaseException as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        save()
-        raise
-    record.update(**summarize(record["runs"], monitor))
-    if cfg.cv.get("refit"):
-        record["refit"] = {"status": "running", "run_dir": REFIT_DIR}
-        save()
-        try:
-            record["refit"] = refit(cfg, run_dir, record["runs"], writer)
-        except BaseException as exc:
-            record.update(status="failed", error=f"refit: {type(exc).__name__}: {exc}")
-            record["refit"]["status"] = "failed"
-            save()
-            raise
-    record["status"] = "completed"
-    save()
-    print_cv_summary(run_dir, record, time.perf_counter() - started)
-    return record
+        with hydra_output_dir(fold_dir):  # ${hydra:runtime.output_dir} (checkpoints, TensorBoard)
+            test_metrics = train_once(fold_settings, fold_dir)
+    finally:
+        tracking.finish_run(fold_settings.config, fold_dir)  # logger=mlflow: its record, its status
+    record.add_fold(fold, fold_dir, test_metrics)
 
 
-def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bool) -> dict[str, Any]:
+def refit(settings: TrainSettings, run_dir: Path, runs: list[dict[str, Any]], writer: bool) -> dict[str, Any]:
     """The final model: trained on the training and validation rows together, for the folds' mean
     best epoch (there is no held-out validation left to stop it early), tested on the same test
     split. It is an ordinary run in `<run>/refit/`, and the one compress and export ship."""
@@ -131,14 +144,14 @@ def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bo
 
     epochs = max(1, round(float(np.mean([r["best_epoch"] for r in runs if r["best_epoch"]]))))
     refit_dir = run_dir / REFIT_DIR
-    resuming = is_continued(cfg)
+    resuming = is_continued(settings)
     if resuming and run_status(refit_dir) == "completed":
         from kiln.runs import Run
 
         print(f"\nkiln train: the refit completed already in {refit_dir}", flush=True)
         tested = Run.read_record(refit_dir).get("test_metrics") or {}
         return {"status": "completed", "run_dir": REFIT_DIR, "epochs": epochs, "test_metrics": tested}
-    refit_cfg = continuing(refit_config(cfg, epochs), refit_dir, resuming)
+    refit_settings = settings.for_refit(epochs).continuing(refit_dir, resuming)
     if writer:
         overrides = [
             *_base_overrides(),
@@ -146,74 +159,31 @@ def refit(cfg: DictConfig, run_dir: Path, runs: list[dict[str, Any]], writer: bo
             f"trainer.max_epochs={epochs}",
             "~callbacks.early_stopping",
         ]
-        save_hydra_files(refit_cfg, overrides, refit_dir)
+        save_hydra_files(refit_settings, overrides, refit_dir)
     print(f"\nkiln train: refit on train + validation for {epochs} epochs in {refit_dir}", flush=True)
     with hydra_output_dir(refit_dir):
-        test_metrics = train_once(refit_cfg, refit_dir)
+        test_metrics = train_once(refit_settings, refit_dir)
     return {"status": "completed", "run_dir": REFIT_DIR, "epochs": epochs, "test_metrics": test_metrics}
 
 
-def refit_config(cfg: DictConfig, epochs: int) -> DictConfig:
-    refit_cfg = copy.deepcopy(cfg)
-    with open_dict(refit_cfg):
-        refit_cfg.data.refit = True
-        refit_cfg.data.num_folds = None
-        refit_cfg.data.fold = 0
-        refit_cfg.cv.folds = None
-        refit_cfg.cv.refit = False
-        refit_cfg.trainer.max_epochs = epochs
-        refit_cfg.trainer.min_epochs = epochs
-        if refit_cfg.callbacks is not None:
-            refit_cfg.callbacks.early_stopping = None
-    return refit_cfg
-
-
-def is_continued(cfg: DictConfig) -> bool:
+def is_continued(settings: TrainSettings) -> bool:
     """A cross-validation continued (resume=auto) or requeued by SLURM: completed folds are kept."""
     from kiln import slurm
 
-    return cfg.resume is not None or slurm.is_requeued()
+    return settings.resume.checkpoint is not None or slurm.is_requeued()
 
 
 def run_status(directory: Path) -> str | None:
     """The status in `directory`'s run.json; None without one."""
-    from kiln.runs import RUN_RECORD, Run
+    from kiln.runs import Run
 
-    if not (directory / RUN_RECORD).is_file():
+    if not RunLayout(directory).record.is_file():
         return None
     status = Run.read_record(directory).get("status")
     return str(status) if status is not None else None
 
 
-def continuing(run_cfg: DictConfig, directory: Path, resuming: bool) -> DictConfig:
-    """A fold's (or the refit's) config, continuing its own run in `directory` from its last
-    checkpoint when the cross-validation is continued and the fold had started; fresh otherwise."""
-    started = resuming and (directory / "run.json").is_file()
-    with open_dict(run_cfg):
-        run_cfg.resume = "auto" if started else None
-        run_cfg.run_dir = str(directory) if started else None
-    return run_cfg
-
-
-def check_folds_setting(cfg: DictConfig) -> int:
-    """cv.folds must be an integer >= 2; a cross-validation continues only as a whole (resume=auto
-    with run_dir=<its directory>): completed folds are kept, a started one continues."""
-    folds = cfg.cv.folds
-    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
-        raise KilnError(
-            f"cv.folds={folds}: cross-validation needs an integer of at least 2 folds, e.g. cv.folds=5 "
-            "(cv.folds=null trains one run)"
-        )
-    if cfg.resume is not None and (str(cfg.resume) != "auto" or not cfg.run_dir):
-        raise KilnError(
-            f"resume={cfg.resume}: a cross-validation continues as a whole, each fold from its own last "
-            "checkpoint: kiln train run_dir=<its directory> resume=auto cv.folds=... (or resume one fold "
-            "on its own: kiln train run_dir=<run>/fold_<i> resume=auto)"
-        )
-    return folds
-
-
-def check_data_supports_folds(cfg: DictConfig, folds: int) -> None:
+def check_data_supports_folds(settings: CrossValidationSettings) -> None:
     """The data module must take num_folds and fold, and the data must have enough rows of every class
     for `folds` folds: checked on the real data before any fold trains, so a bad cv.folds leaves no
     half-made fold directories behind."""
@@ -221,35 +191,25 @@ def check_data_supports_folds(cfg: DictConfig, folds: int) -> None:
 
     from kiln.builder import build
 
-    target = get_object(cfg.data._target_)
-    parameters = inspect.signature(target).parameters
+    folds, data = settings.folds, settings.run.config.data
+    parameters = inspect.signature(get_object(data._target_)).parameters
     if "num_folds" not in parameters or "fold" not in parameters:
         raise KilnError(
-            f"cv.folds={folds}: data._target_={cfg.data._target_} takes no num_folds and fold arguments; "
+            f"cv.folds={folds}: data._target_={data._target_} takes no num_folds and fold arguments; "
             "use one of kiln's data modules (data=digits, table, synthetic), or add those arguments"
         )
-    try:
-        build("data", fold_config(cfg, folds, 0).data).setup("fit")
+    try:  # the builder instantiates the user's DataModule from its config node: that is its job
+        build("data", settings.run.for_fold(folds, 0).config.data).setup("fit")
     except KilnError as exc:
         # splits.py names the data module's own key; the user set cv.folds
         raise KilnError(str(exc).replace("data.num_folds", "cv.folds")) from exc
 
 
-def fold_config(cfg: DictConfig, folds: int, fold: int) -> DictConfig:
-    """The config of one fold: the run's own, with data.num_folds and data.fold set, cv.folds off."""
-    fold_cfg = copy.deepcopy(cfg)
-    with open_dict(fold_cfg):
-        fold_cfg.data.num_folds = folds
-        fold_cfg.data.fold = fold
-        fold_cfg.cv.folds = None
-    return fold_cfg
-
-
-def save_fold_hydra_files(fold_cfg: DictConfig, folds: int, fold: int, fold_dir: Path) -> None:
+def save_fold_hydra_files(fold: TrainSettings, folds: int, index: int, fold_dir: Path) -> None:
     """`.hydra/config.yaml` and `overrides.yaml` as Hydra writes them for a run, so a fold is a run
     directory like any other (compress, export, report, api.load read these). The overrides are
     the command line that trains this fold alone."""
-    save_hydra_files(fold_cfg, [*_base_overrides(), f"data.num_folds={folds}", f"data.fold={fold}"], fold_dir)
+    save_hydra_files(fold, [*_base_overrides(), f"data.num_folds={folds}", f"data.fold={index}"], fold_dir)
 
 
 def _base_overrides() -> list[str]:
@@ -260,12 +220,12 @@ def _base_overrides() -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(("data.num_folds=", "data.fold="))]
 
 
-def save_hydra_files(run_cfg: DictConfig, overrides: list[str], directory: Path) -> None:
+def save_hydra_files(settings: TrainSettings, overrides: list[str], directory: Path) -> None:
     from kiln.runs import write_atomically
 
-    hydra_dir = directory / ".hydra"
-    write_atomically(hydra_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
-    write_atomically(hydra_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
+    layout = RunLayout(directory)
+    write_atomically(layout.saved_config, OmegaConf.to_yaml(settings.config))
+    write_atomically(layout.overrides, yaml.safe_dump(overrides, default_flow_style=False))
 
 
 @contextmanager
@@ -294,7 +254,7 @@ def fold_result(
 ) -> dict[str, Any]:
     from kiln.runs import Run
 
-    record = Run.read_record(fold_dir) if (fold_dir / "run.json").exists() else {}
+    record = Run.read_record(fold_dir) if RunLayout(fold_dir).record.exists() else {}
     best = record.get("best_checkpoint") or {}
     return {
         "fold": fold,

@@ -1,30 +1,30 @@
 """One training run in one directory: the work of `kiln train`, of each cross-validation fold and
 of each search trial.
 
-    train_once(cfg, run_dir)
+    train_once(TrainSettings.from_config(cfg), run_dir)
 
-Steps: start the run record -> build data, model, trainer -> fit (or resume) -> test the best
-checkpoint -> TensorBoard extras and feature importance (tables) -> record and print the result.
-Only rank 0 writes files.
+Steps: set up (start the run record, build data, model, trainer) -> fit (or resume) -> test the
+best checkpoint -> deliver (TensorBoard extras, feature importance for tables, the drift baseline;
+record and print the result). Only rank 0 writes files. The stage reads the settings
+(kiln.training.settings); nothing here reads the config but the builders of the user's objects.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from kiln.builder import build, build_module, plain
 from kiln.errors import KilnError
+from kiln.training.settings import ReportSettings, ResumeSettings, TrainSettings
 
 
 def train_once(
-    cfg: DictConfig,
+    settings: TrainSettings,
     run_dir: Path,
     extra_callbacks: list[Any] | None = None,
     save_config: Callable[[], None] | None = None,
@@ -34,101 +34,172 @@ def train_once(
     `extra_callbacks` join the trainer's (kiln search adds its trial pruning). `save_config` writes
     the run's `.hydra/` when its record starts: at once for a new run, and for a run that exists
     already only once its resume is accepted, so that a refused resume changes nothing on disk."""
-    import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
-    from kiln import slurm, tracking
+    from kiln import tracking
     from kiln.runs import Run
-    from kiln.training.checkpoints import resume_checkpoint
     from kiln.training.distributed import one_distributed_job, relaunch_ranks_as_this_job
 
     started = time.perf_counter()
     quiet_lightning()
     relaunch_ranks_as_this_job()
-    monitor = check_monitor_setting(cfg)
-    check_report_setting(cfg)
-    resume_data_changed(cfg)  # a misspelt choice is refused at start-up, not at the resume it is for
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        tracking.check_server(cfg)  # logger=mlflow: a server that does not answer stops the run here
-    run = Run(run_dir, writer=rank_zero_only.rank == 0)  # type: ignore[attr-defined]
-
-    def start_record() -> None:
-        run.start(stage="train", seed=cfg.seed, monitor=monitor, config_hash=config_hash(cfg))
-        if save_config is not None and run.writer:
-            save_config()
-
-    existing = run.has_record()
-    previous = Run.read_record(run_dir) if existing else {}  # a resumed run continues its MLflow run
-    # A run that exists, or a new one that resumes a checkpoint, starts its record only once the
-    # resume is accepted: a refused one leaves nothing behind (kiln.runs.undo_refused_start).
-    record_after_resume_check = existing or cfg.resume is not None
-    if not record_after_resume_check:
-        start_record()
-    with one_distributed_job(), run.recording():
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = build("data", cfg.data, seed=cfg.seed)  # the run's seed, if the datamodule takes one
-        datamodule.setup("fit")
-        fingerprint = getattr(datamodule, "fingerprint", None)
-        run.update(data_fingerprint=fingerprint)
-        if OmegaConf.select(cfg, "report.group_by"):
-            from kiln.training.groups import check_group_column
-
-            check_group_column(datamodule, str(cfg.report.group_by))
-        module = build_module(cfg, datamodule)
-        check_trainable(module, datamodule)
-        check_monitor_logged(monitor["metric"], module)
-        # A requeued SLURM job continues its own run: same directory (named by the job), newest checkpoint.
-        requeued = cfg.resume is None and slurm.is_requeued()
-        checkpoint = resume_checkpoint(
-            "auto" if requeued else cfg.resume,
-            bool(cfg.run_dir) or requeued,
-            run,
-            check=lambda path, saved: check_resumable(
-                path, saved, module, cfg, fingerprint, previous or record_beside(path)
-            ),
-        )
-        if record_after_resume_check:  # the resume is accepted (or nothing to resume): record it now
-            start_record()
-        if checkpoint is not None:
-            run.update(resumed_from=str(checkpoint))
-        trackers = tracking.build_trackers(cfg, run.directory, previous)  # logger=...: conf/logger/
-        trainer = build_trainer(
-            cfg, run, monitor, extra_callbacks or [], datamodule, module, trackers.loggers
-        )
-        tracking.start(trackers, cfg, run)  # each tracker: the run's record and config (MLflow: params, tags)
-
-        fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-        run.update(throughput=throughput(trainer, datamodule, first_epoch, time.perf_counter() - fit_started))
-        if trainer.interrupted:
-            raise KilnError(
-                f"training was interrupted; continue it with: kiln train run_dir={run.directory} resume=auto"
-            )
-        best = best_checkpoint(trainer, monitor)
-        tested = trainer.test(
-            module, datamodule=datamodule, ckpt_path=best["path"], weights_only=True, verbose=False
-        )
-        test_metrics = {name: float(value) for name, value in sorted(tested[0].items())}
-
-        if trainer.is_global_zero:
-            log_final_tensorboard(
-                trainer, module, datamodule, cfg, {**test_metrics, "best/score": best["score"]}
-            )
-            importance = feature_importance(trainer, module, datamodule, cfg, monitor)  # {} unless a table
-            baseline = save_drift_baseline(datamodule, run.directory)
-            groups = metrics_by_group(trainer, module, datamodule, cfg)  # {} without report.group_by
-            run.update(
-                drift_baseline=baseline,
-                status="completed",
-                finished=_now(),
-                epochs=trainer.current_epoch,
-                best_checkpoint=best,
-                test_metrics=test_metrics,
-                **importance,
-                **groups,
-            )
-            print_summary(run.directory, best, monitor, test_metrics, time.perf_counter() - started)
+        tracking.check_server(
+            settings.config
+        )  # logger=mlflow: a server that does not answer stops the run here
+    record = RecordStart.of(Run(run_dir, writer=rank_zero_only.rank == 0), settings, save_config)  # type: ignore[attr-defined]
+    if not record.after_resume_check:
+        record.start()
+    with one_distributed_job(), record.run.recording():
+        training = set_up(settings, record, extra_callbacks or [])
+        fit(training)
+        best, test_metrics = run_test(training)
+        if training.trainer.is_global_zero:
+            deliver(training, best, test_metrics, time.perf_counter() - started)
     return test_metrics
+
+
+@dataclass(frozen=True)
+class RecordStart:
+    """When a run's record starts. A run that exists, or a new one that resumes a checkpoint,
+    starts it only once the resume is accepted: a refused one leaves nothing behind
+    (kiln.runs.undo_refused_start)."""
+
+    run: Any  # kiln.runs.Run
+    settings: TrainSettings
+    save_config: Callable[[], None] | None
+    previous: dict[str, Any]  # the existing run's record: a resumed run continues its MLflow run
+    after_resume_check: bool
+
+    @classmethod
+    def of(cls, run: Any, settings: TrainSettings, save_config: Callable[[], None] | None) -> RecordStart:
+        existing = run.has_record()
+        previous = run.read_record(run.directory) if existing else {}
+        return cls(run, settings, save_config, previous, existing or settings.resume.checkpoint is not None)
+
+    def start(self) -> None:
+        settings = self.settings
+        self.run.start(
+            stage="train", seed=settings.seed, monitor=settings.monitor, config_hash=settings.config_hash()
+        )
+        if self.save_config is not None and self.run.writer:
+            self.save_config()
+
+
+@dataclass(frozen=True)
+class Training:
+    """What one run trains with, once set up."""
+
+    settings: TrainSettings
+    run: Any  # kiln.runs.Run
+    datamodule: Any
+    module: Any
+    trainer: Any
+    checkpoint: Path | None  # the checkpoint the fit resumes from; None starts fresh
+
+
+def set_up(settings: TrainSettings, record: RecordStart, extra_callbacks: list[Any]) -> Training:
+    """Seed, data, model (checked against kiln's needs), the checkpoint to resume (checked before
+    the record starts), the trackers and the trainer."""
+    import lightning as L
+
+    from kiln import tracking
+
+    run = record.run
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    # The builder instantiates the user's DataModule from its config node: that is its job.
+    datamodule = build("data", settings.config.data, seed=settings.seed)  # the run's seed, if it takes one
+    datamodule.setup("fit")
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    run.update(data_fingerprint=fingerprint)
+    if settings.report.group_by:
+        from kiln.training.groups import check_group_column
+
+        check_group_column(datamodule, settings.report.group_by)
+    module = build_module(settings.config, datamodule)
+    check_trainable(module, datamodule)
+    check_monitor_logged(settings.monitor["metric"], module)
+    checkpoint = checkpoint_to_resume(settings, record, module, fingerprint)
+    if record.after_resume_check:  # the resume is accepted (or nothing to resume): record it now
+        record.start()
+    if checkpoint is not None:
+        run.update(resumed_from=str(checkpoint))
+    trackers = tracking.build_trackers(settings.config, run.directory, record.previous)  # conf/logger/
+    trainer = build_trainer(settings, run, extra_callbacks, datamodule, module, trackers.loggers)
+    tracking.start(trackers, settings.config, run)  # each tracker: the run's record and config
+    return Training(settings, run, datamodule, module, trainer, checkpoint)
+
+
+def checkpoint_to_resume(
+    settings: TrainSettings, record: RecordStart, module: Any, fingerprint: str | None
+) -> Path | None:
+    """resume=...'s checkpoint, checked to fit the model and the data; a requeued SLURM job
+    continues its own run (same directory, named by the job) from its newest checkpoint."""
+    from kiln import slurm
+    from kiln.training.checkpoints import resume_checkpoint
+
+    resume = settings.resume
+    requeued = resume.checkpoint is None and slurm.is_requeued()
+    return resume_checkpoint(
+        "auto" if requeued else resume.checkpoint,
+        resume.run_dir_given or requeued,
+        record.run,
+        check=lambda path, saved: check_resumable(
+            path, saved, module, resume, fingerprint, record.previous or record_beside(path)
+        ),
+    )
+
+
+def fit(training: Training) -> None:
+    """trainer.fit, from the checkpoint to resume; its throughput recorded."""
+    trainer, run = training.trainer, training.run
+    fit_started, first_epoch = time.perf_counter(), trainer.current_epoch
+    trainer.fit(
+        training.module, datamodule=training.datamodule, ckpt_path=training.checkpoint, weights_only=True
+    )
+    seconds = time.perf_counter() - fit_started
+    run.update(throughput=throughput(trainer, training.datamodule, first_epoch, seconds))
+    if trainer.interrupted:
+        raise KilnError(
+            f"training was interrupted; continue it with: kiln train run_dir={run.directory} resume=auto"
+        )
+
+
+def run_test(training: Training) -> tuple[dict[str, Any], dict[str, float]]:
+    """The best checkpoint by the monitor, and its metrics on the test split."""
+    best = best_checkpoint(training.trainer, training.settings.monitor)
+    tested = training.trainer.test(
+        training.module,
+        datamodule=training.datamodule,
+        ckpt_path=best["path"],
+        weights_only=True,
+        verbose=False,
+    )
+    return best, {name: float(value) for name, value in sorted(tested[0].items())}
+
+
+def deliver(training: Training, best: dict[str, Any], test_metrics: dict[str, float], seconds: float) -> None:
+    """On rank 0: TensorBoard's extras, feature importance (tables), the drift baseline, metrics by
+    group; the completed record, and the summary printed."""
+    trainer, module, datamodule = training.trainer, training.module, training.datamodule
+    settings, run = training.settings, training.run
+    log_final_tensorboard(
+        trainer, module, datamodule, settings.hparams(), {**test_metrics, "best/score": best["score"]}
+    )
+    importance = feature_importance(trainer, module, datamodule, settings)  # {} unless a table
+    baseline = save_drift_baseline(datamodule, run.directory)
+    groups = metrics_by_group(trainer, module, datamodule, settings.report)  # {} without report.group_by
+    run.update(
+        drift_baseline=baseline,
+        status="completed",
+        finished=_now(),
+        epochs=trainer.current_epoch,
+        best_checkpoint=best,
+        test_metrics=test_metrics,
+        **importance,
+        **groups,
+    )
+    print_summary(run.directory, best, settings.monitor, test_metrics, seconds)
 
 
 # -- steps -------------------------------------------------------------------------------------
@@ -138,7 +209,7 @@ def check_resumable(
     path: Path,
     checkpoint: dict[str, Any],
     module: Any,
-    cfg: DictConfig,
+    resume: ResumeSettings,
     fingerprint: str | None = None,
     record: dict[str, Any] | None = None,
 ) -> None:
@@ -150,9 +221,9 @@ def check_resumable(
     from kiln.training.checkpoints import check_fits, epochs_trained, stopped_early
 
     check_fits(path, checkpoint, module)
-    check_same_data(path, fingerprint, record or {}, cfg)
+    check_same_data(path, fingerprint, record or {}, resume)
     untested = (record or {}).get("status") not in ("completed", None)
-    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    max_epochs = resume.max_epochs
     done = epochs_trained(checkpoint)
     finished = isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs
     if finished and not (untested and done == max_epochs):
@@ -161,7 +232,7 @@ def check_resumable(
             f"train; to continue it, give a larger trainer.max_epochs, e.g. "
             f"trainer.max_epochs={done + max(max_epochs, 10)}"
         )
-    patience = OmegaConf.select(cfg, "callbacks.early_stopping.patience")
+    patience = resume.patience
     waited = stopped_early(checkpoint)
     if waited is not None and isinstance(patience, int) and waited >= patience and not untested:
         raise KilnError(
@@ -171,42 +242,26 @@ def check_resumable(
         )
 
 
-def check_same_data(path: Path, fingerprint: str | None, record: dict[str, Any], cfg: DictConfig) -> None:
+def check_same_data(
+    path: Path, fingerprint: str | None, record: dict[str, Any], resume: ResumeSettings
+) -> None:
     """A checkpoint continues on the data it was trained on: its best epoch was scored on that
     validation split. Changed data is refused unless `resume_data_changed=accept`."""
     before = record.get("data_fingerprint")
-    if not before or not fingerprint or before == fingerprint or resume_data_changed(cfg) == "accept":
+    if not before or not fingerprint or before == fingerprint or resume.data_changed == "accept":
         return
     raise KilnError(
-        f"data: {_data_source(cfg)} has changed since {path} was trained (data fingerprint "
+        f"data: {resume.data_source} has changed since {path} was trained (data fingerprint "
         f"{before} then, {fingerprint} now): its best epoch was scored on the old validation split; "
         "continue on the new data anyway with resume_data_changed=accept, or start a new run"
     )
 
 
-def resume_data_changed(cfg: DictConfig) -> str:
-    """`resume_data_changed`: refuse (the default) or accept a resume on changed data."""
-    choice = OmegaConf.select(cfg, "resume_data_changed", default="refuse")
-    if choice not in ("refuse", "accept"):
-        raise KilnError(
-            f"resume_data_changed={choice}: must be refuse or accept, e.g. resume_data_changed=accept"
-        )
-    return str(choice)
-
-
-def _data_source(cfg: DictConfig) -> str:
-    for key in ("path", "root", "name"):
-        value = OmegaConf.select(cfg, f"data.{key}")
-        if value:
-            return f"data.{key}={value}"
-    return "the data"
-
-
 def record_beside(checkpoint: Path) -> dict[str, Any]:
     """The record of the run a checkpoint file lies in (<run>/checkpoints/x.ckpt), or {}."""
-    from kiln.runs import RUN_RECORD, read_json
+    from kiln.runs import RunLayout, read_json
 
-    path = checkpoint.resolve().parent.parent / RUN_RECORD
+    path = RunLayout(checkpoint.resolve().parent.parent).record
     try:
         return read_json(path) if path.is_file() else {}
     except KilnError:
@@ -233,15 +288,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
     # kiln's loaders resume inside an epoch themselves (the position is in the checkpoint: ExactResume)
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-
-
-def check_monitor_setting(cfg: DictConfig) -> dict[str, str]:
-    metric, mode = cfg.monitor.metric, cfg.monitor.mode
-    if mode not in ("min", "max"):
-        raise KilnError(f"monitor.mode={mode}: must be min or max")
-    if not isinstance(metric, str) or not metric:
-        raise KilnError("monitor.metric: name the metric to watch, e.g. monitor.metric=val/acc")
-    return {"metric": metric, "mode": mode}
 
 
 def check_monitor_logged(metric: str, module: Any) -> None:
@@ -317,14 +363,15 @@ def warn_if_not_exportable(module: Any) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig,
+    settings: TrainSettings,
     run: Any,
-    monitor: dict[str, str],
     extra_callbacks: list[Any],
     datamodule: Any,
     module: Any = None,
     loggers: list[Any] | bool = False,
 ) -> Any:
+    """The Trainer of `trainer:`, with kiln's callbacks and the configured ones (the builder
+    instantiates them from their config nodes: that is its job)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from kiln import slurm
@@ -336,16 +383,18 @@ def build_trainer(
 
     in_job = slurm.in_slurm_job()
     callbacks: list[Any] = [
-        MonitorCheck(monitor["metric"]),
+        MonitorCheck(settings.monitor["metric"]),
         Preemption(run.checkpoints) if in_job else StopOnSignal(run.checkpoints),
     ]
-    for name, node in (cfg.callbacks or {}).items():
+    for name, node in (settings.config.callbacks or {}).items():
         if node is not None:
             callbacks.append(build(f"callbacks.{name}", node))
-    show_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
+    show_bar = settings.progress == "bar" or (settings.progress == "auto" and sys.stderr.isatty())
     callbacks.append(TQDMProgressBar(refresh_rate=10) if show_bar else EpochLines())
     callbacks += extra_callbacks
-    trainer_config = hand_accumulation_to_module(with_resolved_precision(plain(cfg.trainer)), module)
+    trainer_config = hand_accumulation_to_module(
+        with_resolved_precision(plain(settings.config.trainer)), module
+    )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if in_job:  # ranks from SLURM's tasks; requeue is kiln's (Preemption), not Lightning's
         import torch
@@ -437,14 +486,13 @@ def _checkpoint_epoch(path: Path) -> int | None:
 
 
 def log_final_tensorboard(
-    trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, metrics: dict[str, float]
+    trainer: Any, module: Any, datamodule: Any, hparams: dict[str, Any], metrics: dict[str, float]
 ) -> None:
     """The model graph, hparams with the real final metrics; on the test split, for classification
     a confusion matrix, PR curves and ROC curves, for regression a residual plot."""
     import torch
 
     from kiln.training.tensorboard import (
-        flat_params,
         log_classification_curves,
         log_confusion_matrix,
         log_hparams,
@@ -465,9 +513,7 @@ def log_final_tensorboard(
                 "ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning
             )
             writer.add_graph(getattr(module, "net", module), example.to(module.device))
-    params = flat_params({key: plain(cfg[key]) for key in ("data", "model", "trainer") if key in cfg})
-    params["seed"] = cfg.seed
-    log_hparams(writer, params, metrics)
+    log_hparams(writer, hparams, metrics)
     if not hasattr(datamodule, "split_tensors"):
         return  # a user's own DataModule: kiln does not know how to get its test rows
     features, targets = datamodule.split_tensors("test")
@@ -492,21 +538,7 @@ def _tensorboard_writer(trainer: Any) -> Any:
     return found.experiment if found is not None else None
 
 
-def check_report_setting(cfg: DictConfig) -> None:
-    """Checked at start-up: a bad setting must not surface only after the whole fit."""
-    repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise KilnError(f"report.importance_repeats={repeats}: must be an integer >= 1, e.g. 5")
-    gap = OmegaConf.select(cfg, "report.group_gap", default=0.1)
-    if not isinstance(gap, int | float) or isinstance(gap, bool) or gap < 0:
-        raise KilnError(
-            f"report.group_gap={gap}: must be a number >= 0 (a difference in metric units), e.g. 0.1"
-        )
-
-
-def feature_importance(
-    trainer: Any, module: Any, datamodule: Any, cfg: DictConfig, monitor: dict[str, str]
-) -> dict[str, Any]:
+def feature_importance(trainer: Any, module: Any, datamodule: Any, settings: TrainSettings) -> dict[str, Any]:
     """Permutation importance of each raw column on the validation split, for tables only (digits'
     pixels or synthetic features are no columns a user would ask about): fields for run.json,
     and a text table and a bar chart in TensorBoard."""
@@ -514,13 +546,16 @@ def feature_importance(
     from kiln.training.importance import table_feature_importance
     from kiln.training.tensorboard import log_feature_importance
 
-    if not OmegaConf.select(cfg, "report.feature_importance", default=True):
+    if not settings.report.feature_importance or not isinstance(datamodule, TableDataModule):
         return {}
-    if not isinstance(datamodule, TableDataModule):
-        return {}
-    repeats = OmegaConf.select(cfg, "report.importance_repeats", default=5)
+    monitor = settings.monitor
     result = table_feature_importance(
-        module, datamodule, monitor["metric"], monitor["mode"], repeats, cfg.seed
+        module,
+        datamodule,
+        monitor["metric"],
+        monitor["mode"],
+        settings.report.importance_repeats,
+        settings.seed,
     )
     if result is None:
         return {}
@@ -531,15 +566,15 @@ def feature_importance(
     return {"feature_importance": importance, "feature_importance_measure": measure}
 
 
-def metrics_by_group(trainer: Any, module: Any, datamodule: Any, cfg: DictConfig) -> dict[str, Any]:
+def metrics_by_group(trainer: Any, module: Any, datamodule: Any, report: ReportSettings) -> dict[str, Any]:
     """report.group_by=<column>: test metrics per value of a table column, flagged when they differ
     by more than report.group_gap (training/groups.py); for run.json, TensorBoard and the summary."""
     from kiln.training.groups import group_metrics, log_group_metrics
 
-    column = OmegaConf.select(cfg, "report.group_by")
+    column = report.group_by
     if not column:
         return {}
-    result = group_metrics(module, datamodule, str(column), float(cfg.report.group_gap))
+    result = group_metrics(module, datamodule, column, report.group_gap)
     writer = _tensorboard_writer(trainer)
     if writer is not None:
         log_group_metrics(writer, result, trainer.global_step)
@@ -601,11 +636,6 @@ def save_drift_baseline(datamodule: Any, directory: Path) -> str | None:
         columns = {name: flat[:, i] for i, name in enumerate(names)}
     write_atomically(directory / BASELINE_FILE, json.dumps(feature_baseline(columns)) + "\n")
     return BASELINE_FILE
-
-
-def config_hash(cfg: DictConfig) -> str:
-    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def print_summary(
