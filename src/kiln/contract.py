@@ -37,8 +37,8 @@ Optional, used when present:
                                     normalized: the exported model then takes uint8 images
                                     (batch, height, width, channels) of any size and does that
                                     inside its graph. Optional: "interpolation": "bilinear"
-                                    (the default) or "bicubic", as OpenCV resizes; as
-                                    torchvision's Resize and CenterCrop (bilinear only):
+                                    (the default) or "bicubic", as OpenCV resizes (Pillow,
+                                    with "resize"); as torchvision's Resize and CenterCrop:
                                     "resize": n (the shorter side to n) or [h, w],
                                     then "crop": [h, w] (the centre; equal to size). Without an
                                     image_input, kiln reads a torchvision eval transform
@@ -113,9 +113,7 @@ def image_input(datamodule: Any) -> dict[str, Any] | None:
         )
     if interpolation != "bilinear":  # bilinear is what a graph without the key does
         image["interpolation"] = interpolation
-    if "resize" in value or "crop" in value:
-        if interpolation != "bilinear":
-            raise ValueError('datamodule.image_input: "resize" and "crop" repeat a bilinear resize only')
+    if "resize" in value or "crop" in value:  # bicubic as Pillow's, as torchvision resizes a PIL image
         image.update(_resize_and_crop(value, size))
     return image
 

@@ -5,10 +5,12 @@ A DataModule written as the Lightning docs teach builds its evaluation images wi
 (from the validation loader's dataset) and translates the steps it knows:
 
     Resize(size)                  an int: the shorter side to `size`, the longer in proportion
-                                  (torchvision's truncation); [h, w]: exactly that size. Bilinear.
+                                  (torchvision's truncation); [h, w]: exactly that size. Bilinear,
+                                  or bicubic of the PIL image (before ToImage: Pillow's, as
+                                  timm.data.create_transform makes it)
     CenterCrop(size)              the centre, as torchvision rounds it
     ToImage, PILToTensor          nothing (the graph starts from uint8 pixels)
-    ToDtype(float32, scale=True)  / 255 (ToTensor, the old API, too)
+    ToDtype(float32, scale=True)  / 255 (ToTensor, the old API, and timm's MaybeToTensor too)
     Normalize(mean, std)          (x - mean) / std per channel
 
 into an `image_input` (kiln.contract) with `resize` and `crop`. Anything else (a Lambda, a random
@@ -25,6 +27,10 @@ UNTRANSLATABLE_FIX = (
     "model.onnx takes the transformed tensor instead of images; or give the datamodule an image_input "
     "(README: Your own Lightning code) to have images in the graph"
 )
+
+
+# PIL image -> float tensor / 255: torchvision's old API, and timm's (create_transform's eval steps)
+SCALING_TO_TENSOR = ("ToTensor", "MaybeToTensor")
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,13 @@ def read_eval_transform(datamodule: Any) -> EvalTransform | None:
     if transform is None:
         return None
     spec: dict[str, Any] = {"channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3}
-    scaled = False
+    scaled = on_tensor = False  # until ToImage (or the like), the steps see the PIL image
     for step in list(getattr(transform, "transforms", [transform])):
-        refused = _translate(step, spec)
+        refused = _translate(step, spec, on_tensor)
         if refused is not None:
             return EvalTransform(None, refused)
-        scaled = scaled or type(step).__name__ in ("ToDtype", "ToTensor")
+        scaled = scaled or type(step).__name__ in ("ToDtype", *SCALING_TO_TENSOR)
+        on_tensor = on_tensor or type(step).__name__ in ("ToImage", "PILToTensor", *SCALING_TO_TENSOR)
     if "shorter" in spec.get("resize", {}) and "crop" not in spec:
         return EvalTransform(
             None, f"{_describe(transform)} resizes the shorter side with no CenterCrop after it"
@@ -94,17 +101,17 @@ def _validation_dataset(datamodule: Any) -> Any:
     return None
 
 
-def _translate(step: Any, spec: dict[str, Any]) -> str | None:
+def _translate(step: Any, spec: dict[str, Any], on_tensor: bool) -> str | None:
     """Add `step` to `spec`; the reason in words when it cannot be added."""
     name = type(step).__name__
     if name == "Resize":
-        return _resize(step, spec)
+        return _resize(step, spec, on_tensor)
     if name == "CenterCrop":
         height, width = _pair(step.size)
         spec["crop"] = [height, width]
         spec["size"] = [height, width]
         return None
-    if name in ("ToImage", "PILToTensor", "ToTensor"):
+    if name in ("ToImage", "PILToTensor", *SCALING_TO_TENSOR):
         return None
     if name == "ToDtype":
         import torch
@@ -120,10 +127,22 @@ def _translate(step: Any, spec: dict[str, Any]) -> str | None:
     return f"{_describe(step)} has no translation into the graph"
 
 
-def _resize(step: Any, spec: dict[str, Any]) -> str | None:
+def _resize(step: Any, spec: dict[str, Any], on_tensor: bool) -> str | None:
+    """Bilinear, or bicubic of a PIL image (Pillow's, which the graph repeats to a few grey levels;
+    torch's bicubic of a tensor it does not: measured 4 grey levels apart on average)."""
     interpolation = str(getattr(getattr(step, "interpolation", None), "value", step.interpolation))
-    if interpolation != "bilinear" or getattr(step, "max_size", None) is not None or "crop" in spec:
-        return f"{_describe(step)} (kiln repeats a bilinear Resize without max_size, before any crop)"
+    pillow_bicubic = interpolation == "bicubic" and not on_tensor
+    if (
+        (interpolation != "bilinear" and not pillow_bicubic)
+        or getattr(step, "max_size", None) is not None
+        or "crop" in spec
+    ):
+        return (
+            f"{_describe(step)} (kiln repeats a bilinear Resize, or a bicubic one before ToImage, without "
+            "max_size, before any crop)"
+        )
+    if pillow_bicubic:
+        spec["interpolation"] = "bicubic"
     size = step.size if isinstance(step.size, (list, tuple)) else [step.size]
     if len(size) == 1:
         spec["resize"] = {"shorter": int(size[0])}

@@ -207,6 +207,8 @@ def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str,
             numpy_helper.from_array((mean / std).astype(np.float32), "kiln_image_shift"),
         ]
     )
+    # a torchvision resize (below) replaces this one, with its own interpolation
+    opencv_interpolation = "bilinear" if "resize" in image else image.get("interpolation", "bilinear")
     nodes = [
         helper.make_node(
             "Cast", [IMAGE], ["kiln_image_float"], to=TensorProto.FLOAT, name="kiln_image_float"
@@ -220,7 +222,7 @@ def _add_image_preprocessing(graph: onnx.GraphProto, x: str, image: Mapping[str,
         helper.make_node(
             "Concat", ["kiln_image_shape", "kiln_image_size"], ["kiln_image_sizes"], axis=0, name="kiln_sizes"
         ),
-        *_resize_as_opencv(graph, image.get("interpolation", "bilinear")),
+        *_resize_as_opencv(graph, opencv_interpolation),
         helper.make_node(
             "Mul", ["kiln_image_resized", "kiln_image_scale"], ["kiln_image_scaled"], name="kiln_scale"
         ),
@@ -302,7 +304,7 @@ def _torchvision_resize_and_crop(graph: onnx.GraphProto, image: Mapping[str, Any
         ),
     ]
     nodes += _torchvision_new_size(graph, resize)
-    nodes += _torchvision_resize(image)
+    nodes += _torchvision_resize(graph, image)
     nodes += _torchvision_centre_crop(graph, image.get("crop"))
     return nodes
 
@@ -337,9 +339,14 @@ def _torchvision_new_size(graph: onnx.GraphProto, resize: Mapping[str, Any]) -> 
     return nodes
 
 
-def _torchvision_resize(image: Mapping[str, Any]) -> list[onnx.NodeProto]:
-    """`kiln_image_nchw` resized to `kiln_tv_sizes` and rounded to whole grey levels: `kiln_tv_resized`."""
-    return [
+def _torchvision_resize(graph: onnx.GraphProto, image: Mapping[str, Any]) -> list[onnx.NodeProto]:
+    """`kiln_image_nchw` resized to `kiln_tv_sizes` and rounded to whole grey levels: `kiln_tv_resized`.
+    Bicubic is Pillow's (torchvision's Resize of a PIL image): a = -0.5, antialiased, and clipped to
+    0..255 as Pillow saturates its overshoot."""
+    cubic = image.get("interpolation") == "bicubic"
+    rounded = "kiln_tv_rounded_pixels" if cubic else "kiln_tv_resized"
+    pillow_cubic: dict[str, Any] = {"cubic_coeff_a": -0.5} if cubic else {}
+    nodes = [
         helper.make_node(
             "Concat", ["kiln_tv_nc", "kiln_tv_new_hw"], ["kiln_tv_sizes"], axis=0, name="kiln_tv_sizes"
         ),
@@ -347,16 +354,25 @@ def _torchvision_resize(image: Mapping[str, Any]) -> list[onnx.NodeProto]:
             "Resize",
             ["kiln_image_nchw", "", "", "kiln_tv_sizes"],
             ["kiln_tv_resized_float"],
-            mode="linear",
+            mode="cubic" if cubic else "linear",
             coordinate_transformation_mode="half_pixel",
             antialias=int(bool(image.get("antialias", True))),
             name="kiln_tv_resize",
+            **pillow_cubic,
         ),
         # torchvision and Pillow resize uint8 pixels to uint8: rounded
-        helper.make_node(
-            "Round", ["kiln_tv_resized_float"], ["kiln_tv_resized"], name="kiln_tv_round_pixels"
-        ),
+        helper.make_node("Round", ["kiln_tv_resized_float"], [rounded], name="kiln_tv_round_pixels"),
     ]
+    if cubic:
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(0.0, dtype=np.float32), "kiln_tv_black"),
+                numpy_helper.from_array(np.array(255.0, dtype=np.float32), "kiln_tv_white"),
+            ]
+        )
+        clip = ["kiln_tv_rounded_pixels", "kiln_tv_black", "kiln_tv_white"]
+        nodes.append(helper.make_node("Clip", clip, ["kiln_tv_resized"], name="kiln_tv_clip_pixels"))
+    return nodes
 
 
 def _torchvision_centre_crop(graph: onnx.GraphProto, crop: Any) -> list[onnx.NodeProto]:

@@ -116,7 +116,7 @@ def at_training_size(images: list[np.ndarray], meta: dict[str, str]) -> list[np.
 
 
 def torchvision_resize_and_crop(pixels: np.ndarray, image: dict[str, Any]) -> np.ndarray:
-    """torchvision's Resize (on a Pillow image: Pillow's antialiased bilinear) and CenterCrop, as
+    """torchvision's Resize (on a Pillow image: Pillow's antialiased bilinear or bicubic) and CenterCrop, as
     the user's eval transform made the drift baseline's images."""
     from PIL import Image
 
@@ -129,7 +129,9 @@ def torchvision_resize_and_crop(pixels: np.ndarray, image: dict[str, Any]) -> np
         new_height, new_width = (int(s) for s in resize["size"])
     if (new_height, new_width) != (height, width):
         picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-        resized = np.asarray(picture.resize((new_width, new_height), Image.Resampling.BILINEAR))
+        bicubic = image.get("interpolation") == "bicubic"
+        resample = Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR
+        resized = np.asarray(picture.resize((new_width, new_height), resample))
         pixels = resized[:, :, None] if resized.ndim == 2 else resized
     crop = image.get("crop")
     if crop is None:
