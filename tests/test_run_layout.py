@@ -30,19 +30,10 @@ ALLOWED: dict[str, str] = {
     "manifest.json": "compression's owner (RunLayout.manifest)",
     "model.onnx takes the transformed tensor instead of images; or give the datamodule an "
     "image_input (README: Your own Lightning code) to have images in the graph": "the image transforms' owner",
-    "export": _K,
-    "model.onnx": _K,
-    "report.md": _K,
     "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)": _K,
     " (each part in report.json, `timings_s`).": _K + ": export.report.markdown",
     "![trade-off](report.png)": _K + ": export.report.markdown",
     "  (cv.json; folds in fold_0..fold_": _K,
-    ".hydra": _K,
-    "config.yaml": _K,
-    "cv.json": _K,
-    "fold_": _K,
-    "overrides.yaml": _K,
-    "run.json": _K,
     ": a cross-validation continues as a whole, each fold from its own last checkpoint: kiln "
     "train run_dir=<its directory> resume=auto cv.folds=... (or resume one fold on its own: kiln "
     "train run_dir=<run>/fold_<i> resume=auto)": _K,
@@ -199,6 +190,11 @@ def test_a_config_naming_a_path_the_layout_lacks_is_told_the_paths_it_has() -> N
 def renamed(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The layout with new names for the files training, export and the report write and read."""
     names = {
+        "RECORD": "kiln-run.json",
+        "HYDRA": ".kiln",
+        "SAVED_CONFIG": "settings.yaml",
+        "OVERRIDES": "arguments.yaml",
+        "MODEL": "shipped.onnx",
         "CHECKPOINTS": "weights",
         "BEST_CHECKPOINT": "top.ckpt",
         "TENSORBOARD": "tb",
@@ -223,6 +219,11 @@ def test_a_name_changed_in_the_layout_is_followed_by_train_resume_export_and_rep
     assert (run_dir / "weights" / "top.ckpt").is_file() and (run_dir / "weights" / "last.ckpt").is_file()
     assert not (run_dir / "checkpoints").exists()
     assert list((run_dir / "tb").glob("events.out.tfevents.*")) and not (run_dir / "tensorboard").exists()
+    assert (run_dir / "kiln-run.json").is_file() and not (run_dir / "run.json").exists()
+    assert (run_dir / ".kiln" / "settings.yaml").is_file() and (
+        run_dir / ".kiln" / "arguments.yaml"
+    ).is_file()
+    assert not (run_dir / ".hydra").exists()
 
     train.main.call(compose("train", [*tiny, "trainer.max_epochs=2", "resume=auto"]))  # type: ignore[attr-defined]
     record = read_record(run_dir)
@@ -235,6 +236,8 @@ def test_a_name_changed_in_the_layout_is_followed_by_train_resume_export_and_rep
     for name in ("summary.json", "summary.md", "summary.png"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob("report.*"))
+    assert (run_dir / "shipped.onnx").is_file() and not (run_dir / "model.onnx").exists()
+    assert RunDirectory.read(run_dir).model_path == run_dir / "shipped.onnx"
     shipped = json.loads((run_dir / "summary.json").read_text())
     assert RunDirectory.read(run_dir).report == shipped  # the reader finds the renamed report
     assert read_record(run_dir)["delivery"]["status"] == shipped["status"]
