@@ -190,7 +190,8 @@ def score_baseline(
         "latency_us": latency.median_us,
         "latency_spread_us": latency.spread_us,
         "latency_runs": latency.repeats,
-        "note": "torch eager fp32 of checkpoints/best.ckpt (size: the .ckpt file, optimizer state included)",
+        "note": f"torch eager fp32 of {run.layout.relative(run.layout.best_checkpoint)} "
+        "(size: the .ckpt file, optimizer state included)",
     }
     monitor = manifest["monitor"]
     if monitor["metric"] not in val_metrics:

@@ -58,7 +58,7 @@ def markdown(report: dict[str, Any]) -> str:
         _how_measured(report),
         "",
         *([time_line(timings), ""] if timings else []),
-        "![trade-off](report.png)",
+        f"![trade-off]({RunLayout.REPORT_PLOT})",
         "",
     ]
     return "\n".join(lines)

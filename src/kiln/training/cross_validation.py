@@ -284,9 +284,11 @@ def print_cv_summary(run_dir: Path, record: dict[str, Any], seconds: float) -> N
         f"  {name.ljust(width)}  {record['mean'][name]:.4f} +- {record['std'][name]:.4f}"
         for name in record["mean"]
     ]
+    layout = RunLayout(run_dir)
+    folds = f"{layout.fold(0).root.name}..{layout.fold(record['folds'] - 1).root.name}"
     print(
         f"\nkiln train: {record['folds']}-fold cross-validation done in {seconds:.1f} s\n"
-        f"  run dir  {run_dir}  (cv.json; folds in fold_0..fold_{record['folds'] - 1})\n"
+        f"  run dir  {run_dir}  ({layout.cv_record.name}; folds in {folds})\n"
         f"  mean +- std over the folds:\n" + "\n".join(lines),
         flush=True,
     )

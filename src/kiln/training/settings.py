@@ -203,9 +203,12 @@ class CrossValidationSettings:
                 "(cv.folds=null trains one run)"
             )
         if cfg.resume is not None and (str(cfg.resume) != "auto" or not cfg.run_dir):
+            from kiln.runs import RunLayout
+
+            fold = Path("<run>", RunLayout.FOLD.format("<i>"))  # <run>/fold_<i>, as the user fills it in
             raise KilnError(
                 f"resume={cfg.resume}: a cross-validation continues as a whole, each fold from its own last "
                 "checkpoint: kiln train run_dir=<its directory> resume=auto cv.folds=... (or resume one fold "
-                "on its own: kiln train run_dir=<run>/fold_<i> resume=auto)"
+                f"on its own: kiln train run_dir={fold} resume=auto)"
             )
         return cls(folds=folds, refit=bool(cfg.cv.get("refit")), run=TrainSettings.from_config(cfg))
