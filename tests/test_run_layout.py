@@ -247,3 +247,19 @@ def test_a_name_changed_in_the_layout_is_followed_by_train_resume_export_and_rep
     table = capsys.readouterr().out
     score, acc = record["best_checkpoint"]["score"], record["test_metrics"]["test/acc"]
     assert f"| 1 | completed | {score:.4f} | {acc:.4f} |" in table
+
+
+def test_a_config_asking_the_layout_for_an_unknown_path_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    from kiln.config import compose
+    from kiln.errors import describe_user_error
+    from kiln.stages import train
+
+    bad = "callbacks.model_checkpoint.dirpath=${kiln_run_path:weights,/somewhere}"
+    cfg = compose("train", [*TINY_DIGITS, f"paths.output_dir={tmp_path / 'runs'}", bad])
+    with pytest.raises(Exception) as caught:
+        train.main.call(cfg)  # type: ignore[attr-defined]
+    line = describe_user_error(caught.value)
+    assert line is not None and "\n" not in line
+    assert "${kiln_run_path:weights}: not a path of a run directory; one of best_checkpoint" in line
+    assert "callbacks.model_checkpoint.dirpath" in line
+    assert not list(tmp_path.rglob(RunLayout.RECORD))  # refused before the run started
