@@ -85,17 +85,24 @@ def test_a_pruned_candidate_that_cannot_recover_is_abandoned_after_one_epoch_and
         "compress.max_metric_drop=0",
         "compress.recovery_epochs=0",  # no distillation after it (test_recovery_e2e.py tests that)
     )
-    # int8_dynamic may be abandoned too, when its net is shown slower than fp32 (the speed pre-check)
+    # an int8 candidate may be abandoned too, when its net is shown slower than fp32 at batch 1 (the
+    # speed pre-check: on this tiny CNN, static int8 is, on a busy machine)
     by_budget = [a for a in report["abandoned"] if a["name"].startswith("pruned")]
     assert [a["name"] for a in by_budget] == ["pruned", "pruned_int8_static"]  # shared pruning
-    assert all(a["name"] == "int8_dynamic" for a in report["abandoned"] if a not in by_budget)
+    slower = [a for a in report["abandoned"] if a not in by_budget]
+    assert all(
+        a["abandoned"].startswith("not scored: its net measured slower than the fp32 net") for a in slower
+    )
+    assert {a["name"] for a in slower} <= {"int8_static", "int8_dynamic"}
     abandoned = by_budget[0]
     assert abandoned["abandoned"].startswith("fine-tune stopped after epoch 1 of 5")
     before, after = abandoned["budget_drops"]
     assert before > 0 and after == pytest.approx(before, abs=1e-6)  # no progress at all
     assert "fine-tuned 1 epochs" in abandoned["notes"][0]
     built = [v["name"] for v in report["variants"]]
-    assert built[:2] == ["fp32", "int8_static"] and set(built) <= {"fp32", "int8_static", "int8_dynamic"}
+    assert built == [
+        n for n in ("fp32", "int8_static", "int8_dynamic") if n not in {a["name"] for a in slower}
+    ]
     assert "- pruned: abandoned: fine-tune stopped after epoch 1 of 5" in (run / "report.md").read_text()
     timings = report["timings_s"]["compress"]
     assert "pruned0: export" not in timings and "pruned0: fine-tune" in timings
