@@ -174,6 +174,7 @@ def test_distillation_asked_for_explicitly_must_be_able_to_run_one_line_each():
         with pytest.raises(KilnError) as raised:
             read_recipe(config)
         assert str(raised.value).startswith(line) and "\n" not in str(raised.value)
+    assert read_recipe({**asked, "recovery_epochs": 2}).config["recovery_epochs"] == 2  # the fix it names
 
 
 def test_a_module_distillation_cannot_run_on_is_refused_before_any_work_when_it_was_asked_for(tmp_path):
@@ -188,6 +189,11 @@ def test_a_module_distillation_cannot_run_on_is_refused_before_any_work_when_it_
     assert said.startswith("compress.distillation.required=true: distillation needs a classification output")
     assert "set compress.distillation.required=false to go on without it" in said and "\n" not in said
     assert list(tmp_path.iterdir()) == []  # nothing staged, nothing written
+    # the fix it names: required=false lets the compression go on (the skip is said later, below)
+    from kiln.compression.recovery import check_distillation_asked
+
+    relaxed = read_recipe({**DISTILLED_AUTO, "distillation": {"required": False}})
+    assert check_distillation_asked(relaxed, Scores(), regression, torch.randn(2, 3)) is None
 
 
 def test_under_auto_a_distillation_the_module_cannot_take_is_skipped_saying_why_in_one_line(tmp_path):
