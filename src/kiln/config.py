@@ -408,9 +408,16 @@ def not_a_callback(key: str, target_name: str) -> str:
 def _type_hints(target: Any) -> dict[str, Any]:
     function = target.__init__ if inspect.isclass(target) else target
     try:
-        return typing.get_type_hints(function)
+        hints = typing.get_type_hints(function)
     except Exception:
-        return {}
+        hints = {}
+    # A class may declare its signature: kiln's DataModules add the shared data settings to it.
+    declared = vars(target).get("__signature__") if inspect.isclass(target) else None
+    if isinstance(declared, inspect.Signature):
+        for name, parameter in declared.parameters.items():
+            if parameter.annotation is not parameter.empty and not isinstance(parameter.annotation, str):
+                hints.setdefault(name, parameter.annotation)
+    return hints
 
 
 def _fits(value: Any, hint: Any) -> bool:
