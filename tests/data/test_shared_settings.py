@@ -3,7 +3,6 @@ kiln.data.settings.DataSettings and its config twin conf/data/_shared.yaml (issu
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import typing
@@ -196,19 +195,3 @@ def test_an_unknown_data_option_lists_the_data_sets_not_the_shared_parts(tmp_pat
 
 
 # -- short functions -------------------------------------------------------------------------
-
-
-def test_no_function_in_kilns_data_modules_is_over_60_lines_without_a_reason():
-    source = Path(kiln.data.__file__).parent
-    too_long = []
-    for path in sorted(source.glob("*.py")):
-        lines = path.read_text().splitlines()
-        for node in ast.walk(ast.parse("\n".join(lines))):
-            if isinstance(node, ast.FunctionDef) and node.end_lineno is not None:
-                length = node.end_lineno - node.lineno + 1
-                said = "# long:" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith(
-                    "# long:"
-                )
-                if length > 60 and not said:
-                    too_long.append(f"{path.name}::{node.name} ({length} lines)")
-    assert too_long == []
