@@ -55,3 +55,11 @@ def test_the_datas_cost_is_the_larger_difference_over_the_baseline() -> None:
     assert bench.data_cost(bench.Memory(1506 * MIB, 1091 * MIB, 558 * MIB), baseline) == 539 * MIB
     # a spike the 10 ms sampling missed: the exact RSS difference counts
     assert bench.data_cost(bench.Memory(1700 * MIB, 700 * MIB, 560 * MIB), baseline) == 601 * MIB
+
+
+def test_kiln_over_lightning_is_per_round_and_empty_when_lightning_was_skipped() -> None:
+    """--skip-lightning, the quick paired measure against the hand loop, ended in a ValueError
+    (zip of 3 kiln rounds with no Lightning rounds) after all its measurements."""
+    bench = benchmark()
+    assert bench.same_round_ratios([3.0, 4.0, 6.0], []) == []
+    assert bench.same_round_ratios([3.0, 4.0, 6.0], [1.5, 1.0, 2.0]) == [2.0, 4.0, 3.0]
