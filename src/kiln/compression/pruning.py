@@ -132,41 +132,31 @@ def weight_sparsity(net: nn.Module) -> float:
 def fit_to_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Resize the layers of a freshly built net to a pruned state dict's shapes.
 
-    A structurally pruned net is saved as a plain state dict (no pickled modules); this rebuilds
-    it: Linear, Conv (grouped and depthwise too) and BatchNorm layers are rebuilt at their pruned
-    sizes, and any other tensor (a LayerNorm's, a ConvNeXt's layer scale) is resized in place.
+    A structurally pruned net is saved as a plain state dict (no pickled modules); this resizes
+    it in place: Linear, Conv (grouped and depthwise too) and BatchNorm layers take their pruned
+    sizes, and every tensor (a LayerNorm's, a ConvNeXt's layer scale too) is resized to the saved
+    one. The layers themselves are kept, not rebuilt: a subclass carries more than its sizes
+    (timm's BatchNormAct2d holds its activation, which a rebuilt one would get wrong).
     """
-    for name, module in list(net.named_modules()):
+    for name, module in net.named_modules():
         weight = state.get(f"{name}.weight" if name else "weight")
         if weight is None:
             continue
         if isinstance(module, nn.Linear):
-            replacement: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+            module.in_features, module.out_features = weight.shape[1], weight.shape[0]
         elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             # a depthwise conv keeps one group per channel: pruning channels prunes groups
             outputs_per_group = module.out_channels // module.groups
-            groups = max(1, weight.shape[0] // outputs_per_group)
-            replacement = type(module)(
-                weight.shape[1] * groups,
-                weight.shape[0],
-                module.kernel_size,  # type: ignore[arg-type]
-                stride=module.stride,  # type: ignore[arg-type]
-                padding=module.padding,  # type: ignore[arg-type]
-                dilation=module.dilation,  # type: ignore[arg-type]
-                groups=groups,
-                bias=module.bias is not None,
-            )
+            module.groups = max(1, weight.shape[0] // outputs_per_group)
+            module.in_channels, module.out_channels = weight.shape[1] * module.groups, weight.shape[0]
         elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-            replacement = type(module)(weight.shape[0])
-        else:
-            continue
-        _set_module(net, name, replacement)
-    _resize_other_tensors(net, state)
+            module.num_features = weight.shape[0]
+    _resize_tensors(net, state)
     net.load_state_dict(state)
     return net
 
 
-def _resize_other_tensors(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _resize_tensors(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for name, tensor in list(net.state_dict(keep_vars=True).items()):
         saved = state.get(name)
         if saved is None or saved.shape == tensor.shape:
@@ -180,12 +170,6 @@ def _resize_other_tensors(net: nn.Module, state: dict[str, torch.Tensor]) -> Non
             owner.register_buffer(attribute, empty)
         if attribute == "weight" and hasattr(owner, "normalized_shape"):  # LayerNorm and look-alikes
             owner.normalized_shape = tuple(saved.shape)  # type: ignore[assignment]
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def finetune(
