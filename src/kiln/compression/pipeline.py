@@ -27,10 +27,7 @@ import numpy as np
 
 from kiln.compression.recipes import FP32, Recipe
 from kiln.compression.steps import Pruning
-from kiln.runs import swap_in
-
-COMPRESS_DIR = "compress"
-MANIFEST = "manifest.json"
+from kiln.runs import RunLayout, swap_in
 
 
 def compress(
@@ -57,7 +54,8 @@ def compress(
     started = time.perf_counter()
     example = example_input(module, datamodule)
     recovery.check_distillation_asked(recipe, module, datamodule, example)  # a user error before any work
-    staging = directory / f".{COMPRESS_DIR}.tmp-{os.getpid()}"
+    layout = RunLayout(directory)
+    staging = directory / f".{RunLayout.COMPRESS}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -68,8 +66,8 @@ def compress(
         variants += build_candidates(job, variants[0], abandoned)
         variants += recover(job, variants, abandoned)
         manifest = describe(job, variants, abandoned, time.perf_counter() - started)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        swap_in(staging, directory / COMPRESS_DIR)  # kiln.runs: whole or not at all
+        (staging / RunLayout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        swap_in(staging, layout.compress)  # kiln.runs: whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -489,7 +487,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     from kiln.errors import KilnError
     from kiln.runs import read_json
 
-    path = directory / COMPRESS_DIR / MANIFEST
+    path = RunLayout(directory).manifest
     if not path.is_file():
         return None
     try:
