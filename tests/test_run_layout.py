@@ -20,17 +20,6 @@ from kilntest import ROOT, TINY_DIGITS
 SOURCE = ROOT / "src" / "kiln"
 OWNER = "runs.py"  # the layout's module, below SOURCE
 
-# The literal as written -> who moves it onto RunLayout. Each one sits in a file another engineer
-# is changing now (issue 24, items 3 and 7, the compression and image work); it may sit only in
-# those files (`NOT_YET_MOVED`). Whoever moves one onto RunLayout deletes its entry here.
-NOT_YET_MOVED = ("data/", "export/report.py")
-_K = "training and export's owner (issue 24, item 3)"
-ALLOWED: dict[str, str] = {
-    "model.onnx takes the transformed tensor instead of images; or give the datamodule an "
-    "image_input (README: Your own Lightning code) to have images in the graph": "the image transforms' owner",
-    " (each part in report.json, `timings_s`).": _K + ": export.report.markdown",
-}
-
 # Folder names that are also stage, logger or tag names (`kiln export`, `logger=tensorboard`, the
 # `export/report` tag): such a literal names the folder only where it is used as a path: joined
 # (`run / "export"`), after a slash (f"{run}/tensorboard"), or given a module-level name of its own.
@@ -106,12 +95,7 @@ def literals_naming_run_files(source: Path) -> dict[tuple[str, str], int]:
 
 
 def test_no_module_but_the_layout_names_a_run_directory_file() -> None:
-    found = literals_naming_run_files(SOURCE)
-    offenders = {
-        (file, text): line
-        for (file, text), line in found.items()
-        if not (text in ALLOWED and file.startswith(NOT_YET_MOVED))
-    }
+    offenders = literals_naming_run_files(SOURCE)
     assert not offenders, "ask kiln.runs.RunLayout for these paths:\n" + "\n".join(
         f"src/kiln/{file}:{line}: {text!r}" for (file, text), line in sorted(offenders.items())
     )

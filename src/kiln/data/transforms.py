@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.runs import RunLayout
+
 UNTRANSLATABLE_FIX = (
-    "model.onnx takes the transformed tensor instead of images; or give the datamodule an image_input "
+    f"{RunLayout.MODEL} takes the transformed tensor instead of images; or give the datamodule an image_input "
     "(README: Your own Lightning code) to have images in the graph"
 )
 

@@ -175,7 +175,7 @@ def time_line(timings: dict[str, Any]) -> str:
     train = timings.get("train")
     if train:
         line += f", together {(compress + export) / train:.2f}x the training's fit ({train:.1f} s)"
-    return line + " (each part in report.json, `timings_s`)."
+    return line + f" (each part in {RunLayout.REPORT}, `timings_s`)."
 
 
 def _exporters(variants: list[dict[str, Any]]) -> str:
