@@ -14,6 +14,7 @@ from kiln.compression.recovery import (
     distillation_refusal,
     distilling,
     fake_quantized,
+    never_called,
     read_settings,
 )
 from kiln.errors import KilnError
@@ -222,3 +223,12 @@ def test_under_auto_a_distillation_the_module_cannot_take_is_skipped_saying_why_
     )
     assert [a["name"] for a in abandoned] == ["pruned_distilled"]  # the report keeps the reason
     assert abandoned[0]["abandoned"] in said[0]
+
+
+def test_a_fine_tune_that_never_reached_the_part_names_the_part_the_technique_and_the_fix():
+    line = never_called("QAT", nn.Linear(2, 2), ", so no fake quantization was trained")
+    assert line.startswith(
+        "QAT needs a training_step that calls Linear.forward (self(x)); this one never did, so no"
+    )
+    assert line.endswith("(define kiln_export_module() returning the part it calls)")
+    assert "\n" not in never_called("distillation", nn.Conv2d(1, 1, 1))

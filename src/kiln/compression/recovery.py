@@ -225,11 +225,7 @@ def quantization_aware(
         tuned = finetune(model, settings, work)
     if observed.training_calls == 0:
         return refuse(
-            abandoned,
-            name,
-            steps,
-            f"QAT needs a training_step that calls {type(target).__name__}.forward (self(x)); this one "
-            "never did, so no fake quantization was trained (define kiln_export_module() returning the part it calls)",
+            abandoned, name, steps, never_called("QAT", target, ", so no fake quantization was trained")
         )
     target = target.eval()
     with (
@@ -285,13 +281,7 @@ def distilled(
     with work.watch.part(f"{name}: fine-tune"), distilling(part, teacher, settings) as calls:
         tuned = finetune(student, settings, work)
     if calls.training == 0:
-        return refuse(
-            abandoned,
-            name,
-            steps,
-            f"distillation needs a training_step that calls {type(part).__name__}.forward (self(x)); this one "
-            "never did (define kiln_export_module() returning the part it calls)",
-        )
+        return refuse(abandoned, name, steps, never_called("distillation", part))
     note = (
         f"distilled from the fp32 model (temperature {settings.temperature:g}, alpha {settings.alpha:g}): "
         f"{tuned['epochs']} epochs (best {work.monitor['metric']}={_score(tuned['best_score'])})"
@@ -304,6 +294,14 @@ def distilled(
         "recovers": candidate.name,
         "notes": [*(source or {}).get("notes", []), note],
     }
+
+
+def never_called(technique: str, part: nn.Module, consequence: str = "") -> str:
+    """Why a fine-tune through the user's training_step taught `part` nothing: it never ran."""
+    return (
+        f"{technique} needs a training_step that calls {type(part).__name__}.forward (self(x)); this one "
+        f"never did{consequence} (define kiln_export_module() returning the part it calls)"
+    )
 
 
 def contract_part(module: Any) -> nn.Module:
