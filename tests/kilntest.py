@@ -3,6 +3,7 @@ behind, and train the small runs that the compress, export and predict tests sta
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -14,12 +15,25 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any, TypeVar
 
 import lightning as L
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (scripts/ is not a package), registered under its name so
+    that dataclasses and pickling inside it find it."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # Small, fast settings for end-to-end runs on 2 cores (compression and export switched off: the
 # tests of those stages run them explicitly).

@@ -4,25 +4,17 @@ the CUDA build's library pages as if the data cost them)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from types import ModuleType
 
-from kilntest import ROOT
+from kilntest import script
 
 MIB = 2**20
 
 
-def benchmark() -> ModuleType:  # scripts/ is not a package: load the script itself
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_training", ROOT / "scripts" / "benchmark_training.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_training"] = module
-    spec.loader.exec_module(module)
-    return module
+def benchmark() -> ModuleType:
+    return script("benchmark_training")
 
 
 def test_the_sampler_sees_a_childs_anonymous_memory_apart_from_its_file_backed_pages() -> None:

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
-from kilntest import ROOT
+from kilntest import ROOT, script
 
 
-def import_graph():  # scripts/ is not a package: load the script that measures the graph
-    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["import_graph"] = module
-    spec.loader.exec_module(module)
-    return module
+def import_graph():  # the script that measures the graph
+    return script("import_graph")
 
 
 def test_no_module_imports_a_layer_above_it() -> None:

@@ -3,28 +3,18 @@ augmentation, and its ratios are paired round by round."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from kiln.data.augment import check_augment
 from kiln.data.images import IMAGENET_MEAN, IMAGENET_STD
-from kilntest import ROOT
+from kilntest import script
 
 
 @pytest.fixture(scope="module")
-def benchmark():  # scripts/ is not a package: load the script itself
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_images", ROOT / "scripts" / "benchmark_images.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_images"] = module
-    spec.loader.exec_module(module)
-    return module
+def benchmark():
+    return script("benchmark_images")
 
 
 @pytest.mark.parametrize("train", [True, False])
